@@ -1,0 +1,32 @@
+# Two entry points, each doing all of its own set-up on a fresh machine:
+#   make run    export the demo model to ONNX on the CPU (onnxruntime) and verify it against PyTorch
+#   make test   run the test suite
+# torch==2.13.0 is installed first: it is the local CPU wheel; an unpinned torch would pull CUDA builds.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/attn-export demo --out out
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/attn-export bench
+
+clean:
+	rm -rf $(VENV) out build *.egg-info

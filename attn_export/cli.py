@@ -1,0 +1,224 @@
+"""The ``attn-export`` command line.
+
+``attn-export MODEL.pt [options]`` exports a model to ONNX and verifies it (the main job);
+``attn-export demo`` writes the demo checkpoint and exports it; ``attn-export bench`` times the
+blocks. Heavy modules (torch, onnx, onnxruntime) are imported only once a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from attn_export._version import __version__
+
+SUBCOMMANDS = ("demo", "bench")
+log = logging.getLogger("attn_export")
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
+def _progress(stage: str, message: str) -> None:
+    log.info("%-8s %s", f"[{stage}]", message)
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="attn-export",
+        description="Export a PyTorch model with dynamic-kernel attention blocks to ONNX and verify it "
+        "against PyTorch.",
+        epilog="Other commands: 'attn-export demo' (write and export the demo model), "
+        "'attn-export bench' (time the blocks). Run 'attn-export COMMAND --help' for theirs.",
+    )
+    p.add_argument(
+        "model", type=Path, help="checkpoint: the attn-export format, or a pickled nn.Module (needs --trust-checkpoint)"
+    )
+    p.add_argument("-o", "--output", type=Path, help="output .onnx (default: next to MODEL, .onnx)")
+    p.add_argument("--input-shape", help="input shape without the batch, e.g. 3,320,320 (default: from the checkpoint)")
+    p.add_argument(
+        "--batch",
+        default="1:1:32",
+        help="MIN:OPT:MAX batch sizes for profiles and verification (default 1:1:32; the ONNX graph accepts any batch)",
+    )
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18, the minimum)")
+    p.add_argument(
+        "--target",
+        choices=("ort", "trt"),
+        default="ort",
+        help="ort: standard ONNX ops only (default); trt: TensorRT plugin nodes (not yet available)",
+    )
+    p.add_argument("--trt", action="store_true", help="also build a TensorRT engine (not yet available)")
+    p.add_argument("--fp16", action="store_true", help="build the TensorRT engine in FP16 (with --trt)")
+    p.add_argument("--no-verify", action="store_true", help="skip the comparison against PyTorch")
+    p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
+    p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
+    p.add_argument("--seed", type=int, help="seed for the verification inputs (default: fresh each run)")
+    p.add_argument("--report", type=Path, help="write the export and verification report as JSON here")
+    p.add_argument(
+        "--trust-checkpoint", action="store_true", help="allow loading a pickled model, which runs code from the file"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="print only errors and the result")
+    p.add_argument("--version", action="version", version=f"attn-export {__version__}")
+    return p
+
+
+def _versions() -> str:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return (
+        f"attn-export {__version__} | torch {torch.__version__} | onnx {onnx.__version__} | "
+        f"onnxruntime {onnxruntime.__version__}"
+    )
+
+
+def _write_report(path: Path, data: dict) -> None:
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from attn_export.export import ExportError, export_onnx, load_model
+    from attn_export.export.checkpoint import parse_shape
+    from attn_export.export.onnx_export import parse_batch
+
+    t0 = time.perf_counter()
+    try:
+        if args.target == "trt" or args.trt:
+            raise ExportError(
+                "--target trt and --trt (TensorRT) are not available yet in this version; "
+                "export with the default --target ort"
+            )
+        if args.fp16:
+            raise ExportError("--fp16 applies to TensorRT engines (--trt), which are not available yet")
+        batch = parse_batch(args.batch)
+        output = args.output or args.model.with_suffix(".onnx")
+        log.info(_versions())
+        with _timed("load") as done:
+            loaded = load_model(args.model, trust_checkpoint=args.trust_checkpoint)
+            shape = parse_shape(args.input_shape) if args.input_shape else loaded.input_shape
+            if not shape:
+                raise ExportError(f"{args.model}: the checkpoint holds no input shape; pass --input-shape C,H,W")
+            done(f"{args.model} ({loaded.source}, {loaded.arch}), input (batch, {', '.join(map(str, shape))})")
+        result = export_onnx(
+            loaded.model,
+            output,
+            shape,
+            batch=batch,
+            opset=args.opset,
+            target=args.target,
+            verify=not args.no_verify,
+            atol=args.atol,
+            rtol=args.rtol,
+            seed=args.seed,
+            progress=_progress,
+        )
+    except ExportError as e:
+        print(f"attn-export: error: {e}", file=sys.stderr)
+        return 2
+    if result.report is not None:
+        print(result.report.table())
+    if args.report:
+        _write_report(args.report, result.to_dict())
+    took = time.perf_counter() - t0
+    if not result.ok:
+        print(f"attn-export: verification FAILED; no {output} written ({took:.1f}s)", file=sys.stderr)
+        return 1
+    size = result.size_bytes / 1e6
+    ops = ", ".join(f"{k} {v}" for k, v in result.ops.items())
+    print(
+        f"exported {result.path} ({size:.2f} MB, {result.nodes} nodes, opset {result.opset}, dynamic batch) "
+        f"in {took:.1f}s"
+    )
+    print(f"ops: {ops}")
+    return 0
+
+
+class _timed:
+    """Context manager that reports a stage's message with its duration."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.message = ""
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self._set
+
+    def _set(self, message: str) -> None:
+        self.message = message
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            _progress(self.stage, f"{self.message} ({time.perf_counter() - self.t0:.1f}s)")
+
+
+def demo_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="attn-export demo",
+        description="Write the demo checkpoint (a small "
+        "network using all five blocks) and export it, verified, to ONNX.",
+    )
+    p.add_argument("--out", type=Path, default=Path("out"), help="folder for the checkpoint and the ONNX model")
+    p.add_argument("--seed", type=int, default=0, help="seed for the demo weights")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from attn_export.blocks.mixnet import MixedNet
+    from attn_export.export import save_checkpoint
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    model = MixedNet(num_classes=10)
+    ckpt = save_checkpoint(
+        args.out / "mixednet.pt",
+        model,
+        "MixedNet",
+        {"num_classes": 10},
+        (3, 64, 64),
+        meta={"note": "demo weights, seeded random init"},
+    )
+    _progress("demo", f"wrote {ckpt}")
+    return main(
+        [str(ckpt), "--batch", "1:4:16", "--report", str(args.out / "mixednet.report.json")]
+        + (["-q"] if args.quiet else [])
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        cmd, rest = argv[0], argv[1:]
+        if cmd == "demo":
+            args = demo_parser().parse_args(rest)
+            _setup_logging(args.quiet)
+            return run_demo(args)
+        from attn_export.export.bench import main as bench_main
+
+        return bench_main(rest)
+    args = export_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    return run_export(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

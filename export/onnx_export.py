@@ -1,0 +1,410 @@
+"""Export a model to ONNX: adapt, export with a dynamic batch, clean up, verify, write atomically."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import logging
+import math
+import os
+import secrets
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from attn_export.export.adapt import AdaptRecord, adapt_model, function_rewrites
+from attn_export.export.errors import ExportError
+from attn_export.export.verify import VerifyReport, compare_outputs
+
+log = logging.getLogger("attn_export")
+
+INPUT_NAME = "input"
+MIN_OPSET = 18
+#: Verification caps the batch so that one input holds at most this many elements.
+VERIFY_MAX_ELEMENTS = 1 << 24
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_onnx` produced."""
+
+    path: Path | None
+    target: str
+    input_name: str
+    input_shape: tuple[int, ...]
+    output_names: list[str]
+    batch: tuple[int, int, int]
+    opset: int
+    nodes: int = 0
+    ops: dict[str, int] = field(default_factory=dict)
+    size_bytes: int = 0
+    adapted: list[AdaptRecord] = field(default_factory=list)
+    blocks: list[str] = field(default_factory=list)
+    report: VerifyReport | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.path is not None and (self.report is None or self.report.passed)
+
+    def to_dict(self) -> dict:
+        return {
+            "path": str(self.path) if self.path else None,
+            "target": self.target,
+            "input": {"name": self.input_name, "shape": ["batch", *self.input_shape]},
+            "outputs": self.output_names,
+            "batch": {"min": self.batch[0], "opt": self.batch[1], "max": self.batch[2]},
+            "opset": self.opset,
+            "nodes": self.nodes,
+            "ops": self.ops,
+            "size_bytes": self.size_bytes,
+            "adapted": [vars(r) for r in self.adapted],
+            "blocks": self.blocks,
+            "timings_s": self.timings,
+            "verification": self.report.to_dict() if self.report else None,
+        }
+
+
+class _Stage:
+    """Times a pipeline stage and reports it through ``progress`` (the CLI prints these)."""
+
+    def __init__(self, timings: dict[str, float], progress: Callable[[str, str], None] | None) -> None:
+        self.timings = timings
+        self.progress = progress or (lambda stage, msg: log.info("%s: %s", stage, msg))
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t0, 3)
+
+    def say(self, stage: str, msg: str) -> None:
+        self.progress(stage, msg)
+
+
+def parse_batch(text: str | Sequence[int]) -> tuple[int, int, int]:
+    """``"1:4:32"`` (or ``"8"``) -> ``(1, 4, 32)`` with ``1 <= min <= opt <= max``."""
+    if isinstance(text, str):
+        parts = text.split(":")
+        try:
+            vals = [int(p) for p in parts]
+        except ValueError:
+            vals = []
+    else:
+        vals = [int(v) for v in text]
+    if len(vals) == 1:
+        vals = [1, vals[0], vals[0]]
+    if len(vals) != 3 or not (1 <= vals[0] <= vals[1] <= vals[2]):
+        raise ExportError(f"--batch: expected MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX, got {text!r}")
+    return vals[0], vals[1], vals[2]
+
+
+def block_types() -> tuple[type[nn.Module], ...]:
+    from attn_export.blocks import GSoPBlock, Involution2d, ODConv2d, OutlookAttention, SKConv
+
+    return (Involution2d, ODConv2d, OutlookAttention, GSoPBlock, SKConv)
+
+
+def find_blocks(model: nn.Module) -> list[str]:
+    """Paths of the outermost attn-export blocks in ``model`` (the model itself is ``""``)."""
+    kinds = block_types()
+    found: list[str] = []
+    for path, mod in model.named_modules():
+        if isinstance(mod, kinds) and not any(path.startswith(p + ".") or p == "" for p in found):
+            found.append(path)
+    return found
+
+
+class _Probe(nn.Module):
+    """Returns the model's outputs followed by the outputs of the probed blocks, in call order."""
+
+    def __init__(self, model: nn.Module, paths: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self._store: list[torch.Tensor] = []
+        mods = dict(model.named_modules())
+        self._handles = [mods[p].register_forward_hook(self._hook) for p in paths]
+
+    def _hook(self, module, args, output):
+        if isinstance(output, torch.Tensor):
+            self._store.append(output)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def forward(self, x):
+        self._store.clear()
+        out = self.model(x)
+        probes = tuple(self._store)
+        self._store.clear()
+        return (*torch.utils._pytree.tree_leaves(out), *probes)
+
+
+def _dynamic_shapes(args: Sequence, batch: int, max_batch: int | None):
+    dim = torch.export.Dim("batch", min=1, max=max_batch) if max_batch else torch.export.Dim("batch", min=1)
+    return tuple({0: dim} if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch else None for a in args)
+
+
+def _torch_onnx_export(module: nn.Module, args: tuple, table: dict, opset: int, output_names: list[str] | None):
+    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "torchvision is not installed" notes: we do not use torchvision
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        batch = args[0].shape[0]
+        prog = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            input_names=[INPUT_NAME] if len(args) == 1 else None,
+            output_names=output_names,
+            opset_version=opset,
+            dynamic_shapes=_dynamic_shapes(args, batch, None),
+            custom_translation_table=table,
+            optimize=True,
+            verbose=False,
+            report=False,
+        )
+    quiet.setLevel(level)
+    return prog.model_proto
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    msg = next((t for t in text if t.strip()), type(e).__name__)
+    return f"{type(e).__name__}: {msg[:400]}"
+
+
+def locate_failure(model: nn.Module, sample: torch.Tensor, table: dict, opset: int) -> tuple[str, str] | None:
+    """Find the smallest submodule that fails to export on its own: ``(path, reason)``."""
+    paths = [p for p, _ in model.named_modules() if p]
+    seen: dict[str, tuple] = {}
+    mods = dict(model.named_modules())
+    handles = [mods[p].register_forward_pre_hook(lambda m, a, p=p: seen.setdefault(p, a)) for p in paths]
+    try:
+        with torch.no_grad():
+            model(sample)
+    finally:
+        for h in handles:
+            h.remove()
+
+    def fails(path: str) -> str | None:
+        args = seen.get(path)
+        if not args or not all(isinstance(a, torch.Tensor) for a in args):
+            return None
+        try:
+            _torch_onnx_export(mods[path], tuple(args), table, opset, None)
+        except Exception as e:
+            return _first_line(e)
+        return None
+
+    culprit: tuple[str, str] | None = None
+    parent = ""
+    while True:
+        children = [f"{parent}.{n}" if parent else n for n, _ in mods[parent].named_children()]
+        for child in children:
+            reason = fails(child)
+            if reason:
+                culprit = (child, reason)
+                parent = child
+                break
+        else:
+            return culprit
+
+
+def _surgery(proto, output_names: list[str], keep: int):
+    """Keep the first ``keep`` outputs, fold constants, drop dead nodes, sort, name the batch axis."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(proto)
+    graph.outputs = graph.outputs[:keep]
+    for t, name in zip(graph.outputs, output_names, strict=True):
+        t.name = name
+    graph.fold_constants().cleanup(remove_unused_graph_inputs=False).toposort()
+    for t in [*graph.inputs, *graph.outputs]:
+        if t.shape:
+            t.shape = ["batch", *t.shape[1:]]
+    model = gs.export_onnx(graph)
+    del model.opset_import[:]
+    model.opset_import.extend(proto.opset_import)
+    model.ir_version = min(proto.ir_version, 10)  # onnxruntime reads IR <= 10 everywhere we ship
+    model.producer_name = "attn-export"
+    from attn_export import __version__
+
+    model.producer_version = __version__
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _verify_batches(batch: tuple[int, int, int], input_shape: Sequence[int]) -> list[int]:
+    cap = max(1, VERIFY_MAX_ELEMENTS // max(1, math.prod(input_shape)))
+    return sorted({min(b, cap) for b in batch})
+
+
+def verify_onnx(
+    model: nn.Module,
+    shipped,
+    probe,
+    input_shape: Sequence[int],
+    batches: Sequence[int],
+    output_names: list[str],
+    block_paths: list[str],
+    atol: float,
+    rtol: float,
+    seed: int | None = None,
+) -> VerifyReport:
+    """Run PyTorch and onnxruntime on the same fresh random inputs; compare outputs and blocks."""
+    from attn_export.serve.runners import OnnxRuntimeRunner, TorchRunner
+
+    seed = secrets.randbits(31) if seed is None else seed
+    rng = np.random.default_rng(seed)
+    ort_final = OnnxRuntimeRunner(shipped.SerializeToString(), providers=["CPUExecutionProvider"])
+    ort_probe = (
+        OnnxRuntimeRunner(probe.SerializeToString(), providers=["CPUExecutionProvider"]) if block_paths else None
+    )
+    probe_mod = _Probe(model, block_paths)
+    try:
+        report = VerifyReport("onnxruntime CPUExecutionProvider", seed, list(batches))
+        torch_runner = TorchRunner(probe_mod, [INPUT_NAME])
+        n = len(output_names)
+        for b in batches:
+            x = rng.standard_normal((b, *input_shape), dtype=np.float32)
+            ref = torch_runner.infer({INPUT_NAME: x})
+            ref_list = list(ref.values())
+            ref_final = dict(zip(output_names, ref_list[:n], strict=True))
+            report.outputs += compare_outputs(ref_final, ort_final.infer({INPUT_NAME: x}), b, atol, rtol)
+            if ort_probe is not None:
+                got = list(ort_probe.infer({INPUT_NAME: x}).values())[n:]
+                labels = _block_labels(block_paths, len(ref_list) - n)
+                refs = dict(zip(labels, ref_list[n:], strict=True))
+                report.blocks += compare_outputs(refs, dict(zip(labels, got, strict=False)), b, atol, rtol)
+    finally:
+        probe_mod.remove()
+    return report
+
+
+def _block_labels(paths: list[str], count: int) -> list[str]:
+    if count == len(paths):
+        return list(paths)
+    return [f"block[{i}]" for i in range(count)]  # a block called more than once: label by call order
+
+
+def _write_atomically(proto, path: Path) -> int:
+    import onnx
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        onnx.save_model(proto, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.stat().st_size
+
+
+def export_onnx(
+    model: nn.Module,
+    output: str | os.PathLike,
+    input_shape: Sequence[int],
+    batch: tuple[int, int, int] | str = (1, 1, 32),
+    opset: int = MIN_OPSET,
+    target: str = "ort",
+    verify: bool = True,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    seed: int | None = None,
+    progress: Callable[[str, str], None] | None = None,
+) -> ExportResult:
+    """Export ``model`` to ONNX at ``output`` with a dynamic batch axis, then verify it.
+
+    The file appears only when the export and the verification succeed (a temporary file in the same
+    folder is renamed into place). A graph that fails verification is kept beside it as
+    ``<name>.unverified.onnx`` for inspection, and the result's ``ok`` is False.
+    """
+    from attn_export.plugins import TARGETS, onnx_translation_table
+
+    if target not in TARGETS:
+        raise ExportError(f"--target: unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if target == "trt":
+        raise ExportError("--target trt (TensorRT plugin nodes) is not available yet in this version; use --target ort")
+    if opset < MIN_OPSET:
+        raise ExportError(f"--opset: the exporter needs opset {MIN_OPSET} or newer, got {opset}")
+    batch = parse_batch(batch) if isinstance(batch, str) else tuple(batch)
+    input_shape = tuple(int(d) for d in input_shape)
+    output = Path(output)
+    if output.exists() and output.is_dir():
+        raise ExportError(f"{output}: is a directory; give a file path for the ONNX model")
+    if not output.parent.exists():
+        raise ExportError(f"{output.parent}: the output folder does not exist")
+    result = ExportResult(None, target, INPUT_NAME, input_shape, [], batch, opset)
+    stage = _Stage(result.timings, progress)
+    model = model.eval().float()
+    trace_batch = max(2, batch[1])  # 0/1 are specialised by torch.export; trace with a batch of 2 or more
+    sample = torch.randn((trace_batch, *input_shape), generator=torch.Generator().manual_seed(0))
+
+    with stage("adapt"):
+        try:
+            with torch.no_grad():
+                first = model(sample)
+        except Exception as e:
+            raise ExportError(
+                f"the model does not run on an input of shape {tuple(sample.shape)}: {_first_line(e)}"
+            ) from e
+        result.adapted = adapt_model(model, sample)
+        result.blocks = find_blocks(model)
+        n_out = len(torch.utils._pytree.tree_leaves(first))
+        result.output_names = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
+    for r in result.adapted:
+        stage.say("adapt", f"{r.path or '<model>'}: {r.foreign} {r.action} {r.reason}".rstrip())
+    stage.say("adapt", f"{len(result.blocks)} attn-export block(s): {', '.join(result.blocks) or 'none'}")
+
+    table = onnx_translation_table(target)
+    with stage("export"), function_rewrites():
+        probe = _Probe(model, result.blocks)
+        try:
+            names = result.output_names + [f"block:{p}" for p in result.blocks]
+            proto = _torch_onnx_export(probe, (sample,), table, opset, None)
+        except Exception as e:
+            probe.remove()
+            where = locate_failure(model, sample, table, opset)
+            if where:
+                path, reason = where
+                kind = type(model.get_submodule(path)).__name__
+                raise ExportError(f"export failed in module '{path}' ({kind}): {reason}") from e
+            raise ExportError(f"export failed: {_first_line(e)}") from e
+        probe.remove()
+    stage.say("export", f"torch.onnx (dynamo) opset {opset}, target {target}, {len(proto.graph.node)} nodes")
+
+    with stage("surgery"):
+        shipped = _surgery(proto, result.output_names, n_out)
+        n_probe = len(proto.graph.output)
+        probe_graph = _surgery(proto, names[:n_probe], n_probe) if result.blocks else None
+    result.nodes = len(shipped.graph.node)
+    result.ops = dict(collections.Counter(n.op_type for n in shipped.graph.node).most_common())
+    stage.say("surgery", f"{result.nodes} nodes, ops: {', '.join(result.ops)}")
+
+    if verify:
+        with stage("verify"):
+            batches = _verify_batches(batch, input_shape)
+            result.report = verify_onnx(
+                model, shipped, probe_graph, input_shape, batches, result.output_names, result.blocks, atol, rtol, seed
+            )
+        stage.say("verify", f"batches {batches}: {'passed' if result.report.passed else 'FAILED'}")
+
+    if result.report is not None and not result.report.passed:
+        kept = output.with_name(output.stem + ".unverified.onnx")
+        _write_atomically(shipped, kept)
+        stage.say("write", f"verification failed; the graph is kept at {kept} for inspection, not at {output}")
+        return result
+    result.size_bytes = _write_atomically(shipped, output)
+    result.path = output
+    return result

@@ -1,0 +1,113 @@
+"""The ``attn_export::outlook_aggregate`` custom op: reference, fake kernel, autograd, CUDA kernel."""
+
+from __future__ import annotations
+
+import torch
+
+from attn_export.plugins._taps import fold_taps, out_size, unfold_taps
+
+
+def check_args(v: torch.Tensor, attn: torch.Tensor, kernel_size: int, padding: int, stride: int) -> tuple[int, int]:
+    """Validate the arguments; return the window grid ``(h, w)``."""
+    if v.dim() != 4:
+        raise ValueError(f"outlook_aggregate: v must be 4-D (B, C, H, W), got shape {tuple(v.shape)}")
+    if attn.dim() != 5:
+        raise ValueError(
+            f"outlook_aggregate: attn must be 5-D (B, heads, h*w, k*k, k*k), got shape {tuple(attn.shape)}"
+        )
+    if kernel_size < 1 or stride < 1 or padding < 0:
+        raise ValueError(
+            f"outlook_aggregate: need kernel_size, stride >= 1 and padding >= 0, got "
+            f"kernel_size={kernel_size}, padding={padding}, stride={stride}"
+        )
+    b, c, hh, ww = v.shape
+    heads = attn.shape[1]
+    if heads < 1 or c % heads:
+        raise ValueError(f"outlook_aggregate: channels ({c}) must be divisible by the heads in attn ({heads})")
+    h = out_size(hh, kernel_size, stride, padding, 1)
+    w = out_size(ww, kernel_size, stride, padding, 1)
+    if h < 1 or w < 1:
+        raise ValueError(
+            f"outlook_aggregate: input {hh}x{ww} is smaller than the {kernel_size}x{kernel_size} window "
+            f"after padding {padding}; pad more or use a smaller kernel"
+        )
+    kk = kernel_size * kernel_size
+    expected = (b, heads, h * w, kk, kk)
+    if tuple(attn.shape) != expected:
+        raise ValueError(
+            f"outlook_aggregate: attn shape {tuple(attn.shape)} does not fit v {tuple(v.shape)} with "
+            f"kernel_size={kernel_size}, padding={padding}, stride={stride}: expected {expected}"
+        )
+    return h, w
+
+
+def _windows(v: torch.Tensor, heads: int, kernel_size: int, padding: int, stride: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, heads, h*w, k*k, C/heads): the unfolded windows in the attention's layout."""
+    b, c = v.shape[:2]
+    taps = unfold_taps(v, kernel_size, padding, stride)  # B, C, kk, h, w
+    return taps.reshape(b, heads, c // heads, kernel_size * kernel_size, -1).permute(0, 1, 4, 3, 2)
+
+
+def _fold(
+    y: torch.Tensor, shape: torch.Size, h: int, w: int, kernel_size: int, padding: int, stride: int
+) -> torch.Tensor:
+    """(B, heads, h*w, k*k, C/heads) -> (B, C, H, W): sum the windows back into place."""
+    b, c, hh, ww = shape
+    taps = y.permute(0, 1, 4, 3, 2).reshape(b, c, kernel_size * kernel_size, h, w)
+    return fold_taps(taps, hh, ww, kernel_size, padding, stride).contiguous()
+
+
+def reference(v: torch.Tensor, attn: torch.Tensor, kernel_size: int, padding: int, stride: int) -> torch.Tensor:
+    """Plain torch: tap-wise unfold, one batched matmul, tap-wise fold."""
+    h, w = check_args(v, attn, kernel_size, padding, stride)
+    windows = _windows(v, attn.shape[1], kernel_size, padding, stride)
+    return _fold(attn @ windows, v.shape, h, w, kernel_size, padding, stride)
+
+
+@torch.library.custom_op("attn_export::outlook_aggregate", mutates_args=())
+def outlook_aggregate(
+    v: torch.Tensor, attn: torch.Tensor, kernel_size: int = 3, padding: int = 1, stride: int = 1
+) -> torch.Tensor:
+    """Outlook aggregation. ``v``: (B, C, H, W); ``attn``: (B, heads, h*w, k*k, k*k) -> (B, C, H, W)."""
+    return reference(v, attn, kernel_size, padding, stride)
+
+
+@outlook_aggregate.register_fake
+def _(v, attn, kernel_size=3, padding=1, stride=1):
+    check_args(v, attn, kernel_size, padding, stride)
+    return v.new_empty(v.shape)
+
+
+@outlook_aggregate.register_kernel("cuda")
+def _(v, attn, kernel_size=3, padding=1, stride=1):
+    from attn_export.plugins import use_triton
+
+    if not use_triton(v, attn):
+        return reference(v, attn, kernel_size, padding, stride)
+    from attn_export.plugins.outlook.triton_kernel import outlook_aggregate_triton
+
+    check_args(v, attn, kernel_size, padding, stride)
+    return outlook_aggregate_triton(v, attn, kernel_size, padding, stride)
+
+
+def _setup_context(ctx, inputs, output):
+    v, attn, kernel_size, padding, stride = inputs
+    ctx.save_for_backward(v, attn)
+    ctx.geometry = (kernel_size, padding, stride)
+
+
+def _backward(ctx, grad_out):
+    v, attn = ctx.saved_tensors
+    k, p, s = ctx.geometry
+    heads = attn.shape[1]
+    h, w = check_args(v, attn, k, p, s)
+    grad_y = _windows(grad_out, heads, k, p, s)  # the adjoint of the fold is the unfold
+    grad_v = grad_attn = None
+    if ctx.needs_input_grad[0]:
+        grad_v = _fold(attn.transpose(-1, -2) @ grad_y, v.shape, h, w, k, p, s)
+    if ctx.needs_input_grad[1]:
+        grad_attn = grad_y @ _windows(v, heads, k, p, s).transpose(-1, -2)
+    return grad_v, grad_attn, None, None, None
+
+
+outlook_aggregate.register_autograd(_backward, setup_context=_setup_context)
