@@ -64,7 +64,9 @@ def _has(m: nn.Module, *names: str) -> bool:
 
 
 def _ours(m: nn.Module) -> bool:
-    return type(m).__module__.startswith("attn_export.")
+    from attn_export.export.onnx_export import block_types
+
+    return isinstance(m, block_types())
 
 
 # --- ODConv (OSVAI/ODConv, modules/odconv.py) ------------------------------------------------------
