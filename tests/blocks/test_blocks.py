@@ -1,0 +1,788 @@
+"""The five reference blocks against independent re-implementations of the official code.
+
+Each reference below is written from the paper / official repository layout (d-li14 involution with
+``nn.Unfold``; OSVAI ODConv with the batch folded into the groups; sail-sg VOLO with ``nn.Unfold`` and
+``F.fold``; GSoP ``chan_att`` with the MPNCOV centring-matrix covariance; SKNet with per-branch ``fcs``
+layers) and never calls the ops of :mod:`attn_export.plugins`. The same (randomised) weights are loaded
+into both, and they are compared in float64, in eval mode and in train mode (batch statistics).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attn_export.blocks import GSoPBlock, Involution2d, ODConv2d, OutlookAttention, SKConv
+
+F64 = torch.float64
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def randn(*shape: int, seed: int, dtype: torch.dtype = F64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=F64).to(dtype)
+
+
+def randomize_(module: nn.Module, seed: int) -> nn.Module:
+    """Random weights everywhere, and BatchNorm affine parameters and running statistics that are not
+    the identity, so that eval-mode BN matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g, dtype=F64) + 0.5)
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g, dtype=F64))
+                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g, dtype=F64))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g, dtype=F64) + 0.5)
+                continue
+            for p in m.parameters(recurse=False):
+                if p.dim() == 1:
+                    p.copy_(0.2 * torch.randn(p.shape, generator=g, dtype=F64))
+                else:
+                    # ODConv's 5-D weight is (kernel_num, Cout, Cin/g, k, k): fan-in is Cin/g*k*k
+                    fan_in = math.prod(p.shape[2:] if p.dim() == 5 else p.shape[1:])
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=F64) / math.sqrt(fan_in))
+    return module
+
+
+def pair(block: nn.Module, ref: nn.Module, seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """Float64 copies of ``block`` (randomised) and ``ref`` (loaded with the same weights)."""
+    block = randomize_(block.double(), seed)
+    ref = ref.double()
+    ref.load_state_dict(block.state_dict(), strict=True)
+    return block, ref
+
+
+def set_mode(train: bool, *modules: nn.Module) -> None:
+    for m in modules:
+        m.train(train)
+
+
+def assert_same_bn_stats(block: nn.Module, ref: nn.Module) -> None:
+    """After a train-mode forward both must have updated their running statistics identically."""
+    ref_state = ref.state_dict()
+    for name, buf in block.named_buffers():
+        torch.testing.assert_close(buf, ref_state[name], **TOL, msg=f"buffer {name}")
+
+
+def assert_grads(block: nn.Module, ref_grads: dict[str, torch.Tensor], zero_ok: frozenset[str] = frozenset()) -> None:
+    """Every parameter gets a finite gradient equal to the reference's; ``zero_ok`` names parameters
+    whose gradient is zero by construction (checked to be ~0)."""
+    for name, p in block.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+        torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-8, atol=1e-10, msg=f"grad of {name}")
+        if name in zero_ok:
+            assert p.grad.abs().max() < 1e-9, name
+        else:
+            assert p.grad.abs().max() > 0, f"{name} has an all-zero gradient"
+
+
+def run_pair(block, ref, x, train: bool):
+    set_mode(train, block, ref)
+    out, expected = block(x), ref(x)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, **TOL)
+    if train:
+        assert_same_bn_stats(block, ref)
+    return out
+
+
+BATCHES = [pytest.param(b, id=f"b{b}") for b in (1, 2, 5)]
+MODES = [pytest.param(False, id="eval"), pytest.param(True, id="train")]
+
+
+# ==================================================================================================
+# Involution: d-li14/involution, cls/mmcls/models/utils/involution_naive.py
+# ==================================================================================================
+
+
+class RefInvolution(nn.Module):
+    """The official naive involution (mmcv ConvModule names), with ``ceil_mode`` pooling so that odd
+    sizes work with ``stride > 1`` (``ceil_mode=False`` gives the official floor pooling)."""
+
+    def __init__(self, channels, kernel_size, stride, reduction=4, group_channels=16, ceil_mode=True):
+        super().__init__()
+        self.kernel_size, self.stride, self.channels = kernel_size, stride, channels
+        self.group_channels = group_channels
+        self.groups = channels // group_channels
+        mid = channels // reduction
+        self.conv1 = nn.Sequential(
+            OrderedDict(conv=nn.Conv2d(channels, mid, 1, bias=False), bn=nn.BatchNorm2d(mid), activate=nn.ReLU())
+        )
+        self.conv2 = nn.Sequential(OrderedDict(conv=nn.Conv2d(mid, kernel_size**2 * self.groups, 1)))
+        if stride > 1:
+            self.avgpool = nn.AvgPool2d(stride, stride, ceil_mode=ceil_mode)
+        self.unfold = nn.Unfold(kernel_size, 1, (kernel_size - 1) // 2, stride)
+
+    def forward(self, x):
+        weight = self.conv2(self.conv1(x if self.stride == 1 else self.avgpool(x)))
+        b, _, h, w = weight.shape
+        weight = weight.view(b, self.groups, self.kernel_size**2, h, w).unsqueeze(2)
+        out = self.unfold(x).view(b, self.groups, self.group_channels, self.kernel_size**2, h, w)
+        return (weight * out).sum(dim=3).view(b, self.channels, h, w)
+
+
+INVOLUTION_CASES = [
+    # channels, kernel_size, stride, reduction, group_channels, H, W
+    pytest.param(16, 7, 1, 4, 16, 9, 9, id="c16-k7-s1-g1-9x9"),
+    pytest.param(32, 3, 2, 4, 8, 7, 9, id="c32-k3-s2-g4-7x9"),
+    pytest.param(16, 5, 1, 2, 4, 6, 5, id="c16-k5-s1-g4-6x5"),
+    pytest.param(32, 7, 2, 4, 16, 8, 8, id="c32-k7-s2-g2-8x8"),
+    pytest.param(16, 3, 3, 4, 8, 8, 7, id="c16-k3-s3-g2-8x7"),
+]
+
+
+def involution_pair(c, k, s, r, gc, ceil_mode=True):
+    return pair(Involution2d(c, k, s, r, gc), RefInvolution(c, k, s, r, gc, ceil_mode), seed=c + k + s)
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize("b", BATCHES)
+@pytest.mark.parametrize(("c", "k", "s", "r", "gc", "h", "w"), INVOLUTION_CASES)
+def test_involution_matches_official(c, k, s, r, gc, h, w, b, train):
+    block, ref = involution_pair(c, k, s, r, gc)
+    out = run_pair(block, ref, randn(b, c, h, w, seed=b), train)
+    assert out.shape == (b, c, math.ceil(h / s), math.ceil(w / s))
+
+
+def test_involution_even_size_matches_official_floor_pooling():
+    """On even sizes ceil-mode pooling is the official floor-mode ``AvgPool2d(stride, stride)``."""
+    block, ref = involution_pair(32, 3, 2, 4, 16, ceil_mode=False)
+    set_mode(False, block, ref)
+    x = randn(3, 32, 8, 6, seed=1)
+    torch.testing.assert_close(block(x), ref(x), **TOL)
+
+
+# ==================================================================================================
+# ODConv: OSVAI/ODConv, modules/odconv.py
+# ==================================================================================================
+
+
+class RefODConvAttention(nn.Module):
+    def __init__(self, in_planes, out_planes, kernel_size, groups, reduction, kernel_num, min_channel):
+        super().__init__()
+        attention_channel = max(int(in_planes * reduction), min_channel)
+        self.kernel_size, self.kernel_num, self.temperature = kernel_size, kernel_num, 1.0
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Conv2d(in_planes, attention_channel, 1, bias=False)
+        self.bn = nn.BatchNorm2d(attention_channel)
+        self.relu = nn.ReLU()
+        self.channel_fc = nn.Conv2d(attention_channel, in_planes, 1, bias=True)
+        if in_planes == groups and in_planes == out_planes:  # depth-wise convolution
+            self.func_filter = self.skip
+        else:
+            self.filter_fc = nn.Conv2d(attention_channel, out_planes, 1, bias=True)
+            self.func_filter = self.get_filter_attention
+        if kernel_size == 1:  # point-wise convolution
+            self.func_spatial = self.skip
+        else:
+            self.spatial_fc = nn.Conv2d(attention_channel, kernel_size * kernel_size, 1, bias=True)
+            self.func_spatial = self.get_spatial_attention
+        if kernel_num == 1:
+            self.func_kernel = self.skip
+        else:
+            self.kernel_fc = nn.Conv2d(attention_channel, kernel_num, 1, bias=True)
+            self.func_kernel = self.get_kernel_attention
+
+    @staticmethod
+    def skip(_):
+        return 1.0
+
+    def get_channel_attention(self, x):
+        return torch.sigmoid(self.channel_fc(x).view(x.size(0), -1, 1, 1) / self.temperature)
+
+    def get_filter_attention(self, x):
+        return torch.sigmoid(self.filter_fc(x).view(x.size(0), -1, 1, 1) / self.temperature)
+
+    def get_spatial_attention(self, x):
+        spatial = self.spatial_fc(x).view(x.size(0), 1, 1, 1, self.kernel_size, self.kernel_size)
+        return torch.sigmoid(spatial / self.temperature)
+
+    def get_kernel_attention(self, x):
+        return F.softmax(self.kernel_fc(x).view(x.size(0), -1, 1, 1, 1, 1) / self.temperature, dim=1)
+
+    def forward(self, x):
+        x = self.relu(self.bn(self.fc(self.avgpool(x))))
+        return self.get_channel_attention(x), self.func_filter(x), self.func_spatial(x), self.func_kernel(x)
+
+
+class RefODConv(nn.Module):
+    def __init__(
+        self, in_planes, out_planes, kernel_size, stride, padding, dilation, groups, reduction, kernel_num, min_channel
+    ):
+        super().__init__()
+        self.in_planes, self.out_planes, self.kernel_size = in_planes, out_planes, kernel_size
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.kernel_num = kernel_num
+        self.attention = RefODConvAttention(
+            in_planes, out_planes, kernel_size, groups, reduction, kernel_num, min_channel
+        )
+        self.weight = nn.Parameter(torch.randn(kernel_num, out_planes, in_planes // groups, kernel_size, kernel_size))
+
+    def update_temperature(self, temperature):
+        self.attention.temperature = temperature
+
+    def forward(self, x):
+        if self.kernel_size == 1 and self.kernel_num == 1:
+            return self._forward_impl_pw1x(x)
+        return self._forward_impl_common(x)
+
+    def _forward_impl_common(self, x):
+        channel_attention, filter_attention, spatial_attention, kernel_attention = self.attention(x)
+        batch_size, _, height, width = x.size()
+        x = x * channel_attention
+        x = x.reshape(1, -1, height, width)
+        aggregate_weight = spatial_attention * kernel_attention * self.weight.unsqueeze(dim=0)
+        aggregate_weight = torch.sum(aggregate_weight, dim=1).view(
+            [-1, self.in_planes // self.groups, self.kernel_size, self.kernel_size]
+        )
+        output = F.conv2d(
+            x,
+            weight=aggregate_weight,
+            bias=None,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups * batch_size,
+        )
+        output = output.view(batch_size, self.out_planes, output.size(-2), output.size(-1))
+        return output * filter_attention
+
+    def _forward_impl_pw1x(self, x):
+        channel_attention, filter_attention, _, _ = self.attention(x)
+        x = x * channel_attention
+        output = F.conv2d(
+            x,
+            weight=self.weight.squeeze(dim=0),
+            bias=None,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+        )
+        return output * filter_attention
+
+
+ODCONV_CASES = [
+    # in, out, k, stride, padding, dilation, groups, reduction, kernel_num, min_channel, H, W
+    pytest.param(16, 32, 3, 1, 1, 1, 1, 0.0625, 4, 16, 7, 7, id="16to32-k3-n4-7x7"),
+    pytest.param(16, 16, 3, 2, 1, 1, 16, 0.0625, 4, 16, 9, 7, id="depthwise16-k3-s2-n4-9x7"),
+    pytest.param(32, 16, 1, 1, 0, 1, 1, 0.0625, 1, 16, 5, 6, id="32to16-k1-n1-pointwise-fast-path"),
+    pytest.param(32, 16, 1, 2, 0, 1, 1, 0.25, 4, 4, 7, 5, id="32to16-k1-s2-n4"),
+    pytest.param(16, 32, 3, 1, 2, 2, 4, 0.0625, 1, 16, 7, 8, id="16to32-g4-k3-d2-n1"),
+    pytest.param(16, 16, 5, 2, 2, 1, 2, 0.25, 2, 4, 7, 7, id="16to16-g2-k5-s2-n2"),
+    pytest.param(16, 16, 3, 1, 1, 1, 16, 0.0625, 1, 8, 5, 5, id="depthwise16-k3-n1"),
+]
+
+
+def odconv_pair(cin, cout, k, s, p, d, g, r, n, mc):
+    block = ODConv2d(cin, cout, k, s, p, d, g, reduction=r, kernel_num=n, min_channel=mc)
+    return pair(block, RefODConv(cin, cout, k, s, p, d, g, r, n, mc), seed=cin + cout + k + n)
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize("b", BATCHES)
+@pytest.mark.parametrize(("cin", "cout", "k", "s", "p", "d", "g", "r", "n", "mc", "h", "w"), ODCONV_CASES)
+def test_odconv_matches_official(cin, cout, k, s, p, d, g, r, n, mc, h, w, b, train):
+    if train and b == 1:
+        pytest.skip("train-mode BatchNorm after the global average pool sees one value per channel at batch 1")
+    block, ref = odconv_pair(cin, cout, k, s, p, d, g, r, n, mc)
+    assert set(block.state_dict()) == set(ref.state_dict())  # same skipped heads as the official code
+    run_pair(block, ref, randn(b, cin, h, w, seed=b), train)
+
+
+def test_odconv_skipped_heads():
+    assert ODConv2d(16, 16, 3, groups=16).attention.filter_fc is None  # depthwise: no filter attention
+    assert ODConv2d(16, 16, 1).attention.spatial_fc is None
+    assert ODConv2d(16, 16, 3, kernel_num=1).attention.kernel_fc is None
+    full = ODConv2d(16, 16, 3, groups=2).attention
+    assert None not in (full.filter_fc, full.spatial_fc, full.kernel_fc)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 7.0, 31.0])
+def test_odconv_update_temperature(temperature):
+    block, ref = odconv_pair(16, 32, 3, 1, 1, 1, 1, 0.0625, 4, 16)
+    set_mode(False, block, ref)
+    x = randn(3, 16, 6, 6, seed=3)
+    before = block(x)
+    block.update_temperature(temperature)
+    ref.update_temperature(temperature)
+    assert block.attention.temperature == temperature
+    out = block(x)
+    torch.testing.assert_close(out, ref(x), **TOL)
+    assert not torch.allclose(out, before)  # the temperature does reach the attentions
+
+
+# ==================================================================================================
+# Outlook attention: sail-sg/volo, models/volo.py
+# ==================================================================================================
+
+
+class RefOutlookAttention(nn.Module):
+    def __init__(
+        self,
+        dim,
+        num_heads,
+        kernel_size=3,
+        padding=1,
+        stride=1,
+        qkv_bias=False,
+        qk_scale=None,
+        attn_drop=0.0,
+        proj_drop=0.0,
+    ):
+        super().__init__()
+        head_dim = dim // num_heads
+        self.num_heads, self.kernel_size, self.padding, self.stride = num_heads, kernel_size, padding, stride
+        self.scale = qk_scale or head_dim**-0.5
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.attn = nn.Linear(dim, kernel_size**4 * num_heads)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.unfold = nn.Unfold(kernel_size=kernel_size, padding=padding, stride=stride)
+        self.pool = nn.AvgPool2d(kernel_size=stride, stride=stride, ceil_mode=True)
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        v = self.v(x).permute(0, 3, 1, 2)
+        h, w = math.ceil(H / self.stride), math.ceil(W / self.stride)
+        kk = self.kernel_size * self.kernel_size
+        v = self.unfold(v).reshape(B, self.num_heads, C // self.num_heads, kk, h * w).permute(0, 1, 4, 3, 2)
+        attn = self.pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        attn = self.attn(attn).reshape(B, h * w, self.num_heads, kk, kk).permute(0, 2, 1, 3, 4)
+        attn = attn * self.scale
+        attn = attn.softmax(dim=-1)
+        attn = self.attn_drop(attn)
+        x = (attn @ v).permute(0, 1, 4, 3, 2).reshape(B, C * kk, h * w)
+        x = F.fold(x, output_size=(H, W), kernel_size=self.kernel_size, padding=self.padding, stride=self.stride)
+        x = self.proj(x.permute(0, 2, 3, 1))
+        return self.proj_drop(x)
+
+
+OUTLOOK_CASES = [
+    # dim, heads, k, padding, stride, qkv_bias, qk_scale, H, W
+    pytest.param(16, 2, 3, 1, 1, False, None, 7, 7, id="d16-h2-k3-s1-7x7"),
+    pytest.param(32, 4, 3, 1, 2, False, None, 7, 9, id="d32-h4-k3-s2-7x9"),
+    pytest.param(16, 1, 5, 2, 2, True, None, 6, 5, id="d16-h1-k5-s2-6x5-qkvbias"),
+    pytest.param(24, 3, 1, 0, 1, False, 0.3, 5, 4, id="d24-h3-k1-5x4-qkscale"),
+    pytest.param(16, 4, 3, 1, 3, False, None, 8, 7, id="d16-h4-k3-s3-8x7"),
+]
+
+
+def outlook_pair(dim, heads, k, p, s, qkv_bias=False, qk_scale=None, attn_drop=0.0, proj_drop=0.0):
+    kw = dict(qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=proj_drop)
+    return pair(OutlookAttention(dim, heads, k, p, s, **kw), RefOutlookAttention(dim, heads, k, p, s, **kw), seed=dim)
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize("b", BATCHES)
+@pytest.mark.parametrize(("dim", "heads", "k", "p", "s", "qkv_bias", "qk_scale", "h", "w"), OUTLOOK_CASES)
+def test_outlook_matches_official(dim, heads, k, p, s, qkv_bias, qk_scale, h, w, b, train):
+    block, ref = outlook_pair(dim, heads, k, p, s, qkv_bias, qk_scale)
+    out = run_pair(block, ref, randn(b, h, w, dim, seed=b), train)
+    assert out.shape == (b, h, w, dim)
+
+
+def test_outlook_dropout_matches_official():
+    """Train mode with dropout: same RNG state, same masks, same numbers (dropout order as VOLO)."""
+    block, ref = outlook_pair(16, 2, 3, 1, 2, attn_drop=0.3, proj_drop=0.2)
+    set_mode(True, block, ref)
+    x = randn(3, 7, 5, 16, seed=3)
+    torch.manual_seed(123)
+    out = block(x)
+    torch.manual_seed(123)
+    torch.testing.assert_close(out, ref(x), **TOL)
+
+
+# ==================================================================================================
+# GSoP: ZilinGao/Global-Second-order-Pooling-Convnet, Bottleneck.chan_att + MPNCOV.CovpoolLayer
+# ==================================================================================================
+
+
+def mpncov_covpool(x):
+    """MPNCOV ``Covpool.forward``: ``x @ I_hat @ x^T`` with ``I_hat = I/M - 1/M^2``."""
+    batch, dim, h, w = x.shape
+    m = h * w
+    x = x.reshape(batch, dim, m)
+    i_hat = (-1.0 / m / m) * torch.ones(m, m, dtype=x.dtype) + (1.0 / m) * torch.eye(m, m, dtype=x.dtype)
+    i_hat = i_hat.view(1, m, m).repeat(batch, 1, 1)
+    return x.bmm(i_hat).bmm(x.transpose(1, 2))
+
+
+class RefGSoP(nn.Module):
+    def __init__(self, in_channels, att_dim, pre_act=True):
+        super().__init__()
+        self.ch_dim, self.pre_act = att_dim, pre_act
+        self.conv_for_DR = nn.Conv2d(in_channels, att_dim, kernel_size=1, stride=1, bias=True)
+        self.bn_for_DR = nn.BatchNorm2d(att_dim)
+        self.row_bn = nn.BatchNorm2d(att_dim)
+        self.row_conv_group = nn.Conv2d(att_dim, 4 * att_dim, kernel_size=(att_dim, 1), groups=att_dim, bias=True)
+        self.fc_adapt_channels = nn.Conv2d(4 * att_dim, in_channels, kernel_size=1, groups=1, bias=True)
+        self.sigmoid = nn.Sigmoid()
+        self.relu = nn.ReLU()
+        self.relu_normal = nn.ReLU()
+
+    def chan_att(self, out):
+        if self.pre_act:
+            out = self.relu_normal(out)
+        out = self.relu(self.bn_for_DR(self.conv_for_DR(out)))
+        out = mpncov_covpool(out)
+        out = out.view(out.size(0), out.size(1), out.size(2), 1).contiguous()
+        out = self.row_bn(out)
+        out = self.relu(self.row_conv_group(out))
+        return self.sigmoid(self.fc_adapt_channels(out))
+
+    def forward(self, x):
+        return x * self.chan_att(x)
+
+
+GSOP_CASES = [
+    # in_channels, mid_channels, pre_act, H, W
+    pytest.param(32, 16, True, 7, 7, id="c32-m16-7x7"),
+    pytest.param(16, 8, True, 5, 3, id="c16-m8-5x3"),
+    pytest.param(64, 32, True, 4, 4, id="c64-m32-4x4"),
+    pytest.param(32, 16, False, 6, 5, id="c32-m16-6x5-no-preact"),
+]
+
+
+def gsop_pair(c, m, pre_act):
+    return pair(GSoPBlock(c, m, pre_act), RefGSoP(c, m, pre_act), seed=c + m)
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize("b", BATCHES)
+@pytest.mark.parametrize(("c", "m", "pre_act", "h", "w"), GSOP_CASES)
+def test_gsop_matches_official(c, m, pre_act, h, w, b, train):
+    block, ref = gsop_pair(c, m, pre_act)
+    out = run_pair(block, ref, randn(b, c, h, w, seed=b), train)
+    assert out.shape == (b, c, h, w)
+
+
+def test_gsop_pre_act_matters():
+    """The official branch starts with ReLU of its (signed) input: pre_act must change the output."""
+    with_act, _ = gsop_pair(32, 16, True)
+    without, _ = gsop_pair(32, 16, False)
+    set_mode(False, with_act, without)
+    x = randn(2, 32, 5, 5, seed=2)
+    assert not torch.allclose(with_act(x), without(x))
+
+
+# ==================================================================================================
+# SKConv: SKNet with per-branch select layers (the "list form" the block's docstring maps onto)
+# ==================================================================================================
+
+
+class RefSKConv(nn.Module):
+    """SK unit written the way most ports do: per-branch conv/BN/ReLU with dilation 1+i, fuse by sum,
+    GAP, Linear + BatchNorm1d + ReLU, one Linear per branch, softmax over branches."""
+
+    def __init__(self, channels, branches, groups, reduction, min_dim, stride):
+        super().__init__()
+        d = max(channels // reduction, min_dim)
+        self.branch_convs = nn.ModuleList(
+            nn.Conv2d(channels, channels, 3, stride, padding=1 + i, dilation=1 + i, groups=groups, bias=False)
+            for i in range(branches)
+        )
+        self.branch_bns = nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(branches))
+        self.fc = nn.Linear(channels, d, bias=False)
+        self.fc_bn = nn.BatchNorm1d(d)
+        self.fcs = nn.ModuleList(nn.Linear(d, channels) for _ in range(branches))
+
+    def forward(self, x):
+        feats = [F.relu(bn(conv(x))) for conv, bn in zip(self.branch_convs, self.branch_bns, strict=True)]
+        u = sum(feats)
+        s = u.mean(dim=(2, 3))  # B, C
+        z = F.relu(self.fc_bn(self.fc(s)))  # B, d
+        logits = torch.stack([fc(z) for fc in self.fcs], dim=1)  # B, M, C
+        attention = logits.softmax(dim=1)
+        return sum(attention[:, i, :, None, None] * f for i, f in enumerate(feats))
+
+
+def sk_to_ref(state: dict[str, torch.Tensor], branches: int, channels: int) -> dict[str, torch.Tensor]:
+    """Map an SKConv state dict (or gradients by name) onto RefSKConv's names."""
+    out = {}
+    for name, t in state.items():
+        parts = name.split(".")
+        if parts[0] == "convs":
+            i, layer, leaf = parts[1], parts[2], parts[3]
+            out[f"branch_convs.{i}.{leaf}" if layer == "conv" else f"branch_bns.{i}.{leaf}"] = t
+        elif name == "fc.conv.weight":
+            out["fc.weight"] = t.flatten(1)
+        elif parts[:2] == ["fc", "bn"]:
+            out[f"fc_bn.{parts[2]}"] = t
+        elif parts[0] == "fcs":
+            chunks = t if t.dim() == 1 else t.flatten(1)  # bias (M*C,) / weight (M*C, d, 1, 1)
+            for i in range(branches):
+                out[f"fcs.{i}.{parts[1]}"] = chunks[i * channels : (i + 1) * channels]
+        else:
+            raise AssertionError(f"unexpected SKConv entry {name}")
+    return out
+
+
+def ref_to_sk_grads(ref: RefSKConv, block: SKConv) -> dict[str, torch.Tensor]:
+    """RefSKConv's gradients under SKConv's parameter names and shapes."""
+    g = {n: p.grad for n, p in ref.named_parameters()}
+    out = {}
+    for name, p in block.named_parameters():
+        parts = name.split(".")
+        if parts[0] == "convs":
+            i, layer, leaf = parts[1:4]
+            out[name] = g[f"branch_convs.{i}.{leaf}" if layer == "conv" else f"branch_bns.{i}.{leaf}"]
+        elif name == "fc.conv.weight":
+            out[name] = g["fc.weight"].view_as(p)
+        elif parts[:2] == ["fc", "bn"]:
+            out[name] = g[f"fc_bn.{parts[2]}"]
+        else:  # fcs.weight / fcs.bias: concatenate the branches
+            out[name] = torch.cat([g[f"fcs.{i}.{parts[1]}"] for i in range(block.branches)]).view_as(p)
+    return out
+
+
+SK_CASES = [
+    # channels, branches, groups, reduction, min_dim, stride, H, W
+    pytest.param(32, 2, 8, 16, 8, 1, 7, 7, id="c32-m2-g8-s1-7x7"),
+    pytest.param(64, 3, 32, 16, 32, 2, 9, 7, id="c64-m3-g32-s2-9x7"),
+    pytest.param(16, 2, 16, 4, 4, 2, 8, 8, id="c16-m2-depthwise-s2-8x8"),
+    pytest.param(32, 4, 4, 8, 4, 1, 5, 6, id="c32-m4-g4-s1-5x6"),
+]
+
+
+def sk_pair(c, m, g, r, d, s):
+    block = randomize_(SKConv(c, m, g, r, d, s).double(), seed=c + m)
+    ref = RefSKConv(c, m, g, r, d, s).double()
+    ref.load_state_dict(sk_to_ref(block.state_dict(), m, c), strict=True)
+    return block, ref
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize("b", BATCHES)
+@pytest.mark.parametrize(("c", "m", "g", "r", "d", "s", "h", "w"), SK_CASES)
+def test_skconv_matches_reference(c, m, g, r, d, s, h, w, b, train):
+    if train and b == 1:
+        pytest.skip("train-mode BatchNorm of the fused, globally pooled vector sees one value per channel at batch 1")
+    block, ref = sk_pair(c, m, g, r, d, s)
+    set_mode(train, block, ref)
+    x = randn(b, c, h, w, seed=b)
+    out = block(x)
+    torch.testing.assert_close(out, ref(x), **TOL)
+    assert out.shape == (b, c, math.ceil(h / s), math.ceil(w / s))
+    if train:
+        ref_state = sk_to_ref(dict(block.named_buffers()), m, c)
+        for name, buf in ref.named_buffers():
+            torch.testing.assert_close(ref_state[name], buf, **TOL, msg=name)
+
+
+# ==================================================================================================
+# float32 blocks agree with the float64 references
+# ==================================================================================================
+
+
+@pytest.mark.parametrize("which", ["involution", "odconv", "outlook", "gsop", "skconv"])
+def test_float32_block_close_to_float64_reference(which):
+    if which == "involution":
+        block, ref = involution_pair(32, 3, 2, 4, 8)
+        x = randn(2, 32, 7, 9, seed=1)
+    elif which == "odconv":
+        block, ref = odconv_pair(16, 32, 3, 2, 1, 1, 1, 0.0625, 4, 16)
+        x = randn(2, 16, 7, 9, seed=1)
+    elif which == "outlook":
+        block, ref = outlook_pair(32, 4, 3, 1, 2)
+        x = randn(2, 7, 9, 32, seed=1)
+    elif which == "gsop":
+        block, ref = gsop_pair(32, 16, True)
+        x = randn(2, 32, 7, 9, seed=1)
+    else:
+        block, ref = sk_pair(32, 2, 8, 16, 8, 2)
+        x = randn(2, 32, 7, 9, seed=1)
+    set_mode(False, block, ref)
+    out = block.float()(x.float())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref(x), rtol=1e-4, atol=1e-5)
+
+
+# ==================================================================================================
+# gradients: every parameter, equal to the reference's
+# ==================================================================================================
+
+
+def _grad_case(which: str, train: bool):
+    """Build (block, ref, x, names with a zero gradient by construction)."""
+    zero_ok: frozenset[str] = frozenset()
+    if which == "involution-s2":
+        block, ref = involution_pair(32, 3, 2, 4, 8)
+        x = randn(3, 32, 7, 9, seed=1)
+    elif which == "involution-k7":
+        block, ref = involution_pair(16, 7, 1, 4, 16)
+        x = randn(4, 16, 6, 6, seed=1)
+    elif which == "odconv":
+        block, ref = odconv_pair(16, 32, 3, 2, 1, 1, 1, 0.0625, 4, 16)
+        x = randn(4, 16, 7, 9, seed=1)
+    elif which == "odconv-depthwise":
+        block, ref = odconv_pair(16, 16, 3, 1, 1, 1, 16, 0.0625, 2, 16)
+        x = randn(3, 16, 5, 5, seed=1)
+    elif which == "odconv-pointwise":
+        block, ref = odconv_pair(32, 16, 1, 1, 0, 1, 1, 0.0625, 1, 16)
+        x = randn(3, 32, 5, 5, seed=1)
+    elif which == "outlook":
+        block, ref = outlook_pair(32, 4, 3, 1, 2, qkv_bias=True)
+        x = randn(3, 7, 9, 32, seed=1)
+    elif which == "gsop":
+        block, ref = gsop_pair(32, 16, True)
+        x = randn(4, 32, 5, 6, seed=1)
+        if train:
+            # conv_for_DR's bias is followed by bn_for_DR: with batch statistics a per-channel constant
+            # shift is subtracted out again, so its gradient is zero (up to rounding) in train mode.
+            zero_ok = frozenset({"conv_for_DR.bias"})
+    else:
+        raise AssertionError(which)
+    return block, ref, x, zero_ok
+
+
+GRAD_CASES = ["involution-s2", "involution-k7", "odconv", "odconv-depthwise", "odconv-pointwise", "outlook", "gsop"]
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize("which", GRAD_CASES)
+def test_gradients_reach_every_parameter(which, train):
+    block, ref, x, zero_ok = _grad_case(which, train)
+    set_mode(train, block, ref)
+    x_block, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = block(x_block)
+    cotangent = randn(*out.shape, seed=99)
+    (out * cotangent).sum().backward()
+    (ref(x_ref) * cotangent).sum().backward()
+    torch.testing.assert_close(x_block.grad, x_ref.grad, rtol=1e-8, atol=1e-10)
+    assert_grads(block, {n: p.grad for n, p in ref.named_parameters()}, zero_ok)
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize(
+    ("c", "m", "g", "s"),
+    [pytest.param(32, 2, 8, 1, id="c32-m2-s1"), pytest.param(64, 3, 32, 2, id="c64-m3-s2")],
+)
+def test_skconv_gradients_reach_every_parameter(c, m, g, s, train):
+    block, ref = sk_pair(c, m, g, 16, 8, s)
+    set_mode(train, block, ref)
+    x = randn(3, c, 7, 7, seed=1)
+    out = block(x)
+    cotangent = randn(*out.shape, seed=99)
+    (out * cotangent).sum().backward()
+    (ref(x) * cotangent).sum().backward()
+    assert_grads(block, ref_to_sk_grads(ref, block))
+
+
+def test_skconv_single_branch_selects_nothing():
+    """With one branch the softmax over branches is constantly 1, so the select path (fc, fcs) gets an
+    exactly zero gradient while the branch itself trains; and the output is that branch's ReLU(BN(conv))."""
+    block, ref = sk_pair(16, 1, 4, 4, 4, 1)
+    set_mode(True, block, ref)
+    x = randn(3, 16, 5, 5, seed=1)
+    out = block(x)
+    torch.testing.assert_close(out, ref(x), **TOL)
+    torch.testing.assert_close(out, block.convs[0](x), **TOL)
+    out.square().sum().backward()
+    for name, p in block.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if name.startswith(("fc.", "fcs.")):
+            assert p.grad.abs().max() < 1e-12, name
+        else:
+            assert p.grad.abs().max() > 0, name
+
+
+# ==================================================================================================
+# argument errors
+# ==================================================================================================
+
+
+CONSTRUCTION_ERRORS = [
+    pytest.param(
+        lambda: Involution2d(30, group_channels=16),
+        r"channels \(30\) must be divisible by group_channels \(16\)",
+        id="inv-group-channels",
+    ),
+    pytest.param(
+        lambda: Involution2d(32, kernel_size=4), r"kernel_size must be a positive odd number", id="inv-even-k"
+    ),
+    pytest.param(lambda: Involution2d(32, kernel_size=0), r"kernel_size must be a positive odd number", id="inv-k0"),
+    pytest.param(
+        lambda: Involution2d(32, reduction=3),
+        r"channels \(32\) must be divisible by reduction \(3\)",
+        id="inv-reduction",
+    ),
+    pytest.param(lambda: Involution2d(32, stride=0), r"stride must be positive", id="inv-stride0"),
+    pytest.param(lambda: Involution2d(32, group_channels=0), r"group_channels must be positive", id="inv-gc0"),
+    pytest.param(
+        lambda: ODConv2d(16, 30, 3, groups=4),
+        r"out_planes \(30\) must be divisible by groups \(4\)",
+        id="odconv-out-groups",
+    ),
+    pytest.param(
+        lambda: ODConv2d(18, 32, 3, groups=4),
+        r"in_planes \(18\) must be divisible by groups \(4\)",
+        id="odconv-in-groups",
+    ),
+    pytest.param(lambda: ODConv2d(16, 32, 3, padding=-1), r"padding must be >= 0", id="odconv-padding"),
+    pytest.param(lambda: ODConv2d(16, 32, 3, kernel_num=0), r"kernel_num must be positive", id="odconv-kernel-num"),
+    pytest.param(lambda: ODConv2d(16, 32, 0), r"kernel_size must be positive", id="odconv-k0"),
+    pytest.param(lambda: ODConv2d(16, 32, 3, reduction=0.0), r"reduction must be positive", id="odconv-reduction"),
+    pytest.param(
+        lambda: OutlookAttention(30, 4), r"dim \(30\) must be divisible by num_heads \(4\)", id="outlook-heads"
+    ),
+    pytest.param(lambda: OutlookAttention(32, 0), r"num_heads must be positive", id="outlook-heads0"),
+    pytest.param(lambda: OutlookAttention(32, 4, padding=-1), r"padding must be >= 0", id="outlook-padding"),
+    pytest.param(lambda: OutlookAttention(32, 4, stride=0), r"stride must be positive", id="outlook-stride"),
+    pytest.param(lambda: GSoPBlock(0), r"in_channels must be positive", id="gsop-in0"),
+    pytest.param(lambda: GSoPBlock(32, mid_channels=0), r"mid_channels must be positive", id="gsop-mid0"),
+    pytest.param(lambda: SKConv(48, groups=32), r"channels \(48\) must be divisible by groups \(32\)", id="sk-groups"),
+    pytest.param(lambda: SKConv(32, branches=0), r"branches must be positive", id="sk-branches"),
+    pytest.param(lambda: SKConv(32, stride=0), r"stride must be positive", id="sk-stride"),
+]
+
+
+@pytest.mark.parametrize(("make", "match"), CONSTRUCTION_ERRORS)
+def test_invalid_construction_raises(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+CALL_BLOCKS = {
+    "involution": (lambda: Involution2d(16, 3, group_channels=8), "(B, C, H, W)", 1),
+    "odconv": (lambda: ODConv2d(16, 32, 3, padding=1), "(B, C, H, W)", 1),
+    "outlook": (lambda: OutlookAttention(16, 2), "(B, H, W, C)", 3),
+    "gsop": (lambda: GSoPBlock(16, 8), "(B, C, H, W)", 1),
+    "skconv": (lambda: SKConv(16, groups=8, min_dim=8), "(B, C, H, W)", 1),
+}
+
+
+@pytest.mark.parametrize("which", list(CALL_BLOCKS))
+def test_wrong_input_rank_raises(which):
+    make, layout, _ = CALL_BLOCKS[which]
+    with pytest.raises(ValueError, match=r"expected a 4-D input " + layout.replace("(", r"\(").replace(")", r"\)")):
+        make().eval()(randn(2, 16, 5, seed=0))
+
+
+@pytest.mark.parametrize("which", list(CALL_BLOCKS))
+def test_wrong_channel_count_raises(which):
+    make, _, axis = CALL_BLOCKS[which]
+    shape = [2, 5, 5, 5]
+    shape[axis] = 12
+    with pytest.raises(ValueError, match=rf"expected 16 channels on axis {axis} of"):
+        make().eval()(randn(*shape, seed=0))
+
+
+def test_outlook_channels_first_input_is_rejected():
+    """A channels-first tensor passed to the channels-last block is caught by the channel check."""
+    with pytest.raises(ValueError, match=r"expected 16 channels on axis 3 of \(B, H, W, C\)"):
+        OutlookAttention(16, 2)(randn(2, 16, 5, 5, seed=0))
+
+
+def test_outlook_grid_mismatch_says_what_padding_to_use():
+    block = OutlookAttention(16, 2, kernel_size=3, padding=0)
+    with pytest.raises(ValueError, match=r"use padding=\(kernel_size - 1\) // 2 with an odd kernel_size"):
+        block(randn(1, 7, 7, 16, seed=0))
