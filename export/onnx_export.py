@@ -224,7 +224,9 @@ def _surgery(proto, output_names: list[str], keep: int):
     """Keep the first ``keep`` outputs, fold constants, drop dead nodes, sort, name the batch axis."""
     import onnx
     import onnx_graphsurgeon as gs
+    import onnxruntime
 
+    onnxruntime.set_default_logger_severity(3)  # fold_constants runs onnxruntime; its notes are noise here
     graph = gs.import_onnx(proto)
     graph.outputs = graph.outputs[:keep]
     for t, name in zip(graph.outputs, output_names, strict=True):
