@@ -4,7 +4,8 @@ Module adapters are small registered functions keyed by what they recognise (cla
 parameter layout, as the official repositories define them). Each swap is checked to be exact in
 eager mode, in float64, on the input the module really receives in the model, before it is kept.
 
-Function-level rewrites (``F.fold`` and ``F.unfold`` as strided slices) apply inside
+Function-level rewrites (``F.fold`` and ``F.unfold`` as strided slices, the batch-folded grouped
+``F.conv2d`` as a per-sample convolution) apply inside
 :func:`function_rewrites`, a context manager that restores the originals on exit (mmdeploy's
 rewriter idea, scoped instead of global).
 """
@@ -198,8 +199,8 @@ def _is_sk_linear(m: nn.Module) -> bool:
 @register_adapter("SKConv (SKNet-style, Linear fc)", _is_sk_linear)
 def _convert_sk_linear(m: nn.Module) -> nn.Module:
     raise NotImplementedError(
-        "its branches (growing kernels, Linear fc with bias, no BN) compute a different function from "
-        "attn_export's SKConv; it exports with standard ops as it is"
+        "its branches (growing kernels with bias instead of dilated 3x3, a Linear fuse layer without BN) "
+        "compute a different function from attn_export's SKConv; it exports with standard ops as it is"
     )
 
 
@@ -312,15 +313,44 @@ def _make_fold(original):
     return fold
 
 
+def _make_conv2d(original):
+    """``conv2d`` of a batch folded into the channels, ``groups = g * B`` -> per-sample ``dynamic_conv2d``.
+
+    The trick of ODConv/CondConv-style code: ``x.reshape(1, B*Cin, H, W)`` convolved with
+    ``(B*Cout, Cin/g, k, k)`` kernels in ``g * B`` groups. While tracing with a dynamic batch, ``groups``
+    is then a symbolic ``g * batch``; the exporters cannot lower a Conv whose group count is unknown.
+    """
+
+    def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        if not isinstance(groups, torch.SymInt) or input.dim() != 4 or isinstance(padding, str):
+            return original(input, weight, bias, stride, padding, dilation, groups)
+        coeff, _ = groups.node.expr.as_coeff_Mul()
+        if not (coeff.is_Integer and int(coeff) > 0) or input.shape[0] != 1:
+            return original(input, weight, bias, stride, padding, dilation, groups)
+        g = int(coeff)
+        batch = groups // g
+        from attn_export.plugins import dynamic_conv2d
+
+        x = input.reshape(batch, -1, *input.shape[2:])
+        w = weight.reshape(batch, -1, *weight.shape[1:])
+        out = dynamic_conv2d(x, w, list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)), g)
+        if bias is not None:
+            out = out + bias.reshape(batch, -1, 1, 1)
+        return out.reshape(1, -1, *out.shape[2:])
+
+    return conv2d
+
+
 @contextlib.contextmanager
 def function_rewrites() -> Iterator[None]:
-    """Within the block, ``F.fold``/``F.unfold`` are strided-slice forms (no Col2Im, no Gather im2col).
+    """Within the block: ``F.fold``/``F.unfold`` are strided-slice forms (no Col2Im, no Gather im2col),
+    and a batch-folded grouped ``F.conv2d`` is a per-sample ``dynamic_conv2d``.
 
-    Non-square windows and unbatched inputs fall through to the originals.
+    Non-square windows, unbatched inputs and ordinary convolutions fall through to the originals.
     """
-    saved = (F.fold, F.unfold)
-    F.fold, F.unfold = _make_fold(saved[0]), _make_unfold(saved[1])
+    saved = (F.fold, F.unfold, F.conv2d)
+    F.fold, F.unfold, F.conv2d = _make_fold(saved[0]), _make_unfold(saved[1]), _make_conv2d(saved[2])
     try:
         yield
     finally:
-        F.fold, F.unfold = saved
+        F.fold, F.unfold, F.conv2d = saved
