@@ -129,6 +129,22 @@ def _from_pickle(obj: Any, path: Path) -> LoadedModel:
     return LoadedModel(obj.float(), None, "pickle", type(obj).__name__)
 
 
+def _looks_like_torch_file(path: Path) -> bool:
+    """A zip archive (``torch.save``'s format) or a pickle stream (its legacy format, protocol 2+)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [t for t in str(e).strip().splitlines() if t.strip()]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
 def load_model(path: str | os.PathLike, trust_checkpoint: bool = False) -> LoadedModel:
     """Load a model for export. Raises :class:`ExportError` with a clear message on any bad input."""
     path = Path(path)
@@ -136,6 +152,10 @@ def load_model(path: str | os.PathLike, trust_checkpoint: bool = False) -> Loade
         raise ExportError(f"{path}: no such file")
     if path.is_dir():
         raise ExportError(f"{path}: is a directory, expected a .pt checkpoint file")
+    if not _looks_like_torch_file(path):
+        size = path.stat().st_size
+        what = "an empty file" if size == 0 else "neither a zip archive nor a pickle"
+        raise ExportError(f"{path}: not a PyTorch checkpoint ({what})")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -152,11 +172,13 @@ def load_model(path: str | os.PathLike, trust_checkpoint: bool = False) -> Loade
         except Exception as e2:
             raise ExportError(f"{path}: cannot unpickle the model: {type(e2).__name__}: {e2}") from e2
         return _from_pickle(obj, path)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise ExportError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    except Exception as e:  # a corrupt file makes the weights-only unpickler raise nearly anything
+        raise ExportError(f"{path}: not a PyTorch checkpoint, or a corrupt one ({_first_line(e)})") from e
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         return _from_checkpoint(obj, path)
-    if isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in ("state_dict", "model", "ema")):
+    if _is_state_dict(obj) or (
+        isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in ("state_dict", "model", "ema"))
+    ):
         raise ExportError(
             f"{path}: the file holds only weights (a state dict) and no architecture; save it in the attn-export "
             "checkpoint format (attn_export.export.save_checkpoint) or as a pickled nn.Module"

@@ -8,6 +8,7 @@ import io
 import logging
 import math
 import os
+import re
 import secrets
 import time
 import warnings
@@ -157,29 +158,51 @@ def _torch_onnx_export(module: nn.Module, args: tuple, table: dict, opset: int, 
     quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "torchvision is not installed" notes: we do not use torchvision
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        batch = args[0].shape[0]
-        prog = torch.onnx.export(
-            module,
-            args,
-            dynamo=True,
-            input_names=[INPUT_NAME] if len(args) == 1 else None,
-            output_names=output_names,
-            opset_version=opset,
-            dynamic_shapes=_dynamic_shapes(args, batch, None),
-            custom_translation_table=table,
-            optimize=True,
-            verbose=False,
-            report=False,
-        )
-    quiet.setLevel(level)
-    return prog.model_proto
+    batch = args[0].shape[0]
+    dynamic = _dynamic_shapes(args, batch, None)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                input_names=[INPUT_NAME] if len(args) == 1 else None,
+                output_names=output_names,
+                opset_version=opset,
+                dynamic_shapes=dynamic,
+                custom_translation_table=table,
+                optimize=True,
+                verbose=False,
+                report=False,
+            )
+    finally:
+        quiet.setLevel(level)
+    proto = prog.model_proto
+    # torch.export may specialise the batch silently (e.g. x.view(4, ...)); the graph's input then has a
+    # fixed batch, which renaming the axis "batch" later would hide.
+    for spec, value in zip(dynamic, proto.graph.input, strict=False):
+        dims = value.type.tensor_type.shape.dim
+        if spec and dims and dims[0].HasField("dim_value"):
+            raise ExportError(
+                f"the batch dimension was fixed to {dims[0].dim_value} while tracing: the model computes with a "
+                "constant batch size (e.g. x.view(4, ...)); use x.shape[0] or -1 for the batch instead"
+            )
+    return proto
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    msg = next((t for t in text if t.strip()), type(e).__name__)
+    """A one-line reason: the exporter's "Exception summary" when it has one, else the first line."""
+    text = [t.strip() for t in _ANSI.sub("", str(e)).splitlines()]
+    text = [t for t in text if t]
+    if "## Exception summary" in text:
+        after = text[text.index("## Exception summary") + 1 :]
+        if after:
+            return after[0][:400]
+    msg = text[0] if text else type(e).__name__
     return f"{type(e).__name__}: {msg[:400]}"
 
 
@@ -281,12 +304,25 @@ def verify_onnx(
         n = len(output_names)
         for b in batches:
             x = rng.standard_normal((b, *input_shape), dtype=np.float32)
-            ref = torch_runner.infer({INPUT_NAME: x})
+            try:
+                ref = torch_runner.infer({INPUT_NAME: x})
+            except Exception as e:
+                raise ExportError(
+                    f"verification: the PyTorch model fails on a batch of {b} ({_first_line(e)}); the model "
+                    "must run at every batch size the ONNX graph accepts"
+                ) from e
             ref_list = list(ref.values())
             ref_final = dict(zip(output_names, ref_list[:n], strict=True))
-            report.outputs += compare_outputs(ref_final, ort_final.infer({INPUT_NAME: x}), b, atol, rtol)
+            try:
+                got_final = ort_final.infer({INPUT_NAME: x})
+                got_all = ort_probe.infer({INPUT_NAME: x}) if ort_probe is not None else {}
+            except Exception as e:
+                raise ExportError(
+                    f"verification: onnxruntime cannot run the exported graph on a batch of {b} ({_first_line(e)})"
+                ) from e
+            report.outputs += compare_outputs(ref_final, got_final, b, atol, rtol)
             if ort_probe is not None:
-                got = list(ort_probe.infer({INPUT_NAME: x}).values())[n:]
+                got = list(got_all.values())[n:]
                 labels = _block_labels(block_paths, len(ref_list) - n)
                 refs = dict(zip(labels, ref_list[n:], strict=True))
                 report.blocks += compare_outputs(refs, dict(zip(labels, got, strict=False)), b, atol, rtol)

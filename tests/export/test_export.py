@@ -1,0 +1,308 @@
+"""The Python API behind the CLI: ``export_onnx``, ``load_model``/``save_checkpoint``, and the comparison
+rule of :mod:`attn_export.export.verify` (``|out - ref| <= atol + rtol * |ref|`` element-wise)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from attn_export.blocks import Involution2d, SKConv
+from attn_export.export import ExportError, ExportResult, export_onnx, load_model, save_checkpoint
+from attn_export.export.checkpoint import FORMAT, parse_shape
+from attn_export.export.onnx_export import parse_batch
+from attn_export.export.verify import OutputCheck, VerifyReport, compare_arrays, compare_outputs
+
+
+def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights, and BatchNorm that is not the identity in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                continue
+            for p in m.parameters(recurse=False):
+                if p.dim() == 1:
+                    p.copy_(0.2 * torch.randn(p.shape, generator=g))
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(math.prod(p.shape[1:])))
+    return module
+
+
+def small_net() -> nn.Module:
+    return randomize_(
+        nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            Involution2d(16, kernel_size=3, group_channels=8),
+            SKConv(16, groups=8, min_dim=8),
+        )
+    ).eval()
+
+
+# --- 5. export_onnx ------------------------------------------------------------------------------------
+def test_export_onnx_api(tmp_path):
+    model = small_net()
+    path = tmp_path / "net.onnx"
+    stages = []
+    result = export_onnx(model, path, (3, 16, 16), batch=(1, 2, 4), seed=3, progress=lambda s, m: stages.append(s))
+    assert isinstance(result, ExportResult)
+    assert result.ok
+    assert result.path == path and path.is_file()
+    assert result.size_bytes == path.stat().st_size
+    assert result.nodes > 0
+    assert isinstance(result.ops, dict) and sum(result.ops.values()) == result.nodes
+    assert "Col2Im" not in result.ops
+    assert result.input_name == "input" and result.output_names == ["output"]
+    assert result.input_shape == (3, 16, 16)
+    assert result.batch == (1, 2, 4)
+    assert result.opset == 18
+    assert result.blocks == ["3", "4"]
+    assert {"adapt", "export", "surgery", "verify"} <= set(result.timings)
+    assert {"adapt", "export", "surgery", "verify"} <= set(stages)
+
+    report = result.report
+    assert report is not None and report.passed
+    assert report.seed == 3
+    assert report.batches == [1, 2, 4]
+    assert [c.batch for c in report.outputs] == [1, 2, 4]
+    assert {c.name for c in report.blocks} == {"3", "4"}
+    assert report.first_divergent_block is None
+    assert "verification PASSED" in report.table()
+
+    data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert data["path"] == str(path)
+    assert data["input"] == {"name": "input", "shape": ["batch", 3, 16, 16]}
+    assert data["batch"] == {"min": 1, "opt": 2, "max": 4}
+    assert data["verification"]["passed"] is True
+    assert data["verification"]["seed"] == 3
+    assert data["ops"] == result.ops
+
+    # The graph takes any batch, and the model was exported in eval mode with its BN statistics.
+    proto = onnx.load(path)
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    x = np.random.default_rng(0).standard_normal((7, 3, 16, 16)).astype(np.float32)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {"input": x})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_export_onnx_without_verification(tmp_path):
+    result = export_onnx(small_net(), tmp_path / "net.onnx", [3, 8, 8], batch="1:1:2", verify=False)
+    assert result.report is None
+    assert result.ok
+    assert result.to_dict()["verification"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"opset": 17}, "--opset"),
+        ({"target": "trt"}, "not available yet"),
+        ({"target": "tflite"}, "unknown target"),
+        ({"batch": "4:2:1"}, "--batch"),
+    ],
+)
+def test_export_onnx_rejects_bad_arguments(tmp_path, kwargs, needle):
+    with pytest.raises(ExportError, match=needle):
+        export_onnx(small_net(), tmp_path / "net.onnx", (3, 8, 8), **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_onnx_rejects_bad_output(tmp_path):
+    with pytest.raises(ExportError, match="does not exist"):
+        export_onnx(small_net(), tmp_path / "missing" / "net.onnx", (3, 8, 8))
+    (tmp_path / "dir.onnx").mkdir()
+    with pytest.raises(ExportError, match="is a directory"):
+        export_onnx(small_net(), tmp_path / "dir.onnx", (3, 8, 8))
+
+
+def test_export_onnx_model_that_does_not_run(tmp_path):
+    with pytest.raises(ExportError, match="does not run on an input of shape"):
+        export_onnx(small_net(), tmp_path / "net.onnx", (4, 8, 8))  # 4 channels, the stem wants 3
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("1:4:32", (1, 4, 32)), ("8", (1, 8, 8)), ("2:2:2", (2, 2, 2)), ((1, 3, 8), (1, 3, 8))],
+)
+def test_parse_batch(text, expected):
+    assert parse_batch(text) == expected
+
+
+@pytest.mark.parametrize("text", ["8:1:2", "0:1:2", "1:2", "1:2:3:4", "a:b:c", "", "-1"])
+def test_parse_batch_rejects(text):
+    with pytest.raises(ExportError, match="--batch"):
+        parse_batch(text)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("3,32,32", (3, 32, 32)), ("3x16x8", (3, 16, 8)), ("64", (64,))])
+def test_parse_shape(text, expected):
+    assert parse_shape(text) == expected
+
+
+@pytest.mark.parametrize("text", ["a,b", "3,0,8", "3,-1,8", "", ","])
+def test_parse_shape_rejects(text):
+    with pytest.raises(ExportError, match="--input-shape"):
+        parse_shape(text)
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------
+def test_checkpoint_round_trip(tmp_path):
+    model = randomize_(SKConv(16, groups=8, min_dim=8))
+    path = save_checkpoint(tmp_path / "sk.pt", model, "SKConv", {"channels": 16, "groups": 8, "min_dim": 8}, (16, 8, 8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sk.pt"]  # no temporary file left
+    loaded = load_model(path)
+    assert (loaded.source, loaded.arch, loaded.input_shape) == ("checkpoint", "SKConv", (16, 8, 8))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_checkpoint_in_the_legacy_torch_format_loads(tmp_path):
+    model = randomize_(SKConv(16, groups=8, min_dim=8))
+    payload = {
+        "format": FORMAT,
+        "arch": "SKConv",
+        "kwargs": {"channels": 16, "groups": 8, "min_dim": 8},
+        "input_shape": [16, 8, 8],
+        "state_dict": model.state_dict(),
+        "meta": {},
+    }
+    path = tmp_path / "legacy.pt"
+    torch.save(payload, path, _use_new_zipfile_serialization=False)
+    assert load_model(path).arch == "SKConv"
+
+
+def test_save_checkpoint_unknown_architecture(tmp_path):
+    with pytest.raises(ExportError, match="unknown architecture"):
+        save_checkpoint(tmp_path / "x.pt", nn.Linear(2, 2), "Linear", {}, (2,))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_with_wrong_kwargs(tmp_path):
+    path = save_checkpoint(
+        tmp_path / "sk.pt", SKConv(16, groups=8, min_dim=8), "SKConv", {"channels": 32, "groups": 8, "min_dim": 8}, [16]
+    )
+    with pytest.raises(ExportError, match="cannot build SKConv"):
+        load_model(path)
+
+
+# --- 6. compare_arrays -----------------------------------------------------------------------------------
+ATOL, RTOL = 1e-4, 1e-3
+REF = np.array([[0.0, 1.0, -2.0], [100.0, -0.5, 3e-5]], dtype=np.float64)
+
+
+@pytest.mark.parametrize("index", [(0, 0), (0, 2), (1, 0), (1, 2)])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_compare_arrays_tolerance_boundary(index, sign):
+    bound = ATOL + RTOL * abs(REF[index])
+    inside = REF.copy()
+    inside[index] += sign * 0.99 * bound
+    check = compare_arrays("y", 2, REF, inside, ATOL, RTOL)
+    assert check.passed
+    assert check.max_abs == pytest.approx(0.99 * bound, rel=1e-9)
+
+    outside = REF.copy()
+    outside[index] += sign * 1.01 * bound
+    check = compare_arrays("y", 2, REF, outside, ATOL, RTOL)
+    assert not check.passed
+    assert check.max_abs == pytest.approx(1.01 * bound, rel=1e-9)
+    assert (check.name, check.batch, check.shape, check.atol, check.rtol) == ("y", 2, [2, 3], ATOL, RTOL)
+
+
+def test_compare_arrays_identical_and_float32():
+    ref = np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32)
+    check = compare_arrays("y", 4, ref, ref.copy(), ATOL, RTOL)
+    assert check.passed
+    assert check.max_abs == check.mean_abs == check.p99_abs == check.max_rel == 0.0
+
+
+def test_compare_arrays_relative_part_matters():
+    # 0.05 off on 100.0 is within atol + rtol * 100 = 0.1001; the same error on 1.0 is not.
+    assert compare_arrays("y", 1, np.array([100.0]), np.array([100.05]), ATOL, RTOL).passed
+    assert not compare_arrays("y", 1, np.array([1.0]), np.array([1.05]), ATOL, RTOL).passed
+
+
+def test_compare_arrays_statistics():
+    ref = np.zeros(100)
+    out = np.zeros(100)
+    out[:10] = 1e-5
+    out[-1] = 2e-5
+    check = compare_arrays("y", 1, ref, out, ATOL, RTOL)
+    assert check.passed
+    assert check.max_abs == pytest.approx(2e-5)
+    assert check.mean_abs == pytest.approx((10 * 1e-5 + 2e-5) / 100)
+    assert 0 < check.p99_abs <= check.max_abs
+
+
+def test_compare_arrays_shape_mismatch():
+    check = compare_arrays("y", 2, np.zeros((2, 3)), np.zeros((2, 4)), ATOL, RTOL)
+    assert not check.passed
+    assert check.shape == [2, 3]
+    assert math.isinf(check.max_abs)
+    check = compare_arrays("y", 2, np.zeros((2, 3)), np.zeros((3, 2)), ATOL, RTOL)
+    assert not check.passed
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # np.quantile over inf
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_compare_arrays_non_finite_output_fails(bad):
+    out = REF.copy()
+    out[0, 1] = bad
+    assert not compare_arrays("y", 2, REF, out, ATOL, RTOL).passed
+
+
+def test_compare_arrays_nan_in_reference_only_fails():
+    ref = REF.copy()
+    ref[1, 1] = np.nan
+    assert not compare_arrays("y", 2, ref, REF, ATOL, RTOL).passed
+
+
+def test_compare_arrays_nan_in_different_places_fails():
+    ref, out = REF.copy(), REF.copy()
+    ref[0, 0] = np.nan
+    out[1, 1] = np.nan
+    assert not compare_arrays("y", 2, ref, out, ATOL, RTOL).passed
+
+
+def test_compare_arrays_empty():
+    assert compare_arrays("y", 0, np.zeros((0, 3)), np.zeros((0, 3)), ATOL, RTOL).passed
+
+
+def test_compare_outputs_missing_output_fails():
+    checks = compare_outputs({"a": REF, "b": REF}, {"a": REF}, 2, ATOL, RTOL)
+    assert [(c.name, c.passed) for c in checks] == [("a", True), ("b", False)]
+
+
+def _check(name: str, batch: int, passed: bool) -> OutputCheck:
+    return OutputCheck(name, batch, [batch, 3], 0.0, 0.0, 0.0, 0.0, ATOL, RTOL, passed)
+
+
+def test_verify_report_verdicts_and_table():
+    report = VerifyReport("backend", 5, [1, 2])
+    assert not report.passed  # no outputs checked is not a pass
+    report.outputs = [_check("output", 1, True), _check("output", 2, False)]
+    report.blocks = [_check("stem", 1, True), _check("mid", 1, False), _check("head", 1, False)]
+    assert not report.passed
+    assert report.first_divergent_block == "mid"
+    table = report.table()
+    assert "FAIL" in table and "verification FAILED" in table
+    assert "first block to diverge: mid" in table
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["passed"] is False and data["first_divergent_block"] == "mid" and data["seed"] == 5
+    report.outputs[1] = _check("output", 2, True)
+    assert report.passed  # block differences alone do not fail the export
