@@ -54,11 +54,18 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target",
         choices=("ort", "trt"),
-        default="ort",
-        help="ort: standard ONNX ops only (default); trt: TensorRT plugin nodes (not yet available)",
+        default=None,
+        help="ort: standard ONNX ops only (default; trt with --trt); trt: each dynamic kernel as one TensorRT "
+        "plugin node, verified on ONNX's reference evaluator (batches capped at 8)",
     )
-    p.add_argument("--trt", action="store_true", help="also build a TensorRT engine (not yet available)")
+    p.add_argument(
+        "--trt",
+        action="store_true",
+        help="also build a TensorRT engine next to the ONNX graph "
+        "(implies --target trt unless --target is given; needs TensorRT >= 10.6 and an NVIDIA GPU)",
+    )
     p.add_argument("--fp16", action="store_true", help="build the TensorRT engine in FP16 (with --trt)")
+    p.add_argument("--workspace", type=float, default=None, help="TensorRT workspace limit in GiB (with --trt)")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison against PyTorch")
     p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
     p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
@@ -99,13 +106,10 @@ def run_export(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
-        if args.target == "trt" or args.trt:
-            raise ExportError(
-                "--target trt and --trt (TensorRT) are not available yet in this version; "
-                "export with the default --target ort"
-            )
-        if args.fp16:
-            raise ExportError("--fp16 applies to TensorRT engines (--trt), which are not available yet")
+        if args.target is None:
+            args.target = "trt" if args.trt else "ort"
+        if (args.fp16 or args.workspace) and not args.trt:
+            raise ExportError("--fp16 and --workspace apply to TensorRT engines: add --trt")
         batch = parse_batch(args.batch)
         output = args.output or args.model.with_suffix(".onnx")
         log.info(_versions())
@@ -146,7 +150,88 @@ def run_export(args: argparse.Namespace) -> int:
         f"in {took:.1f}s"
     )
     print(f"ops: {ops}")
+    if result.target == "trt":
+        plugins = ", ".join(f"{k} {v}" for k, v in result.plugins.items()) or "none"
+        print(f"TensorRT plugin nodes: {plugins}")
+    if args.trt:
+        return build_trt_engine(args, loaded, shape, batch, result)
     return 0
+
+
+def build_trt_engine(args: argparse.Namespace, loaded, shape, batch, result) -> int:
+    """``--trt``: build the engine from the verified graph and check it against PyTorch.
+
+    Where TensorRT or a GPU is missing, say what is missing and how to build the engine elsewhere
+    (exit 3); the verified graph is already written.
+    """
+    from attn_export.export import ExportError, trt_build
+
+    engine = result.path.with_suffix(".engine")
+    missing = trt_build.check_trt_environment()
+    if missing:
+        batch_arg = ":".join(map(str, batch))
+        fp16 = " --fp16" if args.fp16 else ""
+        print(f"attn-export: {missing}", file=sys.stderr)
+        print(
+            f"The verified graph is at {result.path}. To build the engine on a machine with an NVIDIA GPU and "
+            f"TensorRT >= 10.9 (AOT plugins, so the engine runs without Python):\n"
+            f"  attn-export {args.model} --trt --batch {batch_arg}{fp16}\n"
+            f"and run it with:\n  {trt_build.trtexec_run_command(engine, result.input_name, shape, batch[1])}",
+            file=sys.stderr,
+        )
+        if result.target == "ort":
+            try:
+                cmd = trt_build.trtexec_command(result.path, engine, result.input_name, shape, batch, args.fp16)
+                print(f"This graph has no plugin nodes, so trtexec alone can build it:\n  {cmd}", file=sys.stderr)
+            except ValueError as e:
+                print(f"(trtexec: {e})", file=sys.stderr)
+        else:
+            print(
+                "trtexec cannot load the attn-export plugins (they are Python tensorrt.plugin definitions); for "
+                "a trtexec-only build, export the plugin-free graph with --target ort and run:\n  "
+                + trt_build.trtexec_command(
+                    result.path.with_suffix(".ort.onnx"),
+                    engine,
+                    result.input_name,
+                    shape,
+                    batch,
+                    False,
+                    tensorrt_major=10,
+                ),
+                file=sys.stderr,
+            )
+        return 3
+    try:
+        classes = loaded.meta.get("classes") if isinstance(loaded.meta, dict) else None
+        kwargs = {"workspace_gb": args.workspace} if args.workspace else {}
+        built = trt_build.build_engine(
+            result.path,
+            engine,
+            result.input_name,
+            shape,
+            batch,
+            fp16=args.fp16,
+            progress=_progress,
+            classes=classes,
+            **kwargs,
+        )
+        from attn_export.serve.trt_runner import TensorRTRunner
+
+        runner = TensorRTRunner(built.engine_path)
+        batches = result.report.batches if result.report else sorted(set(batch))
+        atol, rtol = (max(args.atol, 1e-2), max(args.rtol, 1e-2)) if args.fp16 else (args.atol, args.rtol)
+        report = trt_build.verify_engine(
+            loaded.model, runner, result.input_name, shape, batches, result.output_names, atol, rtol, args.seed
+        )
+    except ExportError as e:
+        print(f"attn-export: error: {e}", file=sys.stderr)
+        return 2
+    print(report.table())
+    print(
+        f"engine {built.engine_path} ({built.size_bytes / 1e6:.2f} MB, {built.precision}, plugins "
+        f"{built.plugin_mode or 'none'}) in {built.seconds:.1f}s; metadata {built.metadata_path}"
+    )
+    return 0 if report.passed else 1
 
 
 class _timed:

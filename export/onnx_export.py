@@ -30,6 +30,13 @@ INPUT_NAME = "input"
 MIN_OPSET = 18
 #: Verification caps the batch so that one input holds at most this many elements.
 VERIFY_MAX_ELEMENTS = 1 << 24
+#: Target ``trt`` is verified on ``onnx.reference`` (pure numpy, slow): its batches are capped here.
+TRT_VERIFY_MAX_BATCH = 8
+#: The verification backend of each target (the report's ``backend``).
+VERIFY_BACKENDS = {
+    "ort": "onnxruntime CPUExecutionProvider",
+    "trt": "onnx.reference.ReferenceEvaluator with the numpy plugin references",
+}
 
 
 @dataclass
@@ -45,6 +52,7 @@ class ExportResult:
     opset: int
     nodes: int = 0
     ops: dict[str, int] = field(default_factory=dict)
+    plugins: dict[str, int] = field(default_factory=dict)
     size_bytes: int = 0
     adapted: list[AdaptRecord] = field(default_factory=list)
     blocks: list[str] = field(default_factory=list)
@@ -65,6 +73,7 @@ class ExportResult:
             "opset": self.opset,
             "nodes": self.nodes,
             "ops": self.ops,
+            "plugins": self.plugins,
             "size_bytes": self.size_bytes,
             "adapted": [vars(r) for r in self.adapted],
             "blocks": self.blocks,
@@ -243,8 +252,14 @@ def locate_failure(model: nn.Module, sample: torch.Tensor, table: dict, opset: i
             return culprit
 
 
-def _surgery(proto, output_names: list[str], keep: int):
-    """Keep the first ``keep`` outputs, fold constants, drop dead nodes, sort, name the batch axis."""
+def _surgery(proto, output_names: list[str], keep: int, target: str = "ort"):
+    """Keep the first ``keep`` outputs, fold constants, drop dead nodes, sort, name the batch axis.
+
+    The same checks for both targets: strict ONNX shape inference and the full checker. The plugin
+    nodes of target ``trt`` are in a domain ONNX has no schemas for, so both pass over them; their
+    output types and shapes are the exporter's ``value_info`` (from the ops' fake kernels), which
+    :func:`_check_plugin_nodes` requires to be there.
+    """
     import onnx
     import onnx_graphsurgeon as gs
     import onnxruntime
@@ -266,14 +281,79 @@ def _surgery(proto, output_names: list[str], keep: int):
     from attn_export import __version__
 
     model.producer_version = __version__
+    if target == "trt":
+        _order_plugin_attributes(model)
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     onnx.checker.check_model(model, full_check=True)
+    if target == "trt":
+        _check_plugin_nodes(model)
     return model
 
 
-def _verify_batches(batch: tuple[int, int, int], input_shape: Sequence[int]) -> list[int]:
+def _order_plugin_attributes(model) -> None:
+    """Put each plugin node's attributes in the plugin's order (the exporter records them in its own)."""
+    from attn_export.plugins._plugin_node import attribute_order
+    from attn_export.plugins._trt_names import DOMAIN, PLUGINS
+
+    for node in model.graph.node:
+        if node.domain == DOMAIN and node.op_type in PLUGINS.values():
+            rank = {name: i for i, name in enumerate(attribute_order(node.op_type))}
+            attrs = [type(a).FromString(a.SerializeToString()) for a in node.attribute]  # copies, then reorder
+            attrs.sort(key=lambda a: (rank.get(a.name, len(rank)), a.name))
+            del node.attribute[:]
+            node.attribute.extend(attrs)
+
+
+def _check_plugin_nodes(model) -> dict[str, int]:
+    """``{plugin name: count}`` of a ``trt`` graph, after checking each plugin node's convention.
+
+    A plugin node has ``op_type`` = a plugin name, domain ``DOMAIN``, ``plugin_namespace`` and
+    ``plugin_version`` attributes, and outputs of known element type and rank; no other domain appears.
+    """
+    from onnx import helper
+
+    from attn_export.plugins._trt_names import DOMAIN, NAMESPACE, PLUGINS, VERSION
+
+    typed = {
+        v.name: v.type.tensor_type
+        for v in [*model.graph.value_info, *model.graph.output]
+        if v.type.tensor_type.elem_type and v.type.tensor_type.HasField("shape")
+    }
+    counts: collections.Counter[str] = collections.Counter()
+    for node in model.graph.node:
+        if node.domain in ("", "ai.onnx"):
+            continue
+        where = f"node {node.name or node.output[0]!r} ({node.domain}::{node.op_type})"
+        if node.domain != DOMAIN or node.op_type not in PLUGINS.values():
+            raise ExportError(f"target trt: {where} is neither standard ONNX nor an attn-export plugin node")
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("plugin_namespace") != NAMESPACE.encode() or attrs.get("plugin_version") != VERSION.encode():
+            raise ExportError(f"target trt: {where} lacks plugin_namespace={NAMESPACE!r}, plugin_version={VERSION!r}")
+        untyped = [o for o in node.output if o not in typed]
+        if untyped:
+            raise ExportError(f"target trt: the exporter gave no type and shape for {untyped} of {where}")
+        counts[node.op_type] += 1
+    return dict(counts)
+
+
+def _verify_batches(batch: tuple[int, int, int], input_shape: Sequence[int], target: str = "ort") -> list[int]:
+    """MIN, OPT and MAX, each capped (by input size; for ``trt`` also at :data:`TRT_VERIFY_MAX_BATCH`)."""
     cap = max(1, VERIFY_MAX_ELEMENTS // max(1, math.prod(input_shape)))
+    if target == "trt":
+        cap = min(cap, TRT_VERIFY_MAX_BATCH)
     return sorted({min(b, cap) for b in batch})
+
+
+def _runner_factory(target: str) -> Callable:
+    """``ModelProto -> Runner`` for the target's verification backend."""
+    from attn_export.serve.runners import OnnxRuntimeRunner, ReferenceRunner
+
+    if target == "trt":
+        from attn_export.plugins import reference_ops
+
+        ops = reference_ops()
+        return lambda proto: ReferenceRunner(proto, new_ops=ops)
+    return lambda proto: OnnxRuntimeRunner(proto.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 def verify_onnx(
@@ -287,19 +367,28 @@ def verify_onnx(
     atol: float,
     rtol: float,
     seed: int | None = None,
+    target: str = "ort",
+    runner_factory: Callable | None = None,
+    backend: str | None = None,
 ) -> VerifyReport:
-    """Run PyTorch and onnxruntime on the same fresh random inputs; compare outputs and blocks."""
-    from attn_export.serve.runners import OnnxRuntimeRunner, TorchRunner
+    """Run PyTorch and the target's ONNX backend on the same fresh random inputs; compare outputs and blocks.
 
+    The backend (:data:`VERIFY_BACKENDS`): onnxruntime on CPU for ``ort``; for ``trt``, ONNX's
+    reference evaluator with the numpy implementations of the plugin nodes (TensorRT itself is not
+    needed, so the plugin graph is checked on any machine). ``runner_factory`` (``ModelProto -> Runner``,
+    see :mod:`attn_export.serve.runners`) and ``backend`` (its name in the report) replace that choice.
+    """
+    from attn_export.serve.runners import TorchRunner
+
+    make_runner = runner_factory or _runner_factory(target)
+    backend = backend or (VERIFY_BACKENDS[target] if runner_factory is None else "custom runner")
     seed = secrets.randbits(31) if seed is None else seed
     rng = np.random.default_rng(seed)
-    ort_final = OnnxRuntimeRunner(shipped.SerializeToString(), providers=["CPUExecutionProvider"])
-    ort_probe = (
-        OnnxRuntimeRunner(probe.SerializeToString(), providers=["CPUExecutionProvider"]) if block_paths else None
-    )
+    final_runner = make_runner(shipped)
+    probe_runner = make_runner(probe) if block_paths else None
     probe_mod = _Probe(model, block_paths)
     try:
-        report = VerifyReport("onnxruntime CPUExecutionProvider", seed, list(batches))
+        report = VerifyReport(backend, seed, list(batches))
         torch_runner = TorchRunner(probe_mod, [INPUT_NAME])
         n = len(output_names)
         for b in batches:
@@ -314,14 +403,14 @@ def verify_onnx(
             ref_list = list(ref.values())
             ref_final = dict(zip(output_names, ref_list[:n], strict=True))
             try:
-                got_final = ort_final.infer({INPUT_NAME: x})
-                got_all = ort_probe.infer({INPUT_NAME: x}) if ort_probe is not None else {}
+                got_final = final_runner.infer({INPUT_NAME: x})
+                got_all = probe_runner.infer({INPUT_NAME: x}) if probe_runner is not None else {}
             except Exception as e:
                 raise ExportError(
-                    f"verification: onnxruntime cannot run the exported graph on a batch of {b} ({_first_line(e)})"
+                    f"verification: {backend} cannot run the exported graph on a batch of {b} ({_first_line(e)})"
                 ) from e
             report.outputs += compare_outputs(ref_final, got_final, b, atol, rtol)
-            if ort_probe is not None:
+            if probe_runner is not None:
                 got = list(got_all.values())[n:]
                 labels = _block_labels(block_paths, len(ref_list) - n)
                 refs = dict(zip(labels, ref_list[n:], strict=True))
@@ -364,6 +453,11 @@ def export_onnx(
 ) -> ExportResult:
     """Export ``model`` to ONNX at ``output`` with a dynamic batch axis, then verify it.
 
+    ``target="ort"`` lowers the attn-export ops into standard ONNX ops, verified on onnxruntime;
+    ``target="trt"`` writes each op call as one TensorRT plugin node (everything else standard ONNX),
+    verified on ``onnx.reference`` with the numpy plugin references, at batches capped at
+    :data:`TRT_VERIFY_MAX_BATCH` (the reference evaluator is slow).
+
     The file appears only when the export and the verification succeed (a temporary file in the same
     folder is renamed into place). A graph that fails verification is kept beside it as
     ``<name>.unverified.onnx`` for inspection, and the result's ``ok`` is False.
@@ -372,8 +466,6 @@ def export_onnx(
 
     if target not in TARGETS:
         raise ExportError(f"--target: unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    if target == "trt":
-        raise ExportError("--target trt (TensorRT plugin nodes) is not available yet in this version; use --target ort")
     if opset < MIN_OPSET:
         raise ExportError(f"--opset: the exporter needs opset {MIN_OPSET} or newer, got {opset}")
     batch = parse_batch(batch) if isinstance(batch, str) else tuple(batch)
@@ -423,20 +515,36 @@ def export_onnx(
     stage.say("export", f"torch.onnx (dynamo) opset {opset}, target {target}, {len(proto.graph.node)} nodes")
 
     with stage("surgery"):
-        shipped = _surgery(proto, result.output_names, n_out)
+        shipped = _surgery(proto, result.output_names, n_out, target)
         n_probe = len(proto.graph.output)
-        probe_graph = _surgery(proto, names[:n_probe], n_probe) if result.blocks else None
+        probe_graph = _surgery(proto, names[:n_probe], n_probe, target) if result.blocks else None
     result.nodes = len(shipped.graph.node)
     result.ops = dict(collections.Counter(n.op_type for n in shipped.graph.node).most_common())
     stage.say("surgery", f"{result.nodes} nodes, ops: {', '.join(result.ops)}")
+    if target == "trt":
+        result.plugins = _check_plugin_nodes(shipped)
+        listed = ", ".join(f"{k} x{v}" for k, v in result.plugins.items()) or "none (no attn-export op in the model)"
+        stage.say("surgery", f"TensorRT plugin nodes: {listed}")
 
     if verify:
         with stage("verify"):
-            batches = _verify_batches(batch, input_shape)
+            batches = _verify_batches(batch, input_shape, target)
             result.report = verify_onnx(
-                model, shipped, probe_graph, input_shape, batches, result.output_names, result.blocks, atol, rtol, seed
+                model,
+                shipped,
+                probe_graph,
+                input_shape,
+                batches,
+                result.output_names,
+                result.blocks,
+                atol,
+                rtol,
+                seed,
+                target=target,
             )
-        stage.say("verify", f"batches {batches}: {'passed' if result.report.passed else 'FAILED'}")
+        capped = " (capped: the reference evaluator is slow)" if target == "trt" and max(batches) < batch[2] else ""
+        verdict = "passed" if result.report.passed else "FAILED"
+        stage.say("verify", f"batches {batches}{capped} on {result.report.backend}: {verdict}")
 
     if result.report is not None and not result.report.passed:
         kept = output.with_name(output.stem + ".unverified.onnx")

@@ -21,7 +21,14 @@ from attn_export.plugins.dynamic_conv import dynamic_conv2d
 from attn_export.plugins.involution import involution2d
 from attn_export.plugins.outlook import outlook_aggregate
 
-__all__ = ["TARGETS", "dynamic_conv2d", "involution2d", "onnx_translation_table", "outlook_aggregate"]
+__all__ = [
+    "TARGETS",
+    "dynamic_conv2d",
+    "involution2d",
+    "onnx_translation_table",
+    "outlook_aggregate",
+    "reference_ops",
+]
 
 #: Export targets: ``ort`` lowers every op into standard ONNX ops; ``trt`` into TensorRT plugin nodes.
 TARGETS = ("ort", "trt")
@@ -48,22 +55,42 @@ def use_triton(*tensors) -> bool:
     return _triton_available() and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float16, torch.bfloat16}
 
 
+def reference_ops() -> list:
+    """``OpRun`` classes of the plugin nodes, for ``onnx.reference.ReferenceEvaluator(new_ops=...)``.
+
+    Imports onnx (only) when called; see :mod:`attn_export.plugins.reference`.
+    """
+    from attn_export.plugins.reference import reference_ops as ops
+
+    return ops()
+
+
 def onnx_translation_table(target: str = "ort") -> dict:
     """``{op overload: onnxscript function}`` for ``torch.onnx.export(custom_translation_table=...)``.
 
-    Imports onnxscript (only) when called.
+    ``ort``: each op lowered into standard ONNX ops (``plugins/<op>/onnx_lowering.py``). ``trt``: each
+    op call becomes one TensorRT plugin node (``plugins/<op>/plugin_node.py``; see
+    :mod:`attn_export.plugins._trt_names`). Imports onnxscript (only) when called.
     """
     if target not in TARGETS:
         raise ValueError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
-    if target == "trt":
-        raise NotImplementedError("target 'trt' (TensorRT plugin nodes) is not implemented yet; use --target ort")
     import torch
 
+    ops = torch.ops.attn_export
+    if target == "trt":
+        from attn_export.plugins.dynamic_conv import plugin_node as dyn_node
+        from attn_export.plugins.involution import plugin_node as inv_node
+        from attn_export.plugins.outlook import plugin_node as outl_node
+
+        return {
+            ops.involution2d.default: inv_node.plugin,
+            ops.dynamic_conv2d.default: dyn_node.plugin,
+            ops.outlook_aggregate.default: outl_node.plugin,
+        }
     from attn_export.plugins.dynamic_conv import onnx_lowering as dyn
     from attn_export.plugins.involution import onnx_lowering as inv
     from attn_export.plugins.outlook import onnx_lowering as outl
 
-    ops = torch.ops.attn_export
     return {
         ops.involution2d.default: inv.portable,
         ops.dynamic_conv2d.default: dyn.portable,

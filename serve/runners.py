@@ -70,6 +70,38 @@ class OnnxRuntimeRunner(Runner):
         return dict(zip(self.output_names, outs, strict=True))
 
 
+class ReferenceRunner(Runner):
+    """``onnx.reference.ReferenceEvaluator``: runs any graph on any machine, slowly (pure numpy).
+
+    With ``new_ops=None`` it takes the numpy references of the attn-export plugin nodes, so a
+    ``--target trt`` graph runs without TensorRT or a GPU.
+    """
+
+    name = "onnx.reference"
+
+    def __init__(self, model, new_ops: Sequence[type] | None = None) -> None:
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        if new_ops is None:
+            from attn_export.plugins import reference_ops
+
+            new_ops = reference_ops()
+        if isinstance(model, bytes):
+            model = onnx.load_model_from_string(model)
+        elif isinstance(model, (str, os.PathLike)):
+            model = onnx.load(str(model))
+        self.session = ReferenceEvaluator(model, new_ops=list(new_ops))
+        self.input_names = list(self.session.input_names)
+        self.output_names = list(self.session.output_names)
+        self.provider = f"ReferenceEvaluator (onnx {onnx.__version__})"
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check_feeds(feeds)
+        outs = self.session.run(None, {n: np.ascontiguousarray(feeds[n]) for n in self.input_names})
+        return dict(zip(self.output_names, outs, strict=True))
+
+
 class TorchRunner(Runner):
     """A torch ``nn.Module`` in eval mode; outputs flattened in order and named like the ONNX graph."""
 

@@ -282,9 +282,8 @@ def test_checkpoint_without_input_shape(tmp_path, capsys):
         (["--batch", "0:1:2"], ["--batch"]),
         (["--batch", "one"], ["--batch", "one"]),
         (["--opset", "17"], ["--opset", "18", "17"]),
-        (["--target", "trt"], ["not available yet"]),
-        (["--trt"], ["not available yet"]),
-        (["--fp16"], ["not available yet"]),
+        (["--fp16"], ["--fp16", "--trt"]),
+        (["--workspace", "2"], ["--workspace", "--trt"]),
     ],
 )
 def test_bad_options(tmp_path, capsys, args, needles):
@@ -487,3 +486,21 @@ def test_console_script_help_and_version():
     version = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120, env=env)
     assert version.returncode == 0, version.stderr
     assert version.stdout.strip() == f"attn-export {__version__}"
+
+
+def test_trt_without_tensorrt_writes_the_verified_plugin_graph_and_says_what_is_missing(tmp_path, capsys):
+    """--trt where TensorRT or a GPU is absent: the plugin graph is written and verified, then exit 3 with
+    what is missing and the commands that build the engine elsewhere."""
+    from attn_export.export.trt_build import check_trt_environment
+
+    missing = check_trt_environment()
+    if missing is None:
+        pytest.skip("TensorRT and a GPU are present: the engine path is covered by the trt-marked tests")
+    ckpt = write_checkpoint(tmp_path / "m.pt", "Involution2d")
+    code = main([str(ckpt), "--trt", "--batch", "1:2:3", "-q"])
+    out, err = capsys.readouterr()
+    assert code == 3
+    assert ckpt.with_suffix(".onnx").is_file() and not ckpt.with_suffix(".engine").exists()
+    assert "verification PASSED" in out and "AttnExportInvolution2d 1" in out
+    assert "TensorRT" in err and "--trt --batch 1:2:3" in err
+    assert "trtexec --loadEngine=" in err and "trtexec --onnx=" in err

@@ -111,7 +111,6 @@ def test_export_onnx_without_verification(tmp_path):
     ("kwargs", "needle"),
     [
         ({"opset": 17}, "--opset"),
-        ({"target": "trt"}, "not available yet"),
         ({"target": "tflite"}, "unknown target"),
         ({"batch": "4:2:1"}, "--batch"),
     ],

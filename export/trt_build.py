@@ -1,0 +1,619 @@
+"""Build a TensorRT engine from an exported ONNX graph (``attn-export ... --trt``).
+
+:func:`build_engine` parses the graph with TensorRT's ONNX parser (the attn-export plugin nodes of a
+``--target trt`` graph go to the plugins of :mod:`attn_export.plugins.trt`), builds for a dynamic batch
+``MIN:OPT:MAX`` and writes, all atomically (a temporary file renamed into place):
+
+- ``<name>.engine``: the serialized engine;
+- ``<name>.timing.cache``: TensorRT's timing cache, loaded before the build when present and saved
+  after it, so rebuilding (another batch range, fp16, a retrained model) skips most kernel timing;
+- ``<name>.engine.json``: what the engine expects and was built with (:func:`engine_metadata`).
+
+:func:`trtexec_command` prints the equivalent ``trtexec`` build and :func:`trtexec_run_command` the
+benchmark of a built engine; :func:`check_trt_environment` says what is missing for a build.
+
+TensorRT is imported only inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import shlex
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from attn_export.export.errors import ExportError
+
+log = logging.getLogger("attn_export")
+
+#: ``format`` field of the metadata JSON.
+ENGINE_FORMAT = "attn-export-trt-engine/1"
+#: Default workspace (``MemoryPoolType.WORKSPACE``) limit in GiB.
+DEFAULT_WORKSPACE_GB = 4.0
+#: ``plugins`` argument of :func:`build_engine`.
+PLUGIN_CHOICES = ("auto", "aot", "jit")
+
+Progress = Callable[[str, str], None]
+
+
+@dataclass
+class EngineBuildResult:
+    """What :func:`build_engine` wrote."""
+
+    engine_path: Path
+    metadata_path: Path
+    timing_cache_path: Path | None
+    metadata: dict
+    size_bytes: int = 0
+    seconds: float = 0.0
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def plugin_mode(self) -> str | None:
+        return self.metadata.get("plugins", {}).get("mode")
+
+    @property
+    def precision(self) -> str:
+        return self.metadata["precision"]
+
+    def to_dict(self) -> dict:
+        return {
+            "engine": str(self.engine_path),
+            "metadata": str(self.metadata_path),
+            "timing_cache": str(self.timing_cache_path) if self.timing_cache_path else None,
+            "size_bytes": self.size_bytes,
+            "seconds": round(self.seconds, 3),
+            **{k: self.metadata[k] for k in ("precision", "batch", "inputs", "outputs", "plugins")},
+        }
+
+
+# ------------------------------------------------------------------------------------------ paths
+def metadata_path_for(engine_path: str | os.PathLike) -> Path:
+    """``model.engine`` -> ``model.engine.json``."""
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def timing_cache_path_for(engine_path: str | os.PathLike) -> Path:
+    """``model.engine`` -> ``model.timing.cache`` (beside the engine; shared by the engines of one folder
+    stem, which is what a timing cache is for: it is keyed by layer, GPU and TensorRT version)."""
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.stem + ".timing.cache")
+
+
+# ------------------------------------------------------------------------------------------ pure helpers
+def check_batch(batch: Sequence[int]) -> tuple[int, int, int]:
+    """``(min, opt, max)`` with ``1 <= min <= opt <= max``."""
+    vals = tuple(int(b) for b in batch)
+    if len(vals) != 3 or not (1 <= vals[0] <= vals[1] <= vals[2]):
+        raise ExportError(f"batch: expected (MIN, OPT, MAX) with 1 <= MIN <= OPT <= MAX, got {tuple(batch)}")
+    return vals  # type: ignore[return-value]
+
+
+def check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    dims = tuple(int(d) for d in input_shape)
+    if not dims or min(dims) < 1:
+        raise ExportError(f"input shape: expected positive dims without the batch (e.g. 3,224,224), got {input_shape}")
+    return dims
+
+
+def profile_shapes(input_shape: Sequence[int], batch: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """The optimisation profile's (min, opt, max) input shapes: each batch size prepended to the shape."""
+    dims = check_input_shape(input_shape)
+    return tuple((b, *dims) for b in check_batch(batch))
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "x".join(str(int(d)) for d in shape)
+
+
+def engine_metadata(
+    *,
+    engine_path: str | os.PathLike,
+    onnx_path: str | os.PathLike | None,
+    input_name: str,
+    input_shape: Sequence[int],
+    outputs: Sequence[tuple[str, Sequence[int | str]]],
+    batch: Sequence[int],
+    precision: str,
+    plugin_mode: str | None,
+    tensorrt_version: str | None,
+    plugins: Mapping[str, int] | None = None,
+    classes: Sequence[str] | None = None,
+    timing_cache: str | os.PathLike | None = None,
+    workspace_gb: float | None = None,
+    input_dtype: str = "float32",
+    output_dtypes: Sequence[str] | None = None,
+    device: str | None = None,
+    compute_capability: Sequence[int] | None = None,
+    build_seconds: float | None = None,
+    created: str | None = None,
+) -> dict:
+    """The metadata JSON written beside an engine (pure: every value is an argument).
+
+    Shapes are lists with ``"batch"`` for the dynamic batch axis. ``plugins.mode`` is ``"aot"`` (the
+    plugin kernels are compiled into the engine: it runs without Python, e.g. under trtexec), ``"jit"``
+    (the engine calls back into Python: run it with :class:`attn_export.serve.trt_runner.TensorRTRunner`)
+    or None (no attn-export plugin in the graph).
+    """
+    from attn_export import __version__
+
+    batch = check_batch(batch)
+    in_dims = check_input_shape(input_shape)
+
+    def shape(dims: Sequence[int | str]) -> list:
+        return [
+            "batch" if i == 0 else (d if isinstance(d, str) or int(d) >= 0 else "dynamic") for i, d in enumerate(dims)
+        ]
+
+    out_dtypes = list(output_dtypes) if output_dtypes is not None else ["float32"] * len(outputs)
+    meta = {
+        "format": ENGINE_FORMAT,
+        "engine": Path(engine_path).name,
+        "onnx": Path(onnx_path).name if onnx_path else None,
+        "inputs": [{"name": input_name, "shape": ["batch", *in_dims], "dtype": input_dtype}],
+        "outputs": [
+            {"name": name, "shape": shape(dims), "dtype": dtype}
+            for (name, dims), dtype in zip(outputs, out_dtypes, strict=True)
+        ],
+        "batch": {"min": batch[0], "opt": batch[1], "max": batch[2]},
+        "precision": precision,
+        "plugins": {"mode": plugin_mode, "nodes": dict(plugins or {})},
+        "classes": list(classes) if classes is not None else None,
+        "timing_cache": Path(timing_cache).name if timing_cache else None,
+        "workspace_gb": workspace_gb,
+        "versions": {"attn_export": __version__, "tensorrt": tensorrt_version},
+        "device": {"name": device, "compute_capability": list(compute_capability) if compute_capability else None},
+        "build_seconds": round(build_seconds, 3) if build_seconds is not None else None,
+        "created": created or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return meta
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+def write_bytes_atomically(path: str | os.PathLike, data) -> int:
+    """Write ``data`` (bytes or a buffer) to a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(memoryview(data))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.stat().st_size
+
+
+def write_metadata(path: str | os.PathLike, metadata: Mapping) -> Path:
+    """The metadata as indented JSON, written atomically."""
+    path = Path(path)
+    write_bytes_atomically(path, (json.dumps(metadata, indent=2) + "\n").encode())
+    return path
+
+
+def read_engine_metadata(engine_path: str | os.PathLike) -> dict | None:
+    """The metadata JSON beside an engine, or None where there is none."""
+    path = metadata_path_for(engine_path)
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def plugin_nodes(onnx_path: str | os.PathLike) -> dict[str, int]:
+    """``{plugin name: count}`` of the attn-export plugin nodes in an ONNX file (weights not loaded)."""
+    import onnx
+
+    from attn_export.plugins._trt_names import PLUGINS
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    names = set(PLUGINS.values())
+    counts = collections.Counter(n.op_type for n in model.graph.node if n.op_type in names)
+    return dict(counts)
+
+
+# ------------------------------------------------------------------------------------------ environment
+def check_trt_environment() -> str | None:
+    """None if TensorRT engines can be built and run here, else a message saying what is missing.
+
+    Checks: the ``tensorrt`` module (>= 10.6, for ``tensorrt.plugin``), a CUDA GPU visible to torch
+    (``torch.cuda.is_available()``), and Triton (the plugins' kernels). TensorRT older than 10.9 is not
+    an error (the plugins run as JIT Python plugins) but the message of :func:`build_engine` says so.
+    """
+    from attn_export.plugins import trt as trt_plugins
+
+    problems = []
+    try:
+        trt = trt_plugins._import_tensorrt()
+    except trt_plugins.TensorRTError as e:
+        problems.append(str(e))
+    else:
+        version = trt_plugins.parse_version(trt.__version__)
+        if version[:2] < trt_plugins.MIN_VERSION:
+            need = ".".join(map(str, trt_plugins.MIN_VERSION))
+            problems.append(
+                f"TensorRT {trt.__version__} is too old: the plugins need TensorRT >= {need} (tensorrt.plugin)"
+            )
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append(
+                "no CUDA GPU is visible to torch (torch.cuda.is_available() is False): TensorRT builds and runs "
+                "engines on an NVIDIA GPU, and the plugins hand tensors to torch on it; install a CUDA build of torch"
+            )
+    except ImportError:  # pragma: no cover - torch is a dependency
+        problems.append("torch is not installed")
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        problems.append("Triton is not installed (pip install triton): the plugins' kernels are Triton kernels")
+    if not problems:
+        return None
+    return "TensorRT engines cannot be built here: " + "; ".join(problems)
+
+
+# ------------------------------------------------------------------------------------------ trtexec
+def _installed_tensorrt_major() -> int:
+    from attn_export.plugins import trt as trt_plugins
+
+    version = trt_plugins.tensorrt_version()
+    return version[0] if version else 10
+
+
+def trtexec_command(
+    onnx_path: str | os.PathLike,
+    engine_path: str | os.PathLike,
+    input_name: str,
+    input_shape: Sequence[int],
+    batch: Sequence[int] = (1, 1, 32),
+    fp16: bool = False,
+    *,
+    workspace_gb: float | None = DEFAULT_WORKSPACE_GB,
+    timing_cache: str | os.PathLike | None = None,
+    plugin_libraries: Sequence[str | os.PathLike] = (),
+    tensorrt_major: int | None = None,
+) -> str:
+    """The ``trtexec`` command line that builds the engine :func:`build_engine` builds.
+
+    Same optimisation profile (``--minShapes/--optShapes/--maxShapes``), precision, workspace and
+    timing cache file. Plugins: trtexec loads plugins only from shared libraries
+    (``--dynamicPlugins``, from ``plugin_libraries``); it cannot load the attn-export plugins, which are
+    Python (``tensorrt.plugin``) definitions. So this command builds a graph without plugin nodes
+    (``--target ort``, standard ONNX ops) as it is; for a ``--target trt`` graph, build with
+    :func:`build_engine` (AOT plugins, TensorRT >= 10.9) and run that engine with
+    :func:`trtexec_run_command`, which needs no plugin loading because the AOT kernels are inside it.
+
+    ``fp16`` adds ``--fp16`` (TensorRT 10). TensorRT 11 removed the precision flags: there an fp16
+    engine comes from an fp16 ONNX graph, and asking for ``fp16`` raises ValueError saying so.
+    ``tensorrt_major`` defaults to the installed TensorRT's (10 where none is installed).
+    """
+    shapes = profile_shapes(input_shape, batch)
+    major = tensorrt_major if tensorrt_major is not None else _installed_tensorrt_major()
+    cache = Path(timing_cache) if timing_cache else timing_cache_path_for(engine_path)
+    argv = [
+        "trtexec",
+        f"--onnx={onnx_path}",
+        f"--saveEngine={engine_path}",
+        f"--minShapes={input_name}:{_dims(shapes[0])}",
+        f"--optShapes={input_name}:{_dims(shapes[1])}",
+        f"--maxShapes={input_name}:{_dims(shapes[2])}",
+        f"--timingCacheFile={cache}",
+    ]
+    if workspace_gb:
+        argv.append(f"--memPoolSize=workspace:{max(1, round(workspace_gb * 1024))}M")
+    if fp16:
+        if major >= 11:
+            raise ValueError(
+                "TensorRT 11 removed --fp16 (all networks are strongly typed): export or convert the ONNX graph "
+                "to fp16 (e.g. python -m modelopt.onnx.autocast --onnx_path model.onnx) and build it without --fp16"
+            )
+        argv.append("--fp16")
+    elif major < 11:
+        argv.append("--noTF32")  # fp32 means IEEE fp32, as build_engine builds it
+    argv += [f"--dynamicPlugins={lib}" for lib in plugin_libraries]
+    return shlex.join(argv)
+
+
+def trtexec_run_command(
+    engine_path: str | os.PathLike, input_name: str, input_shape: Sequence[int], batch_size: int = 1
+) -> str:
+    """``trtexec --loadEngine`` benchmarking an engine at one batch size (an AOT engine needs no plugins)."""
+    dims = check_input_shape(input_shape)
+    return shlex.join(["trtexec", f"--loadEngine={engine_path}", f"--shapes={input_name}:{_dims((batch_size, *dims))}"])
+
+
+# ------------------------------------------------------------------------------------------ build
+def _make_logger(trt, messages: list[str]):
+    class _Logger(trt.ILogger):
+        """Keeps errors for the exception message; warnings go to the ``attn_export`` logger."""
+
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg) -> None:
+            level = int(severity)
+            if level <= int(trt.ILogger.Severity.ERROR):
+                messages.append(str(msg))
+                log.error("TensorRT: %s", msg)
+            elif level == int(trt.ILogger.Severity.WARNING):
+                log.warning("TensorRT: %s", msg)
+            else:
+                log.debug("TensorRT: %s", msg)
+
+    return _Logger()
+
+
+def _make_progress_monitor(trt, say: Progress):
+    """A ``tensorrt.IProgressMonitor`` reporting the top two levels of build phases, or None."""
+    if not hasattr(trt, "IProgressMonitor"):
+        return None
+
+    class _Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self._lock = threading.Lock()
+            self._depth: dict[str, int] = {}
+            self._t0: dict[str, float] = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps) -> None:
+            try:
+                with self._lock:
+                    depth = 0 if parent_phase is None else self._depth.get(parent_phase, 0) + 1
+                    self._depth[phase_name] = depth
+                    self._t0[phase_name] = time.perf_counter()
+                if depth <= 1:
+                    say("build", f"{'  ' * depth}{phase_name} ({num_steps} step{'s' * (num_steps != 1)})")
+            except Exception:  # never let reporting break the build
+                pass
+
+        def step_complete(self, phase_name, step) -> bool:
+            return True  # never cancel
+
+        def phase_finish(self, phase_name) -> None:
+            try:
+                with self._lock:
+                    depth = self._depth.pop(phase_name, 0)
+                    t0 = self._t0.pop(phase_name, None)
+                if depth == 0 and t0 is not None:
+                    say("build", f"{phase_name} done in {time.perf_counter() - t0:.1f}s")
+            except Exception:
+                pass
+
+    return _Monitor()
+
+
+_TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64"}
+
+
+def _dtype_name(dtype) -> str:
+    name = getattr(dtype, "name", str(dtype)).split(".")[-1]
+    return _TRT_DTYPES.get(name, name.lower())
+
+
+def build_engine(
+    onnx_path: str | os.PathLike,
+    engine_path: str | os.PathLike,
+    input_name: str,
+    input_shape: Sequence[int],
+    batch: Sequence[int] = (1, 1, 32),
+    fp16: bool = False,
+    workspace_gb: float = DEFAULT_WORKSPACE_GB,
+    timing_cache: str | os.PathLike | None = None,
+    progress: Progress | None = None,
+    *,
+    classes: Sequence[str] | None = None,
+    plugins: str = "auto",
+    tf32: bool = False,
+) -> EngineBuildResult:
+    """Build a TensorRT engine for ``onnx_path`` with a dynamic batch; return what was written.
+
+    ``input_shape`` is the input's shape without the batch; ``batch`` the optimisation profile's
+    (MIN, OPT, MAX) batch sizes. ``fp16`` builds in half precision (TensorRT 10: ``BuilderFlag.FP16``;
+    TensorRT 11 takes the precision from the graph, so there the graph must already be fp16).
+    ``workspace_gb`` caps ``MemoryPoolType.WORKSPACE``. ``timing_cache`` defaults to
+    :func:`timing_cache_path_for` the engine; it is loaded when present and saved after the build.
+    ``progress(stage, message)`` receives the build phases (TensorRT's ``IProgressMonitor`` where it
+    has one) and the stages. ``plugins``: ``"auto"`` (AOT plugins where TensorRT >= 10.9, else JIT),
+    ``"aot"`` or ``"jit"``; it only matters for graphs with attn-export plugin nodes. ``tf32`` lets
+    fp32 layers use TF32 tensor cores (off: fp32 means IEEE fp32).
+
+    Raises :class:`ExportError` for anything a user can fix (no TensorRT or GPU, bad shapes, a graph
+    TensorRT rejects, a failed build); the engine file appears only after a successful build.
+    """
+    say = progress or (lambda stage, msg: log.info("%s: %s", stage, msg))
+    t_start = time.perf_counter()
+    if plugins not in PLUGIN_CHOICES:
+        raise ExportError(f"plugins: choose one of {', '.join(PLUGIN_CHOICES)}, got {plugins!r}")
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    shapes = profile_shapes(input_shape, batch)
+    batch = check_batch(batch)
+    if not onnx_path.is_file():
+        raise ExportError(f"{onnx_path}: no such ONNX file")
+    if engine_path.is_dir():
+        raise ExportError(f"{engine_path}: is a directory; give a file path for the engine")
+    if not engine_path.parent.exists():
+        raise ExportError(f"{engine_path.parent}: the output folder does not exist")
+    if workspace_gb <= 0:
+        raise ExportError(f"workspace: expected a positive size in GiB, got {workspace_gb}")
+    problem = check_trt_environment()
+    if problem:
+        raise ExportError(problem)
+
+    import tensorrt as trt
+    import torch
+
+    from attn_export.plugins import trt as trt_plugins
+
+    messages: list[str] = []
+    nodes = plugin_nodes(onnx_path)
+    mode = None
+    if nodes:
+        try:
+            registered = trt_plugins.register_trt_plugins(aot={"auto": None, "aot": True, "jit": False}[plugins])
+        except trt_plugins.TensorRTError as e:
+            raise ExportError(str(e)) from e
+        mode = "jit" if plugins == "jit" else registered
+        listed = ", ".join(f"{k} x{v}" for k, v in nodes.items())
+        say("plugins", f"{listed}: {mode.upper()} plugins (TensorRT {trt.__version__})")
+        if mode == "jit":
+            say("plugins", "JIT plugins call back into Python: run this engine with TensorRTRunner, not trtexec")
+
+    logger = _make_logger(trt, messages)
+    builder = trt.Builder(logger)
+    flags = 0
+    creation = trt.NetworkDefinitionCreationFlag
+    if nodes and hasattr(creation, "PREFER_AOT_PYTHON_PLUGINS"):
+        preferred = creation.PREFER_AOT_PYTHON_PLUGINS if mode == "aot" else creation.PREFER_JIT_PYTHON_PLUGINS
+        flags |= 1 << int(preferred)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    say("parse", f"{onnx_path} (TensorRT {trt.__version__} ONNX parser)")
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] or messages
+        hint = ""
+        if any("plugin" in e.lower() for e in errors):
+            hint = " (a plugin node: were the attn-export plugins registered? see docs/tensorrt.md)"
+        raise ExportError(f"TensorRT cannot parse {onnx_path}{hint}: " + "; ".join(errors[:5]))
+
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    names = [t.name for t in inputs]
+    if input_name not in names:
+        raise ExportError(f"the graph has no input {input_name!r}; its inputs are {names}")
+    if len(inputs) != 1:
+        raise ExportError(f"build_engine builds single-input graphs; this one has inputs {names}")
+    tensor = inputs[0]
+    declared = tuple(tensor.shape)
+    if len(declared) != len(shapes[0]) or any(
+        d >= 0 and d != s for d, s in zip(declared[1:], shapes[0][1:], strict=True)
+    ):
+        raise ExportError(
+            f"input {input_name!r} is {list(declared)} in the graph (-1: dynamic), but the input shape given is "
+            f"{list(shapes[0][1:])}"
+        )
+    if declared[0] >= 0 and (batch[0] != declared[0] or batch[2] != declared[0]):
+        raise ExportError(f"input {input_name!r} has a fixed batch of {declared[0]}; re-export with a dynamic batch")
+
+    profile = builder.create_optimization_profile()
+    profile.set_shape(input_name, *shapes)
+    config = builder.create_builder_config()
+    config.add_optimization_profile(profile)
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    input_dtype = _dtype_name(tensor.dtype)
+    if fp16:
+        if hasattr(trt.BuilderFlag, "FP16"):
+            config.set_flag(trt.BuilderFlag.FP16)
+        elif input_dtype != "float16":
+            raise ExportError(
+                f"TensorRT {trt.__version__} builds strongly typed networks only (no fp16 flag): the graph's input "
+                f"is {input_dtype}; convert the ONNX graph to fp16 first (python -m modelopt.onnx.autocast "
+                f"--onnx_path {onnx_path}) and build that without --fp16"
+            )
+    if not tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    precision = "fp16" if fp16 or input_dtype == "float16" else ("tf32" if tf32 else "fp32")
+
+    cache_path = Path(timing_cache) if timing_cache else timing_cache_path_for(engine_path)
+    blob = cache_path.read_bytes() if cache_path.is_file() else b""
+    cache = config.create_timing_cache(blob)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        say("cache", f"{cache_path} does not match this TensorRT or GPU; starting a new timing cache")
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    elif blob:
+        say("cache", f"reusing timing cache {cache_path} ({len(blob)} bytes)")
+
+    monitor = _make_progress_monitor(trt, say)
+    if monitor is not None:
+        config.progress_monitor = monitor
+    dev = torch.cuda.current_device()
+    device_name = torch.cuda.get_device_name(dev)
+    say(
+        "build",
+        f"{precision}, batch {batch[0]}:{batch[1]}:{batch[2]}, input {_dims(shapes[1][1:])}, workspace "
+        f"{workspace_gb:g} GiB on {device_name}" + ("" if monitor else " (no progress monitor in this TensorRT)"),
+    )
+    t_build = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        detail = "; ".join(messages[-5:]) or "no error message from TensorRT"
+        raise ExportError(f"TensorRT failed to build the engine: {detail}")
+    build_seconds = time.perf_counter() - t_build
+    say("build", f"engine built in {build_seconds:.1f}s")
+
+    size = write_bytes_atomically(engine_path, serialized)
+    try:
+        write_bytes_atomically(cache_path, config.get_timing_cache().serialize())
+    except Exception as e:  # a cache that cannot be saved costs time on the next build, nothing else
+        say("cache", f"could not save the timing cache to {cache_path}: {e}")
+        cache_path = None  # type: ignore[assignment]
+
+    outputs = [network.get_output(i) for i in range(network.num_outputs)]
+    meta = engine_metadata(
+        engine_path=engine_path,
+        onnx_path=onnx_path,
+        input_name=input_name,
+        input_shape=shapes[0][1:],
+        outputs=[(o.name, tuple(o.shape)) for o in outputs],
+        output_dtypes=[_dtype_name(o.dtype) for o in outputs],
+        input_dtype=input_dtype,
+        batch=batch,
+        precision=precision,
+        plugin_mode=mode,
+        plugins=nodes,
+        tensorrt_version=trt.__version__,
+        classes=classes,
+        timing_cache=cache_path,
+        workspace_gb=workspace_gb,
+        device=device_name,
+        compute_capability=torch.cuda.get_device_capability(dev),
+        build_seconds=build_seconds,
+    )
+    meta_path = write_metadata(metadata_path_for(engine_path), meta)
+    say(
+        "write",
+        f"{engine_path} ({size / 1e6:.1f} MB), {meta_path.name}" + (f", {cache_path.name}" if cache_path else ""),
+    )
+    return EngineBuildResult(
+        engine_path, meta_path, cache_path, meta, size, time.perf_counter() - t_start, messages=list(messages)
+    )
+
+
+# ------------------------------------------------------------------------------------------ parity
+def verify_engine(
+    model,
+    runner,
+    input_name: str,
+    input_shape: Sequence[int],
+    batches: Sequence[int],
+    output_names: Sequence[str],
+    atol: float,
+    rtol: float,
+    seed: int | None = None,
+):
+    """Run PyTorch and a built engine (any :class:`~attn_export.serve.runners.Runner`) on the same fresh
+    random inputs and compare every output: the engine's parity report."""
+    import secrets
+
+    import numpy as np
+
+    from attn_export.export.verify import VerifyReport, compare_outputs
+    from attn_export.serve.runners import TorchRunner
+
+    seed = secrets.randbits(31) if seed is None else seed
+    rng = np.random.default_rng(seed)
+    torch_runner = TorchRunner(model, [input_name], list(output_names))
+    report = VerifyReport(f"TensorRT engine ({runner.describe()})", seed, [int(b) for b in batches])
+    for b in batches:
+        x = rng.standard_normal((int(b), *input_shape), dtype=np.float32)
+        ref = torch_runner.infer({input_name: x})
+        report.outputs += compare_outputs(ref, runner.infer({input_name: x}), int(b), atol, rtol)
+    return report

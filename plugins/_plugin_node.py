@@ -1,0 +1,77 @@
+"""Building blocks of the TensorRT plugin nodes (target ``trt``).
+
+Each op's ``plugin_node.plugin`` emits one node that TensorRT's ONNX parser hands to the plugin
+registry: ``op_type`` is the plugin name, the domain is :data:`~attn_export.plugins._trt_names.DOMAIN`,
+and the attributes are ``plugin_namespace``, ``plugin_version`` and the op's own attributes by name.
+
+The torch.onnx (dynamo) exporter records an onnxscript op from its ``OpSchema`` (it needs one to tell
+inputs from attributes), so :func:`plugin_op` builds a schema for the plugin. The schema is only
+handed to that op, never registered with ``onnx.defs``: ONNX shape inference and the checker then
+skip the node as an op of an unknown domain (its output type and shape come from the op's fake
+kernel through the exporter's ``value_info``), and ``onnx.defs.has`` keeps answering False.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+
+from onnx.defs import OpSchema
+from onnxscript.values import Op, Opset
+
+from attn_export.plugins._trt_names import DOMAIN, NAMESPACE, VERSION
+
+#: Attribute types of the plugin nodes' own attributes.
+INT = OpSchema.AttrType.INT
+INTS = OpSchema.AttrType.INTS
+
+#: The element types the plugins take (both inputs and the output share one).
+TYPES = ("tensor(float)", "tensor(float16)", "tensor(bfloat16)")
+
+#: The opset the plugin nodes are recorded in (``opset_import`` gets ``DOMAIN: 1``).
+PLUGIN_OPSET = Opset(DOMAIN, 1)
+
+
+@functools.cache
+def _plugin_op(name: str, inputs: tuple[str, ...], attributes: tuple[tuple[str, OpSchema.AttrType], ...]) -> Op:
+    attrs = [
+        OpSchema.Attribute("plugin_namespace", OpSchema.AttrType.STRING, f"plugin namespace ({NAMESPACE!r})"),
+        OpSchema.Attribute("plugin_version", OpSchema.AttrType.STRING, f"plugin version ({VERSION!r})"),
+        *(OpSchema.Attribute(attr, kind, attr) for attr, kind in attributes),
+    ]
+    schema = OpSchema(
+        name,
+        DOMAIN,
+        PLUGIN_OPSET.version,
+        f"TensorRT plugin {NAMESPACE}::{name}",
+        inputs=[OpSchema.FormalParameter(i, "T") for i in inputs],
+        outputs=[OpSchema.FormalParameter("y", "T")],
+        type_constraints=[("T", list(TYPES), "float types")],
+        attributes=attrs,
+    )
+    return Op(PLUGIN_OPSET, name, schema)
+
+
+def plugin_op(name: str, inputs: Sequence[str], attributes: Mapping[str, OpSchema.AttrType]) -> Op:
+    """The onnxscript op that records one ``DOMAIN::name`` node with these inputs and attributes."""
+    return _plugin_op(name, tuple(inputs), tuple(attributes.items()))
+
+
+def plugin_attrs(**attributes) -> dict:
+    """``plugin_namespace``, ``plugin_version`` and the op's attributes as plain ints / lists of ints."""
+    out: dict = {"plugin_namespace": NAMESPACE, "plugin_version": VERSION}
+    for key, value in attributes.items():
+        out[key] = [int(v) for v in value] if isinstance(value, (list, tuple)) else int(value)
+    return out
+
+
+def attribute_order(name: str) -> tuple[str, ...]:
+    """The attributes of plugin ``name`` in the node's order: ``plugin_namespace``, ``plugin_version``,
+    then the op's own in the order of its signature (the order the TensorRT plugins declare them in)."""
+    from attn_export.plugins._trt_names import DYNAMIC_CONV, INVOLUTION, OUTLOOK
+    from attn_export.plugins.dynamic_conv import plugin_node as dyn
+    from attn_export.plugins.involution import plugin_node as inv
+    from attn_export.plugins.outlook import plugin_node as outl
+
+    own = {INVOLUTION: inv.ATTRIBUTES, DYNAMIC_CONV: dyn.ATTRIBUTES, OUTLOOK: outl.ATTRIBUTES}[name]
+    return ("plugin_namespace", "plugin_version", *own)

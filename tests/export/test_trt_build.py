@@ -1,0 +1,369 @@
+"""Engine building (:mod:`attn_export.export.trt_build`) and the TensorRT runner.
+
+Without TensorRT (as here) this covers the parts that need none: the ``trtexec`` command lines, the
+environment check, the metadata written beside an engine, the paths and the argument checks.
+``@pytest.mark.trt`` tests build engines from exported graphs (``--target trt`` with the attn-export
+plugins, and ``--target ort``) and compare :class:`TensorRTRunner` with PyTorch; they are skipped
+where TensorRT or a GPU is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from attn_export import __version__
+from attn_export.export import ExportError
+from attn_export.export import trt_build as tb
+from attn_export.plugins import trt as trt_plugins
+
+
+# ------------------------------------------------------------------------------------------ trtexec
+def _argv(cmd: str) -> list[str]:
+    return shlex.split(cmd)
+
+
+def test_trtexec_command_builds_the_same_profile():
+    cmd = tb.trtexec_command("m.onnx", "m.engine", "input", (3, 32, 48), (1, 4, 16), tensorrt_major=10)
+    argv = _argv(cmd)
+    assert argv[0] == "trtexec"
+    assert "--onnx=m.onnx" in argv and "--saveEngine=m.engine" in argv
+    assert "--minShapes=input:1x3x32x48" in argv
+    assert "--optShapes=input:4x3x32x48" in argv
+    assert "--maxShapes=input:16x3x32x48" in argv
+    assert "--timingCacheFile=m.timing.cache" in argv  # the cache build_engine keeps beside the engine
+    assert "--memPoolSize=workspace:4096M" in argv
+    assert "--fp16" not in argv and "--noTF32" in argv  # fp32 means IEEE fp32, as build_engine does
+    assert not any(a.startswith("--dynamicPlugins") for a in argv)
+
+
+def test_trtexec_command_options():
+    cmd = tb.trtexec_command(
+        "in dir/m.onnx",
+        "out dir/m.plan",
+        "images",
+        [3, 8, 8],
+        [2, 2, 2],
+        fp16=True,
+        workspace_gb=0.5,
+        timing_cache="caches/shared.cache",
+        plugin_libraries=["/opt/libfoo.so"],
+        tensorrt_major=10,
+    )
+    argv = _argv(cmd)  # paths with spaces survive the shell
+    assert "--onnx=in dir/m.onnx" in argv and "--saveEngine=out dir/m.plan" in argv
+    assert "--minShapes=images:2x3x8x8" in argv and "--maxShapes=images:2x3x8x8" in argv
+    assert "--fp16" in argv and "--noTF32" not in argv
+    assert "--memPoolSize=workspace:512M" in argv
+    assert "--timingCacheFile=caches/shared.cache" in argv
+    assert "--dynamicPlugins=/opt/libfoo.so" in argv
+    assert "--memPoolSize" not in " ".join(_argv(tb.trtexec_command("a", "b", "x", (1,), (1, 1, 1), workspace_gb=None)))
+
+
+def test_trtexec_command_on_tensorrt_11():
+    argv = _argv(tb.trtexec_command("m.onnx", "m.engine", "input", (3, 8, 8), tensorrt_major=11))
+    assert "--noTF32" not in argv and "--fp16" not in argv
+    with pytest.raises(ValueError, match="TensorRT 11 removed --fp16"):
+        tb.trtexec_command("m.onnx", "m.engine", "input", (3, 8, 8), fp16=True, tensorrt_major=11)
+
+
+def test_trtexec_run_command():
+    argv = _argv(tb.trtexec_run_command("out/m.engine", "input", (3, 32, 32), 8))
+    assert argv == ["trtexec", "--loadEngine=out/m.engine", "--shapes=input:8x3x32x32"]
+
+
+@pytest.mark.parametrize("batch", [(0, 1, 2), (4, 2, 8), (1, 2), (1, 8, 4)])
+def test_bad_batches_are_rejected(batch):
+    with pytest.raises(ExportError, match="MIN <= OPT <= MAX"):
+        tb.trtexec_command("m.onnx", "m.engine", "input", (3, 8, 8), batch, tensorrt_major=10)
+
+
+def test_bad_input_shape_is_rejected():
+    with pytest.raises(ExportError, match="positive dims"):
+        tb.profile_shapes((3, 0, 8), (1, 1, 1))
+    assert tb.profile_shapes([3, 4, 5], (1, 2, 3)) == ((1, 3, 4, 5), (2, 3, 4, 5), (3, 3, 4, 5))
+
+
+# ------------------------------------------------------------------------------------------ environment
+def test_environment_check_names_tensorrt_where_it_is_absent(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` fails as if not installed
+    message = tb.check_trt_environment()
+    assert message is not None
+    assert "TensorRT is not installed" in message and "pip install tensorrt" in message
+
+
+def test_environment_check_names_the_gpu_where_there_is_none(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    message = tb.check_trt_environment()
+    assert message is not None and "torch.cuda.is_available() is False" in message
+
+
+def test_environment_check_here():
+    message = tb.check_trt_environment()
+    if trt_plugins.tensorrt_available() and torch.cuda.is_available():
+        assert message is None
+    else:
+        assert message.startswith("TensorRT engines cannot be built here")
+        assert "TensorRT" in message
+
+
+def test_build_engine_says_what_is_missing(tmp_path):
+    if tb.check_trt_environment() is None:
+        pytest.skip("TensorRT and a GPU are available here; the trt-marked tests build engines")
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(b"")
+    with pytest.raises(ExportError, match="TensorRT engines cannot be built here"):
+        tb.build_engine(onnx_path, tmp_path / "m.engine", "input", (3, 8, 8), (1, 2, 4))
+    assert not (tmp_path / "m.engine").exists()
+
+
+def test_build_engine_checks_its_arguments_first(tmp_path):
+    with pytest.raises(ExportError, match="no such ONNX file"):
+        tb.build_engine(tmp_path / "missing.onnx", tmp_path / "m.engine", "input", (3, 8, 8))
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(b"")
+    with pytest.raises(ExportError, match="output folder does not exist"):
+        tb.build_engine(onnx_path, tmp_path / "nope" / "m.engine", "input", (3, 8, 8))
+    with pytest.raises(ExportError, match="is a directory"):
+        tb.build_engine(onnx_path, tmp_path, "input", (3, 8, 8))
+    with pytest.raises(ExportError, match="plugins"):
+        tb.build_engine(onnx_path, tmp_path / "m.engine", "input", (3, 8, 8), plugins="python")
+    with pytest.raises(ExportError, match="MIN <= OPT <= MAX"):
+        tb.build_engine(onnx_path, tmp_path / "m.engine", "input", (3, 8, 8), batch=(2, 1, 4))
+
+
+# ------------------------------------------------------------------------------------------ metadata
+def _metadata(**overrides):
+    kwargs = {
+        "engine_path": "out/model.engine",
+        "onnx_path": "out/model.onnx",
+        "input_name": "input",
+        "input_shape": (3, 32, 32),
+        "outputs": [("output", (-1, 10))],
+        "batch": (1, 4, 16),
+        "precision": "fp16",
+        "plugin_mode": "aot",
+        "plugins": {"AttnExportInvolution2d": 2},
+        "tensorrt_version": "10.9.0.34",
+        "classes": ["cat", "dog"],
+        "timing_cache": "out/model.timing.cache",
+        "workspace_gb": 2.0,
+        "device": "NVIDIA H100",
+        "compute_capability": (9, 0),
+        "build_seconds": 12.34567,
+        "created": "2025-01-01T00:00:00+0000",
+    }
+    kwargs.update(overrides)
+    return tb.engine_metadata(**kwargs)
+
+
+def test_engine_metadata_fields():
+    meta = _metadata()
+    assert meta["format"] == tb.ENGINE_FORMAT
+    assert meta["engine"] == "model.engine" and meta["onnx"] == "model.onnx"
+    assert meta["inputs"] == [{"name": "input", "shape": ["batch", 3, 32, 32], "dtype": "float32"}]
+    assert meta["outputs"] == [{"name": "output", "shape": ["batch", 10], "dtype": "float32"}]
+    assert meta["batch"] == {"min": 1, "opt": 4, "max": 16}
+    assert meta["precision"] == "fp16"
+    assert meta["plugins"] == {"mode": "aot", "nodes": {"AttnExportInvolution2d": 2}}
+    assert meta["classes"] == ["cat", "dog"]
+    assert meta["timing_cache"] == "model.timing.cache"
+    assert meta["versions"] == {"attn_export": __version__, "tensorrt": "10.9.0.34"}
+    assert meta["device"] == {"name": "NVIDIA H100", "compute_capability": [9, 0]}
+    assert meta["build_seconds"] == 12.346
+    assert meta["workspace_gb"] == 2.0
+    json.dumps(meta)  # plain JSON
+
+
+def test_engine_metadata_without_plugins_or_classes():
+    meta = _metadata(plugin_mode=None, plugins=None, classes=None, outputs=[("a", (-1, 4, -1)), ("b", (-1,))])
+    assert meta["plugins"] == {"mode": None, "nodes": {}}
+    assert meta["classes"] is None
+    assert [o["shape"] for o in meta["outputs"]] == [["batch", 4, "dynamic"], ["batch"]]
+    assert "created" in _metadata(created=None)
+
+
+def test_metadata_is_written_atomically_and_read_back(tmp_path):
+    engine = tmp_path / "model.engine"
+    path = tb.write_metadata(tb.metadata_path_for(engine), _metadata())
+    assert path == tmp_path / "model.engine.json"
+    assert tb.read_engine_metadata(engine) == _metadata()
+    assert tb.read_engine_metadata(tmp_path / "other.engine") is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.engine.json"]  # no temporary file left
+
+
+def test_bytes_are_written_atomically(tmp_path):
+    target = tmp_path / "blob.bin"
+    assert tb.write_bytes_atomically(target, bytearray(b"abc")) == 3
+    assert tb.write_bytes_atomically(target, memoryview(b"hello")) == 5
+    assert target.read_bytes() == b"hello"
+    assert [p.name for p in tmp_path.iterdir()] == ["blob.bin"]
+
+
+def test_paths_beside_the_engine(tmp_path):
+    assert tb.metadata_path_for("out/model.engine").as_posix() == "out/model.engine.json"
+    assert tb.timing_cache_path_for("out/model.engine").as_posix() == "out/model.timing.cache"
+    assert tb.timing_cache_path_for("model.plan").as_posix() == "model.timing.cache"
+
+
+def test_plugin_nodes_are_counted(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from attn_export.plugins._trt_names import DOMAIN, INVOLUTION, OUTLOOK
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])
+    nodes = [
+        helper.make_node(INVOLUTION, ["x", "x"], ["a"], domain=DOMAIN),
+        helper.make_node(INVOLUTION, ["a", "x"], ["b"], domain=DOMAIN),
+        helper.make_node(OUTLOOK, ["b", "x"], ["c"], domain=DOMAIN),
+        helper.make_node("Relu", ["c"], ["y"]),
+    ]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]))
+    onnx.save(model, tmp_path / "m.onnx")
+    assert tb.plugin_nodes(tmp_path / "m.onnx") == {INVOLUTION: 2, OUTLOOK: 1}
+
+
+# ------------------------------------------------------------------------------------------ with TensorRT
+def _randomize(module: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                continue
+            for p in m.parameters(recurse=False):
+                if p.dim() == 1:
+                    p.copy_(0.2 * torch.randn(p.shape, generator=g))
+                else:
+                    fan_in = math.prod(p.shape[2:] if p.dim() == 5 else p.shape[1:])
+                    p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+    return module.eval()
+
+
+def _mixed_net() -> nn.Module:
+    from attn_export.blocks.mixnet import MixedNet
+
+    return _randomize(MixedNet(num_classes=10, width=16))
+
+
+INPUT_SHAPE = (3, 32, 32)
+
+
+def _export(model, path, target):
+    """``export_onnx(..., target=...)``; skips where that target is not available (yet)."""
+    from attn_export.export import export_onnx
+
+    try:
+        result = export_onnx(model, path, INPUT_SHAPE, batch=(1, 2, 4), target=target, seed=0)
+    except (NotImplementedError, ExportError) as e:
+        if "not available" in str(e) or "not implemented" in str(e):
+            pytest.skip(f"export target {target!r}: {e}")
+        raise
+    assert result.ok
+    return result
+
+
+def _torch_outputs(model, x: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return model(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.trt
+@pytest.mark.parametrize("plugins", ["auto", "jit"])
+def test_build_plugin_engine_and_run_it(tmp_path, plugins):
+    """``--target trt`` graph -> engine with the attn-export plugins -> TensorRTRunner vs PyTorch."""
+    from attn_export.serve.trt_runner import TensorRTRunner
+
+    model = _mixed_net()
+    onnx_path = tmp_path / "net.onnx"
+    export = _export(model, onnx_path, "trt")
+    stages = []
+    engine = tmp_path / "net.engine"
+    result = tb.build_engine(
+        onnx_path,
+        engine,
+        export.input_name,
+        INPUT_SHAPE,
+        batch=(1, 2, 4),
+        workspace_gb=1.0,
+        progress=lambda stage, msg: stages.append((stage, msg)),
+        classes=[f"c{i}" for i in range(10)],
+        plugins=plugins,
+    )
+    assert result.engine_path == engine and engine.stat().st_size == result.size_bytes > 0
+    assert result.metadata_path == tb.metadata_path_for(engine)
+    assert result.timing_cache_path == tb.timing_cache_path_for(engine) and result.timing_cache_path.exists()
+    meta = json.loads(result.metadata_path.read_text())
+    assert meta["inputs"][0]["shape"] == ["batch", *INPUT_SHAPE]
+    assert [o["name"] for o in meta["outputs"]] == export.output_names
+    assert meta["batch"] == {"min": 1, "opt": 2, "max": 4}
+    assert meta["plugins"]["nodes"] == export.plugins and sum(export.plugins.values()) == 3
+    expected_mode = "jit" if plugins == "jit" else ("aot" if trt_plugins.aot_supported() else "jit")
+    assert meta["plugins"]["mode"] == expected_mode
+    assert meta["precision"] == "fp32" and meta["classes"][0] == "c0"
+    assert {s for s, _ in stages} >= {"plugins", "parse", "build", "write"}
+
+    runner = TensorRTRunner(engine)
+    assert runner.input_names == [export.input_name] and runner.output_names == export.output_names
+    rng = np.random.default_rng(0)
+    for b in (1, 3, 4):
+        x = rng.standard_normal((b, *INPUT_SHAPE), dtype=np.float32)
+        got = runner.infer({export.input_name: x})[export.output_names[0]]
+        np.testing.assert_allclose(got, _torch_outputs(model, x), atol=1e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match="outside the engine's profile"):
+        runner.infer({export.input_name: np.zeros((5, *INPUT_SHAPE), np.float32)})
+
+    # a rebuild reuses the timing cache kept beside the engine
+    stages.clear()
+    tb.build_engine(
+        onnx_path, engine, export.input_name, INPUT_SHAPE, batch=(1, 2, 4), progress=lambda s, m: stages.append((s, m))
+    )
+    assert any(s == "cache" and "reusing" in m for s, m in stages)
+
+
+@pytest.mark.trt
+def test_build_portable_engine_and_run_it(tmp_path):
+    """``--target ort`` graph (standard ONNX ops only) -> engine without plugins -> parity."""
+    from attn_export.serve.trt_runner import TensorRTRunner
+
+    model = _mixed_net()
+    export = _export(model, tmp_path / "net.onnx", "ort")
+    result = tb.build_engine(tmp_path / "net.onnx", tmp_path / "net.engine", export.input_name, INPUT_SHAPE, (1, 2, 4))
+    assert result.metadata["plugins"] == {"mode": None, "nodes": {}}
+    runner = TensorRTRunner(result.engine_path)
+    x = np.random.default_rng(1).standard_normal((2, *INPUT_SHAPE), dtype=np.float32)
+    got = runner.infer({export.input_name: x})[export.output_names[0]]
+    np.testing.assert_allclose(got, _torch_outputs(model, x), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.trt
+def test_build_fp16_engine(tmp_path):
+    import tensorrt as trt
+
+    from attn_export.serve.trt_runner import TensorRTRunner
+
+    if not hasattr(trt.BuilderFlag, "FP16"):
+        pytest.skip(f"TensorRT {trt.__version__} has no fp16 flag (strongly typed only)")
+    model = _mixed_net()
+    export = _export(model, tmp_path / "net.onnx", "trt")
+    result = tb.build_engine(
+        tmp_path / "net.onnx", tmp_path / "net16.engine", export.input_name, INPUT_SHAPE, (1, 2, 4), fp16=True
+    )
+    assert result.precision == "fp16"
+    runner = TensorRTRunner(result.engine_path)
+    x = np.random.default_rng(2).standard_normal((2, *INPUT_SHAPE), dtype=np.float32)
+    got = runner.infer({export.input_name: x})[export.output_names[0]]
+    ref = _torch_outputs(model, x)
+    assert np.abs(got - ref).max() <= 5e-2 * max(1.0, np.abs(ref).max())

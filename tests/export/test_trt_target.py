@@ -1,0 +1,273 @@
+"""``--target trt``: each dynamic-kernel op call is one TensorRT plugin node, the rest standard ONNX.
+
+Every block alone and the MixedNet go through the CLI (``attn-export CKPT --target trt --batch 1:3:8``)
+and are verified against PyTorch on ONNX's reference evaluator, whose plugin nodes run the numpy
+references. The graphs are then checked node by node against the op calls PyTorch makes: one plugin
+node per call, in the plugin domain, with the TensorRT parser's attributes (``plugin_namespace``,
+``plugin_version``, the op's own) set to the call's arguments; no ``Col2Im``; a dynamic batch.
+A deliberately wrong numpy reference must fail verification and name the first block to diverge.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import attn_export.plugins as plugins
+from attn_export.blocks import Involution2d
+from attn_export.cli import main
+from attn_export.export import export_onnx, load_model, save_checkpoint
+from attn_export.export.checkpoint import architectures
+from attn_export.export.onnx_export import TRT_VERIFY_MAX_BATCH, VERIFY_BACKENDS, _verify_batches
+from attn_export.plugins._trt_names import DOMAIN, NAMESPACE, PLUGINS, VERSION
+from attn_export.serve.runners import ReferenceRunner
+
+# arch -> (constructor kwargs, input shape without the batch), as in test_cli.py.
+CASES: dict[str, tuple[dict, tuple[int, ...]]] = {
+    "Involution2d": ({"channels": 16, "kernel_size": 7, "group_channels": 8}, (16, 16, 16)),
+    "ODConv2d": ({"in_planes": 16, "out_planes": 32, "kernel_size": 3, "padding": 1, "kernel_num": 4}, (16, 16, 16)),
+    "OutlookAttention": ({"dim": 32, "num_heads": 2}, (16, 16, 32)),
+    "GSoPBlock": ({"in_channels": 32, "mid_channels": 16}, (32, 16, 16)),
+    "SKConv": ({"channels": 32, "groups": 8, "min_dim": 16}, (32, 16, 16)),
+    "MixedNet": ({"num_classes": 10, "width": 16}, (3, 32, 32)),
+}
+MIXED_BLOCKS = ["involution", "odconv", "skconv", "outlook.block", "gsop"]
+BACKEND = VERIFY_BACKENDS["trt"]
+
+
+def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights, and BatchNorm that is not the identity in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                continue
+            for p in m.parameters(recurse=False):
+                if p.dim() == 1:
+                    p.copy_(0.2 * torch.randn(p.shape, generator=g))
+                else:
+                    fan_in = math.prod(p.shape[2:] if p.dim() == 5 else p.shape[1:])
+                    p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+    return module
+
+
+def write_checkpoint(path: Path, arch: str) -> Path:
+    kwargs, shape = CASES[arch]
+    return save_checkpoint(path, randomize_(architectures()[arch](**kwargs)), arch, kwargs, shape)
+
+
+class OpCalls(TorchDispatchMode):
+    """Records every ``attn_export::*`` op call: ``(op name, {argument: value})`` with defaults filled in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, dict]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "attn_export":
+            bound = {}
+            for i, arg in enumerate(func._schema.arguments):
+                if i < len(args):
+                    bound[arg.name] = args[i]
+                elif arg.name in kwargs:
+                    bound[arg.name] = kwargs[arg.name]
+                else:
+                    bound[arg.name] = arg.default_value
+            self.calls.append((func._opname, {k: v for k, v in bound.items() if not isinstance(v, torch.Tensor)}))
+        return func(*args, **kwargs)
+
+
+def op_calls(model: nn.Module, input_shape) -> list[tuple[str, dict]]:
+    with torch.no_grad(), OpCalls() as rec:
+        model(torch.randn(2, *input_shape))
+    return rec.calls
+
+
+def plugin_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.domain not in ("", "ai.onnx")]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """arch -> (checkpoint, onnx path, report dict, stdout); each exported once through the CLI."""
+    cache: dict[str, tuple] = {}
+
+    def get(arch: str, capsys) -> tuple:
+        if arch not in cache:
+            folder = tmp_path_factory.mktemp(arch)
+            ckpt = write_checkpoint(folder / f"{arch}.pt", arch)
+            report = folder / "report.json"
+            argv = [str(ckpt), "--target", "trt", "--batch", "1:3:8", "--report", str(report)]
+            rc = main(argv)
+            out, err = capsys.readouterr()
+            assert rc == 0, err
+            cache[arch] = (ckpt, folder / f"{arch}.onnx", json.loads(report.read_text()), out)
+        return cache[arch]
+
+    return get
+
+
+# --- export and verification, every block alone and the MixedNet ----------------------------------------
+@pytest.mark.parametrize("arch", list(CASES))
+def test_exports_and_verifies_on_the_reference_evaluator(arch, exported, capsys):
+    ckpt, path, report, out = exported(arch, capsys)
+    assert path.is_file()
+    assert report["target"] == "trt"
+    ver = report["verification"]
+    assert ver["passed"] is True
+    assert ver["backend"] == BACKEND
+    assert f"verification PASSED on {BACKEND}" in out
+    assert ver["batches"] == [1, 3, 8]
+    assert sorted({c["batch"] for c in ver["outputs"]}) == [1, 3, 8]
+    if arch == "MixedNet":
+        assert report["blocks"] == MIXED_BLOCKS
+        assert len(ver["blocks"]) == 3 * len(MIXED_BLOCKS)
+        assert all(c["passed"] for c in ver["blocks"])
+        assert ver["first_divergent_block"] is None
+    else:
+        assert report["blocks"] == [""]
+    expected = collections.Counter(PLUGINS[name] for name, _ in op_calls(load_model(ckpt).model.eval(), CASES[arch][1]))
+    assert report["plugins"] == dict(expected)
+    listed = ", ".join(f"{k} {v}" for k, v in report["plugins"].items()) or "none"
+    assert f"TensorRT plugin nodes: {listed}" in out
+
+
+@pytest.mark.parametrize("arch", list(CASES))
+def test_one_plugin_node_per_op_call(arch, exported, capsys):
+    ckpt, path, _, _ = exported(arch, capsys)
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    calls = op_calls(load_model(ckpt).model.eval(), CASES[arch][1])
+    if arch == "MixedNet":
+        assert [name for name, _ in calls] == ["involution2d", "dynamic_conv2d", "outlook_aggregate"]
+    nodes = plugin_nodes(model)
+    assert len(nodes) == len(calls)
+    # Both lists are in execution order (the graph is topologically sorted and this one is a chain).
+    for node, (op_name, args) in zip(nodes, calls, strict=True):
+        assert node.domain == DOMAIN
+        assert node.op_type == PLUGINS[op_name]
+        assert len(node.input) == 2 and len(node.output) == 1
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert list(attrs)[:2] == ["plugin_namespace", "plugin_version"]
+        assert list(attrs)[2:] == list(args)  # the op's attributes in its signature's order
+        assert attrs.pop("plugin_namespace") == NAMESPACE.encode()
+        assert attrs.pop("plugin_version", VERSION.encode()) == VERSION.encode()
+        assert attrs == {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in args.items()}
+    imports = {(o.domain, o.version) for o in model.opset_import}
+    assert imports == ({("", 18), (DOMAIN, 1)} if nodes else {("", 18)})
+
+
+@pytest.mark.parametrize("arch", list(CASES))
+def test_standard_onnx_around_the_plugins_with_a_dynamic_batch(arch, exported, capsys):
+    _, path, _, _ = exported(arch, capsys)
+    model = onnx.load(path)
+    ops = {n.op_type for n in model.graph.node} | {n.op_type for f in model.functions for n in f.node}
+    assert "Col2Im" not in ops
+    assert not model.functions
+    assert {n.domain for n in model.graph.node} <= {"", DOMAIN}
+    (inp,) = model.graph.input
+    assert inp.type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert all(o.type.tensor_type.shape.dim[0].dim_param == "batch" for o in model.graph.output)
+    # The plugin outputs are typed (from the ops' fake kernels) with the same symbolic batch.
+    typed = {v.name: v.type.tensor_type for v in [*model.graph.value_info, *model.graph.output]}
+    for node in plugin_nodes(model):
+        t = typed[node.output[0]]
+        assert t.elem_type == onnx.TensorProto.FLOAT
+        dims = t.shape.dim
+        assert len(dims) == 4 and dims[0].dim_param == "batch" and all(d.dim_value > 0 for d in dims[1:])
+
+
+def test_plugin_names_are_not_onnx_ops():
+    for name in PLUGINS.values():
+        assert name.startswith("AttnExport")
+        assert not onnx.defs.has(name), f"{name} is a standard ONNX op: TensorRT's parser would take that"
+
+
+def test_translation_table_trt():
+    table = plugins.onnx_translation_table("trt")
+    ops = torch.ops.attn_export
+    assert set(table) == {ops.involution2d.default, ops.dynamic_conv2d.default, ops.outlook_aggregate.default}
+    assert {fn.__module__.rsplit(".", 1)[-1] for fn in table.values()} == {"plugin_node"}
+
+
+def test_mixed_graph_runs_at_an_unverified_batch(exported, capsys):
+    """The ReferenceRunner on batch 5 (not one of 1, 3, 8) against torch eager on the checkpoint."""
+    ckpt, path, _, _ = exported("MixedNet", capsys)
+    runner = ReferenceRunner(path)
+    assert runner.input_names == ["input"] and runner.output_names == ["output"]
+    x = np.random.default_rng(1).standard_normal((5, *CASES["MixedNet"][1])).astype(np.float32)
+    got = runner.infer({"input": x})["output"]
+    with torch.no_grad():
+        ref = load_model(ckpt).model.eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_export_onnx_api_target_trt(tmp_path):
+    """The Python API: plugin counts in the result, the reference backend, MAX capped for verification."""
+    model = randomize_(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Involution2d(8, kernel_size=3, group_channels=4)))
+    stages = []
+    result = export_onnx(
+        model,
+        tmp_path / "inv.onnx",
+        (3, 9, 7),
+        batch=(1, 2, 16),
+        target="trt",
+        seed=1,
+        progress=lambda s, m: stages.append(m),
+    )
+    assert result.ok and result.target == "trt"
+    assert result.plugins == {PLUGINS["involution2d"]: 1}
+    assert result.ops[PLUGINS["involution2d"]] == 1 and sum(result.ops.values()) == result.nodes
+    assert result.to_dict()["plugins"] == result.plugins
+    assert result.report.backend == BACKEND
+    assert result.report.batches == [1, 2, TRT_VERIFY_MAX_BATCH]
+    assert any("capped" in m for m in stages)
+    assert any(m.startswith("TensorRT plugin nodes: AttnExportInvolution2d x1") for m in stages)
+
+
+def test_verified_batches_are_capped_for_trt():
+    assert _verify_batches((1, 4, 32), (3, 32, 32), "trt") == [1, 4, TRT_VERIFY_MAX_BATCH]
+    assert _verify_batches((16, 32, 64), (3, 32, 32), "trt") == [TRT_VERIFY_MAX_BATCH]
+    assert _verify_batches((1, 4, 32), (3, 32, 32), "ort") == [1, 4, 32]
+
+
+# --- a wrong numpy reference -------------------------------------------------------------------------
+def test_wrong_numpy_reference_names_the_first_divergent_block(tmp_path, capsys, monkeypatch):
+    from attn_export.plugins.dynamic_conv import numpy_ref
+
+    right = numpy_ref.dynamic_conv2d
+    monkeypatch.setattr(numpy_ref, "dynamic_conv2d", lambda *a, **k: 2 * right(*a, **k))
+
+    ckpt = write_checkpoint(tmp_path / "mixed.pt", "MixedNet")
+    out_path = tmp_path / "OUT.onnx"
+    report = tmp_path / "r.json"
+    argv = [str(ckpt), "--target", "trt", "-o", str(out_path), "--batch", "1:2:3", "--seed", "7"]
+    rc = main([*argv, "--report", str(report)])
+    out, err = capsys.readouterr()
+    assert rc == 1, (out, err)
+    assert not out_path.exists()
+    assert (tmp_path / "OUT.unverified.onnx").is_file()
+    assert "verification FAILED" in err
+    assert f"verification FAILED on {BACKEND}" in out
+    assert "first block to diverge: odconv" in out
+    lines = out.splitlines()
+    assert all(ln.endswith("ok") for ln in lines if ln.startswith("block involution"))
+    assert any(ln.startswith("block odconv") and ln.endswith("FAIL") for ln in lines)
+    data = json.loads(report.read_text())
+    assert data["path"] is None
+    assert data["verification"]["first_divergent_block"] == "odconv"
