@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean serve
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out build *.egg-info
+
+# Export the shipped shapes detector (verified) and serve it on http://127.0.0.1:8000 (Ctrl-C stops it).
+serve: $(STAMP)
+	mkdir -p out
+	$(VENV)/bin/attn-export models/shapes_detector.pt -o out/shapes_detector.onnx --batch 1:4:16
+	$(VENV)/bin/attn-export serve out/shapes_detector.onnx

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from attn_export._version import __version__
 
-SUBCOMMANDS = ("demo", "bench")
+SUBCOMMANDS = ("demo", "bench", "serve", "data", "train", "evaluate")
 log = logging.getLogger("attn_export")
 
 
@@ -37,8 +37,9 @@ def export_parser() -> argparse.ArgumentParser:
         prog="attn-export",
         description="Export a PyTorch model with dynamic-kernel attention blocks to ONNX and verify it "
         "against PyTorch.",
-        epilog="Other commands: 'attn-export demo' (write and export the demo model), "
-        "'attn-export bench' (time the blocks). Run 'attn-export COMMAND --help' for theirs.",
+        epilog="Other commands: serve (the detection service), data / train / evaluate (the synthetic shapes "
+        "detector), demo (write and export the demo model), bench (time the blocks). "
+        "Run 'attn-export COMMAND --help' for theirs.",
     )
     p.add_argument(
         "model", type=Path, help="checkpoint: the attn-export format, or a pickled nn.Module (needs --trust-checkpoint)"
@@ -297,6 +298,22 @@ def main(argv: list[str] | None = None) -> int:
             args = demo_parser().parse_args(rest)
             _setup_logging(args.quiet)
             return run_demo(args)
+        if cmd == "serve":
+            from attn_export.serve.cli import main as serve_main
+
+            return serve_main(rest)
+        if cmd == "data":
+            from attn_export.detect.data_cli import main as data_main
+
+            return data_main(rest)
+        if cmd == "train":
+            from attn_export.detect.train import main as train_main
+
+            return train_main(rest)
+        if cmd == "evaluate":
+            from attn_export.detect.evaluate import main as evaluate_main
+
+            return evaluate_main(rest)
         from attn_export.export.bench import main as bench_main
 
         return bench_main(rest)

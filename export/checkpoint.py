@@ -31,6 +31,7 @@ FORMAT = "attn-export/1"
 
 def _architectures() -> dict[str, Callable[..., nn.Module]]:
     from attn_export.blocks import GSoPBlock, Involution2d, ODConv2d, OutlookAttention, SKConv
+    from attn_export.blocks.detector import ShapesDetector
     from attn_export.blocks.mixnet import MixedNet
 
     return {
@@ -40,6 +41,7 @@ def _architectures() -> dict[str, Callable[..., nn.Module]]:
         "GSoPBlock": GSoPBlock,
         "SKConv": SKConv,
         "MixedNet": MixedNet,
+        "ShapesDetector": ShapesDetector,
     }
 
 

@@ -45,6 +45,7 @@ class OnnxRuntimeRunner(Runner):
         model: str | os.PathLike | bytes,
         providers: Sequence[str] | None = None,
         threads: int | None = None,
+        session_config: Mapping[str, str] | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -52,6 +53,8 @@ class OnnxRuntimeRunner(Runner):
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        for key, value in (session_config or {}).items():  # e.g. {"session.intra_op.allow_spinning": "0"}
+            options.add_session_config_entry(key, str(value))
         options.log_severity_level = 3  # errors only; ORT's optimizer notes are not the user's concern
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         available = ort.get_available_providers()

@@ -1,0 +1,55 @@
+"""Prometheus metrics of the service, in a registry of each app's own (several apps can live in one process).
+
+With ``--workers N`` each server process keeps its own counters; a scrape reaches one of them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+NAMESPACE = "attn_export"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+
+
+class ServeMetrics:
+    """The service's counters, histograms and gauges."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        ns = NAMESPACE
+        self.requests = Counter(
+            "http_requests", "HTTP requests answered, by route and status code", ["route", "method", "status"],
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "http_request_duration_seconds", "HTTP request latency, by route", ["route"],
+            buckets=LATENCY_BUCKETS, namespace=ns, registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge("http_requests_in_flight", "HTTP requests being answered", namespace=ns, registry=r)
+        self.images = Counter("images", "images detected on", namespace=ns, registry=r)
+        self.detections = Counter("detections", "detections returned", namespace=ns, registry=r)
+        self.rejected = Counter("rejected_inputs", "inputs refused, by reason", ["reason"], namespace=ns, registry=r)
+        self.batch_size = Histogram(
+            "batch_size", "images per inference call", buckets=BATCH_BUCKETS, namespace=ns, registry=r
+        )
+        self.queue_depth = Gauge("queue_depth", "images waiting for inference", namespace=ns, registry=r)
+        self.queue_wait = Histogram(
+            "queue_wait_seconds", "time an image waits for its batch", buckets=STAGE_BUCKETS, namespace=ns, registry=r
+        )
+        self.stage = Histogram(
+            "stage_seconds", "time per stage: decode, inference (per batch), postprocess", ["stage"],
+            buckets=STAGE_BUCKETS, namespace=ns, registry=r,
+        )  # fmt: skip
+        self.queue_full = Counter("queue_full", "requests refused because the queue was full", namespace=ns, registry=r)
+        self.ready = Gauge("ready", "1 when the model is loaded and warmed up", namespace=ns, registry=r)
+        self.model_info = Gauge(
+            "model_info", "the model served (always 1)", ["model", "backend", "provider"], namespace=ns, registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
