@@ -132,6 +132,7 @@ def run_export(args: argparse.Namespace) -> int:
             rtol=args.rtol,
             seed=args.seed,
             progress=_progress,
+            metadata={"classes": loaded.meta.get("classes")},
         )
     except ExportError as e:
         print(f"attn-export: error: {e}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
+import json
 import logging
 import math
 import os
@@ -450,6 +451,7 @@ def export_onnx(
     rtol: float = 1e-3,
     seed: int | None = None,
     progress: Callable[[str, str], None] | None = None,
+    metadata: dict | None = None,
 ) -> ExportResult:
     """Export ``model`` to ONNX at ``output`` with a dynamic batch axis, then verify it.
 
@@ -460,7 +462,8 @@ def export_onnx(
 
     The file appears only when the export and the verification succeed (a temporary file in the same
     folder is renamed into place). A graph that fails verification is kept beside it as
-    ``<name>.unverified.onnx`` for inspection, and the result's ``ok`` is False.
+    ``<name>.unverified.onnx`` for inspection, and the result's ``ok`` is False. ``metadata`` entries
+    are written as the graph's metadata properties (non-strings as JSON).
     """
     from attn_export.plugins import TARGETS, onnx_translation_table
 
@@ -551,6 +554,10 @@ def export_onnx(
         _write_atomically(shipped, kept)
         stage.say("write", f"verification failed; the graph is kept at {kept} for inspection, not at {output}")
         return result
+    for key, value in (metadata or {}).items():  # e.g. the checkpoint's class names, for the service
+        if value is not None:
+            entry = shipped.metadata_props.add()
+            entry.key, entry.value = str(key), value if isinstance(value, str) else json.dumps(value)
     result.size_bytes = _write_atomically(shipped, output)
     result.path = output
     return result

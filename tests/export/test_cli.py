@@ -504,3 +504,12 @@ def test_trt_without_tensorrt_writes_the_verified_plugin_graph_and_says_what_is_
     assert "verification PASSED" in out and "AttnExportInvolution2d 1" in out
     assert "TensorRT" in err and "--trt --batch 1:2:3" in err
     assert "trtexec --loadEngine=" in err and "trtexec --onnx=" in err
+
+
+def test_checkpoint_class_names_travel_into_the_onnx_metadata(tmp_path):
+    kwargs, shape = CASES["GSoPBlock"]
+    model = randomize_(architectures()["GSoPBlock"](**kwargs), 3)
+    ckpt = save_checkpoint(tmp_path / "m.pt", model, "GSoPBlock", kwargs, shape, meta={"classes": ["a", "b"]})
+    assert main([str(ckpt), "--batch", "1:1:2", "-q", "--no-verify"]) == 0
+    props = {p.key: p.value for p in onnx.load(str(ckpt.with_suffix(".onnx"))).metadata_props}
+    assert json.loads(props["classes"]) == ["a", "b"]
