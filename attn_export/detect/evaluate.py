@@ -3,8 +3,9 @@
 The validation images are ``generate(seed, 0 .. images - 1)`` with a seed (default 12345) that the
 training command does not use for its data. Each image is letterboxed to the model's input size, the
 model runs (the PyTorch checkpoint, or an ONNX model on onnxruntime), :func:`postprocess` keeps the
-detections above a low threshold (0.001, at most 100 per image, as COCO evaluation expects), boxes
-are mapped back to the image, and faster-coco-eval (or pycocotools) computes the COCO metrics.
+detections above a low threshold (every class scoring above 0.001 for a box, class-aware NMS at IoU
+0.6, at most 100 per image, as COCO evaluation expects), boxes are mapped back to the image, and
+faster-coco-eval (or pycocotools) computes the COCO metrics.
 
 ``--compare`` runs the checkpoint on PyTorch and its exported graph on onnxruntime over the same
 images and fails (exit 1) when the two mAPs differ by more than ``--max-diff`` (0.005).
@@ -63,15 +64,18 @@ def detect(
     conf: float = 0.001,
     iou: float = 0.6,
     max_det: int = 100,
+    multi_label: bool = True,
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per image ``(boxes xyxy in image pixels, scores, class ids 0-based)``."""
+    """Per image ``(boxes xyxy in image pixels, scores, class ids 0-based)``, as mAP evaluation wants
+    them: every class scoring above ``conf`` for a box (``multi_label``, as Ultralytics' validation
+    does), class-aware NMS at ``iou``, at most ``max_det``."""
     out = []
     for i in range(0, len(images), batch):
         chunk = images[i : i + batch]
         boxed = [letterbox(im, size) for im in chunk]
         pred = predict(np.stack([b[0] for b in boxed]))
         for (_, scale, pad), im, (boxes, scores, cls) in zip(
-            boxed, chunk, postprocess(pred, conf, iou, max_det), strict=True
+            boxed, chunk, postprocess(pred, conf, iou, max_det, multi_label), strict=True
         ):
             out.append((scale_boxes(boxes, scale, pad, im.shape[:2]), scores, cls))
     return out

@@ -158,7 +158,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed for the data, the initial weights and the order")
     p.add_argument("--out", type=Path, default=Path("models/shapes_detector.pt"), help="checkpoint to write")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=14)
     p.add_argument("--images", type=int, default=6000, help="training images (generated once, kept in memory)")
     p.add_argument("--batch", type=int, default=8, help="images per step, over all processes")
     p.add_argument("--lr", type=float, default=2.5e-3, help="peak AdamW learning rate")
