@@ -1,6 +1,8 @@
 # Two entry points, each doing all of its own set-up on a fresh machine:
-#   make run    export the demo model to ONNX on the CPU (onnxruntime) and verify it against PyTorch
+#   make run    export the shipped shapes detector to ONNX (verified against PyTorch) and serve it on
+#               http://127.0.0.1:8000 with onnxruntime on the CPU (Ctrl-C stops it)
 #   make test   run the test suite
+# Also: make demo (export and verify the demo model of every block), make bench.
 # torch==2.13.0 is installed first: it is the local CPU wheel; an unpinned torch would pull CUDA builds.
 
 PYTHON ?= python3
@@ -8,7 +10,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean serve
+.PHONY: run test demo bench clean serve
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +19,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-run: $(STAMP)
+run: serve
+
+demo: $(STAMP)
 	$(VENV)/bin/attn-export demo --out out
 
 test: $(STAMP)
@@ -31,8 +35,10 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) out build *.egg-info
 
-# Export the shipped shapes detector (verified) and serve it on http://127.0.0.1:8000 (Ctrl-C stops it).
+# Export the shipped shapes detector (verified), write three sample images to out/samples/images/
+# for curl, and serve the graph on http://127.0.0.1:8000 (Ctrl-C stops it).
 serve: $(STAMP)
 	mkdir -p out
 	$(VENV)/bin/attn-export models/shapes_detector.pt -o out/shapes_detector.onnx --batch 1:4:16
+	$(VENV)/bin/attn-export data --out out/samples --count 3 --seed 7
 	$(VENV)/bin/attn-export serve out/shapes_detector.onnx

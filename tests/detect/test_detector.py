@@ -132,15 +132,18 @@ def test_exports_to_onnx_and_verifies(tmp_path):
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 5 is open: the shipped checkpoint (5 CPU epochs) reaches mAP@0.5 of about 0.66, below the 0.90 "
-    "target; a longer training run replaces it (strict: this fails loudly once the target is met)",
+    reason="issue 5 is open: the shipped checkpoint (21 CPU epochs) reaches mAP@0.5 0.897 on the 500 evaluation "
+    "images, below the 0.90 target (strict: this fails loudly once a checkpoint meets it)",
 )
 def test_shipped_checkpoint_reaches_the_target(tmp_path):
+    """The issue's criterion as the README reports it: mAP@0.5 >= 0.90 on 500 fresh images (the
+    evaluation command's default set). A 100-image set is too small to decide a target 0.003 away:
+    the shipped checkpoint scores 0.915 on one and 0.897 on this."""
     pytest.importorskip("faster_coco_eval")
-    from attn_export.detect.evaluate import evaluate, torch_predictor, validation_set
+    from attn_export.detect.evaluate import DEFAULT_SEED, evaluate, torch_predictor, validation_set
 
     loaded = load_model(SHIPPED)
-    images, gt = validation_set(424242, 100)
+    images, gt = validation_set(DEFAULT_SEED, 500)
     assert evaluate(torch_predictor(loaded.model), images, gt, loaded.input_shape[-1])["mAP50"] >= 0.90
 
 
