@@ -17,7 +17,8 @@ separate seed is printed and the checkpoint is written (the project's format, lo
 ``torch.load(weights_only=True)``), so an interrupted run still leaves its latest weights.
 
 Runs are reproducible for a given seed, process and thread counts and torch build; the checkpoint's
-``meta`` records the command line, those counts and the figures.
+``meta`` records the command line, those counts and the figures, and for a run started with ``--init``
+the runs that made its starting weights (``history``, oldest first).
 """
 
 from __future__ import annotations
@@ -189,6 +190,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+#: What each earlier run keeps in a fine-tuned checkpoint's ``meta["history"]``.
+HISTORY_KEYS = ("command", "seed", "epochs", "train_images", "train_seconds", "torch", "procs", "threads")
+
+
+def init_history(init_meta: dict) -> list[dict]:
+    """``meta["history"]`` for a run started from a checkpoint whose meta is ``init_meta``.
+
+    The starting checkpoint's own history, then its run: the last entry is the run that wrote the
+    ``--init`` checkpoint. A checkpoint not made by ``attn-export train`` (no ``command``) adds an
+    entry that says so, so the recipe never looks complete when it is not.
+    """
+    earlier = [dict(h) for h in init_meta.get("history", [])]
+    if "command" not in init_meta:
+        return [*earlier, {"command": None, "note": "weights from a checkpoint not written by attn-export train"}]
+    return [*earlier, {k: init_meta[k] for k in HISTORY_KEYS if k in init_meta}]
+
+
 def _log(msg: str) -> None:
     print(msg, flush=True)
 
@@ -246,8 +264,11 @@ def _train(rank, world, args, argv, data, val, t_start, store) -> None:
     imgs_t, boxes_t, labels_t = data
     kwargs = {"num_classes": len(CLASSES), "width": args.width, "input_size": args.size}
     model = ShapesDetector(**kwargs)
+    history: list[dict] = []  # the runs that produced --init, oldest first: the whole recipe in the meta
     if args.init:
-        model.load_state_dict(load_model(args.init).model.state_dict())
+        start = load_model(args.init)
+        model.load_state_dict(start.model.state_dict())
+        history = init_history(start.meta)
     ema = EMA(model)
     params = list(model.parameters())
     decay, no_decay = [], []
@@ -295,6 +316,7 @@ def _train(rank, world, args, argv, data, val, t_start, store) -> None:
             "procs": world,
             "threads": args.threads,
             "command": "attn-export train " + " ".join(argv),
+            "history": history,
             "train_seconds": round(time.perf_counter() - t_start, 1),
             "torch": str(torch.__version__),
             "quick_val": {
