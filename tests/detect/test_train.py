@@ -19,14 +19,19 @@ def _train(tmp_path, name: str, *extra: str) -> dict:
 
 def test_train_writes_a_checkpoint_that_reproduces_from_its_seed(tmp_path):
     a = _train(tmp_path, "a.pt", "--seed", "3", "--epochs", "2")
-    b = _train(tmp_path, "b.pt", "--seed", "3", "--epochs", "2")
+    # quick validation and the image cache change nothing in the weights (so neither do they in a recipe)
+    b = _train(tmp_path, "b.pt", "--seed", "3", "--epochs", "2", "--val-images", "2", "--val-every", "1")
+    b2 = _train(tmp_path, "b2.pt", "--seed", "3", "--epochs", "2", "--cache", str(tmp_path / "cache"))
+    assert list((tmp_path / "cache").glob("*.npz"))
+    b3 = _train(tmp_path, "b3.pt", "--seed", "3", "--epochs", "2", "--cache", str(tmp_path / "cache"))
     c = _train(tmp_path, "c.pt", "--seed", "4", "--epochs", "2")
     assert a["arch"] == "ShapesDetector" and a["kwargs"]["input_size"] == 96
     assert a["meta"]["seed"] == 3 and a["meta"]["epochs"] == 2 and a["meta"]["history"] == []
     assert a["meta"]["command"].startswith("attn-export train --images 8")
     assert a["state_dict"].keys() == b["state_dict"].keys()
-    for k, v in a["state_dict"].items():
-        assert torch.equal(v, b["state_dict"][k]), k
+    for other in (b, b2, b3):
+        for k, v in a["state_dict"].items():
+            assert torch.equal(v, other["state_dict"][k]), k
     # a different seed gives other data, order and initial weights
     assert any(not torch.equal(v, c["state_dict"][k]) for k, v in a["state_dict"].items())
 
