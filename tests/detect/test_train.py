@@ -61,3 +61,15 @@ def test_init_history_of_a_foreign_checkpoint_says_so():
     assert init_history({}) == [{"command": None, "note": "weights from a checkpoint not written by attn-export train"}]
     made = {"command": "attn-export train --seed 1", "seed": 1, "epochs": 3, "classes": ["x"], "history": [{"seed": 0}]}
     assert init_history(made) == [{"seed": 0}, {"command": "attn-export train --seed 1", "seed": 1, "epochs": 3}]
+
+
+def test_data_parallel_run_reproduces_from_its_seed(tmp_path):
+    """The shipped recipe trains in 2 processes (gloo all-reduce); that must be reproducible too."""
+    a = _train(tmp_path, "a.pt", "--seed", "3", "--epochs", "1", "--procs", "2")
+    b = _train(tmp_path, "b.pt", "--seed", "3", "--epochs", "1", "--procs", "2")
+    one = _train(tmp_path, "one.pt", "--seed", "3", "--epochs", "1")
+    assert a["meta"]["procs"] == 2 and one["meta"]["procs"] == 1
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    # each process augments its share with its own generator, so the process count is part of the recipe
+    assert any(not torch.equal(v, one["state_dict"][k]) for k, v in a["state_dict"].items())
