@@ -130,9 +130,7 @@ def image_bytes(value: Any) -> bytes:
     return data
 
 
-def pack(
-    detections: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], max_det: int
-) -> dict[str, np.ndarray]:
+def pack(detections: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], max_det: int) -> dict[str, np.ndarray]:
     """Per-image ``(boxes (K, 4), scores (K,), class ids (K,))`` -> the four output tensors, batch first,
     padded with zeros to ``max_det`` rows (``K <= max_det``)."""
     n = len(detections)

@@ -252,8 +252,12 @@ def oip_router(svc) -> APIRouter:
             backend="attn-export",
             instance_kind=kind,
             max_queue_delay_us=int(settings.max_wait_ms * 1000),
-            parameters={"runtime": m.backend, "provider": m.provider, "max_pixels": settings.max_pixels,
-                        "max_side": settings.max_side},  # fmt: skip
+            parameters={
+                "runtime": m.backend,
+                "provider": m.provider,
+                "max_pixels": settings.max_pixels,
+                "max_side": settings.max_side,
+            },
         )
         config["dynamic_batching"]["preferred_batch_size"] = [svc.batcher.max_batch]
         config["platform"] = f"attn-export_{m.backend}"
@@ -318,7 +322,9 @@ def oip_router(svc) -> APIRouter:
         body = _decompress(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
         req, images = parse_infer(body, request.headers.get(HEADER_LENGTH), settings.max_images)
         try:
-            params = request_params(req.get("parameters") if isinstance(req.get("parameters"), dict) else {}, defaults())
+            params = request_params(
+                req.get("parameters") if isinstance(req.get("parameters"), dict) else {}, defaults()
+            )
         except ContractError as e:
             raise ProtocolError(400, str(e)) from e
         outputs = requested_outputs(req)

@@ -142,7 +142,10 @@ class Detector(_Decoding):
         self.defaults = defaults_from(params)
         threads = int(params["threads"]) if params.get("threads") else None
         self.runner = make_runner(
-            self.folder / params.get("model_file", "model.onnx"), threads=threads, gpu=self.gpu, device_id=self.device_id
+            self.folder / params.get("model_file", "model.onnx"),
+            threads=threads,
+            gpu=self.gpu,
+            device_id=self.device_id,
         )
         self.input_name = self.runner.input_names[0]
         self.output_name = self.runner.output_names[0]
@@ -173,7 +176,9 @@ class Detector(_Decoding):
             except Exception as e:  # every request of the batch gets the error; the model stays up
                 log.exception("inference failed")
                 for i, _, _ in jobs:
-                    responses[i] = pb.InferenceResponse(output_tensors=[], error=pb.TritonError(f"inference failed: {e}"))
+                    responses[i] = pb.InferenceResponse(
+                        output_tensors=[], error=pb.TritonError(f"inference failed: {e}")
+                    )
                 return responses
             offset = 0
             for i, params, decoded in jobs:
@@ -208,7 +213,9 @@ class Preprocess(_Decoding):
                 [[d.scale, *d.pad, *d.decoded_hw, d.width, d.height] for d in decoded], dtype=np.float32
             )
             responses.append(
-                pb.InferenceResponse(output_tensors=[pb.Tensor(self.network_input, pixels), pb.Tensor(LETTERBOX, geometry)])
+                pb.InferenceResponse(
+                    output_tensors=[pb.Tensor(self.network_input, pixels), pb.Tensor(LETTERBOX, geometry)]
+                )
             )
         return responses
 

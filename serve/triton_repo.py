@@ -231,7 +231,9 @@ def export_network(
     try:
         loaded = load_model(checkpoint)
         if not loaded.input_shape:
-            raise RepositoryError(f"{checkpoint}: the checkpoint holds no input shape; export it with attn-export first")
+            raise RepositoryError(
+                f"{checkpoint}: the checkpoint holds no input shape; export it with attn-export first"
+            )
         batch = (1, min(4, max_batch), max_batch)
         meta = {"classes": loaded.meta.get("classes"), "batch": {"min": 1, "opt": batch[1], "max": max_batch}}
         result = export_onnx(
@@ -403,19 +405,27 @@ def write_repository(
     for lib in libs:
         if not lib.is_file():
             raise RepositoryError(f"--plugin-lib {lib}: no such file")
+    if not model.is_file():
+        raise RepositoryError(f"{model}: no such file")
+    created = not repo.exists()
     try:
         repo.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RepositoryError(f"cannot create the repository folder {repo}: {e}") from e
     staging = repo / f".attn-export-staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
+    ok = False
     try:
-        return _write(
+        result = _write(
             model, repo, staging, backend, name, max_batch, instances, kind, Params(conf, iou, max_det),
             max_queue_delay_us, threads, class_names, libs, force, verify, progress,
         )  # fmt: skip
+        ok = True
+        return result
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not ok:
+            shutil.rmtree(repo, ignore_errors=True)  # it held only the staging folder
 
 
 def _write(
@@ -468,7 +478,7 @@ def _write(
             what = {"Detector": "the whole detection contract", "Preprocess": "decode and letterbox",
                     "Postprocess": "NMS and the mapping back to image pixels"}[cls]  # fmt: skip
             (folder / "1" / "model.py").write_text(MODEL_PY.format(version=__version__, what=what, cls=cls))
-        network_here = backend == "python" and model_name == name or model_name == f"{name}_network"
+        network_here = (backend == "python" and model_name == name) or model_name == f"{name}_network"
         if network_here:
             target = folder / "1" / ("model.plan" if net.kind == "engine" else "model.onnx")
             shutil.copyfile(net.path, target)
@@ -511,13 +521,19 @@ def parser() -> argparse.ArgumentParser:
         "contract: image bytes in; num_detections, detection_boxes, detection_scores, detection_classes out). "
         "'attn-export triton serve DIR' runs tritonserver on it. See docs/triton.md.",
     )
-    p.add_argument("model", type=Path, help="an attn-export checkpoint (.pt, exported here), a .onnx graph or an engine")
-    p.add_argument("--repo", type=Path, default=Path("model_repository"), help="repository folder (default ./model_repository)")
+    p.add_argument(
+        "model", type=Path, help="an attn-export checkpoint (.pt, exported here), a .onnx graph or an engine"
+    )
+    p.add_argument(
+        "--repo", type=Path, default=Path("model_repository"), help="repository folder (default ./model_repository)"
+    )
     p.add_argument("--backend", choices=BACKENDS, default="python",
                    help="python: one Python-backend model (default); onnxruntime / tensorrt: the network on Triton's "
                    "native backend inside an ensemble with Python pre- and post-processing")  # fmt: skip
     p.add_argument("--name", help="model name (default: MODEL's stem)")
-    p.add_argument("--max-batch", type=int, help=f"max_batch_size (default: the engine's profile, else {DEFAULT_MAX_BATCH})")
+    p.add_argument(
+        "--max-batch", type=int, help=f"max_batch_size (default: the engine's profile, else {DEFAULT_MAX_BATCH})"
+    )
     p.add_argument("--instances", type=int, default=1, help="model instances (instance_group count, default 1)")
     p.add_argument("--kind", choices=("cpu", "gpu"), default="cpu", help="instance kind (engines always gpu)")
     p.add_argument("--conf", type=float, default=0.25, help="default score threshold (default 0.25)")

@@ -86,7 +86,8 @@ def stub_site() -> Path | None:
 
 
 def stub_site_command() -> str:
-    return f"{shlex.quote(sys.executable)} -m pip install --target {shlex.quote(str(Path(sys.prefix) / 'triton-stub'))} 'numpy<2'"
+    target = shlex.quote(str(Path(sys.prefix) / "triton-stub"))
+    return f"{shlex.quote(sys.executable)} -m pip install --target {target} 'numpy<2'"
 
 
 def _numpy_major() -> int | None:
@@ -257,10 +258,12 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise TritonFailed(f"tritonserver exited with status {self.process.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(urllib.error.URLError, OSError):
-                with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return self
+            with (
+                contextlib.suppress(urllib.error.URLError, OSError),
+                urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=2) as r,
+            ):
+                if r.status == 200:
+                    return self
             time.sleep(0.2)
         raise TritonFailed(f"tritonserver was not ready within {timeout:g} s:\n{self.log_tail()}")
 
