@@ -517,3 +517,119 @@ def test_triton_serve_without_a_server_says_how_to_install(tmp_path, monkeypatch
     assert main(["triton", "serve", str(tmp_path)]) == 3
     err = capsys.readouterr().err
     assert "pip install 'attn-export[triton-server]'" in err and "nvcr.io/nvidia/tritonserver" in err
+
+
+# ------------------------------------------------------------------------------------------ ensemble steps
+class _FakeTensor:
+    def __init__(self, name: str, array: np.ndarray) -> None:
+        self._name, self._array = name, np.asarray(array)
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        return self._array
+
+
+class _FakeRequest:
+    def __init__(self, tensors: list[_FakeTensor], parameters: dict | None = None) -> None:
+        self.tensors = {t.name(): t for t in tensors}
+        self._parameters = json.dumps(parameters or {})
+
+    def parameters(self) -> str:
+        return self._parameters
+
+
+class _FakeResponse:
+    def __init__(self, output_tensors=(), error=None) -> None:
+        self.outputs = {t.name(): t.as_numpy() for t in output_tensors}
+        self.error = error
+
+
+class _FakeError(Exception):
+    INVALID_ARG = "INVALID_ARG"
+
+    def __init__(self, message: str, code=None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _fake_pb():
+    import types
+
+    pb = types.ModuleType("triton_python_backend_utils")
+    pb.Tensor = _FakeTensor
+    pb.InferenceResponse = _FakeResponse
+    pb.TritonError = _FakeError
+    pb.get_input_tensor_by_name = lambda request, name: request.tensors.get(name)
+    return pb
+
+
+def _load(model_cls, folder: Path):
+    """A Python-backend model initialised as tritonserver does: its config as JSON with proto field names."""
+    from google.protobuf import json_format
+
+    config = json_format.MessageToDict(_parse(folder / "config.pbtxt"), preserving_proto_field_name=True)
+    model = model_cls()
+    model.initialize(
+        {"model_config": json.dumps(config), "model_repository": str(folder), "model_version": "1",
+         "model_instance_kind": "CPU", "model_instance_device_id": "0"}
+    )  # fmt: skip
+    return model
+
+
+def test_ensemble_steps_answer_like_the_python_model(detector_onnx, python_repo, tmp_path, images, monkeypatch):
+    """Preprocess -> the network -> Postprocess (the onnxruntime/tensorrt ensembles' Python steps, which the
+    wheel's tritonserver cannot chain to a native backend here) give the Python model's answer, in-process."""
+    from attn_export.serve.runners import OnnxRuntimeRunner
+    from attn_export.serve.triton_model import LETTERBOX, Detector, Postprocess, Preprocess
+
+    monkeypatch.setitem(__import__("sys").modules, "triton_python_backend_utils", _fake_pb())
+    repo = write_repository(detector_onnx, tmp_path, backend="onnxruntime", max_batch=4).path
+    detector = _load(Detector, python_repo / NAME)
+    pre, post = _load(Preprocess, repo / f"{NAME}_preprocess"), _load(Postprocess, repo / f"{NAME}_postprocess")
+    network = OnnxRuntimeRunner(repo / f"{NAME}_network" / "1" / "model.onnx", threads=1)
+    (in_name, _), (out_name, _) = _graph(detector_onnx)
+    requests = [
+        _FakeRequest([_FakeTensor("image", np.array([[images[0]], [images[1]]], dtype=object))], {"conf": 0.3}),
+        _FakeRequest([_FakeTensor("image", np.array([[b"GIF89a not supported"]], dtype=object))]),
+        _FakeRequest([_FakeTensor("image", np.array([[images[4]]], dtype=object))]),
+    ]
+    want = detector.execute(requests)
+    assert want[1].error is not None and "GIF" in str(want[1].error) and want[1].error.code == "INVALID_ARG"
+    staged = pre.execute(requests)
+    assert staged[1].error is not None
+    for i in (0, 2):
+        assert want[i].error is None and staged[i].error is None
+        feeds = staged[i].outputs
+        preds = network.infer({in_name: feeds[in_name]})[out_name]
+        step = _FakeRequest(
+            [_FakeTensor(out_name, preds), _FakeTensor(LETTERBOX, feeds[LETTERBOX])],
+            json.loads(requests[i].parameters()),
+        )
+        (got,) = post.execute([step])
+        assert set(got.outputs) == set(contract.OUTPUTS)
+        for name in contract.OUTPUTS:
+            np.testing.assert_allclose(got.outputs[name], want[i].outputs[name], atol=1e-4)
+    assert int(want[0].outputs["num_detections"].sum()) >= 1
+
+
+# ------------------------------------------------------------------------------------------ deployment files
+def test_triton_dockerfile_lints_and_compose_profile_mounts_the_repository():
+    import subprocess
+    import sys
+
+    dockerfile = ROOT / "docker" / "Dockerfile.triton"
+    exe = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if Path(exe).exists():
+        result = subprocess.run(
+            [exe, "--no-color", "--failure-threshold", "info", str(dockerfile)], capture_output=True
+        )
+        assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    yaml = pytest.importorskip("yaml")
+    service = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]["triton"]
+    assert service["profiles"] == ["triton"] and service["build"]["dockerfile"] == "docker/Dockerfile.triton"
+    assert any(v.endswith(":/models:ro") for v in service["volumes"])
+    assert all(p.startswith("127.0.0.1:") for p in service["ports"])
+    assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert '"--model-repository=/models"' in dockerfile.read_text()
