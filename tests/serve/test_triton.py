@@ -633,3 +633,22 @@ def test_triton_dockerfile_lints_and_compose_profile_mounts_the_repository():
     assert all(p.startswith("127.0.0.1:") for p in service["ports"])
     assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert '"--model-repository=/models"' in dockerfile.read_text()
+
+
+def test_v2_infer_needs_the_api_key_when_the_server_has_one(standin_onnx):
+    from serve_helpers import cell_square, client_for, make_image
+
+    with client_for(make_settings(standin_onnx, api_key="s3cret")) as client:
+        image = make_image((320, 320), [cell_square(1, 2, 3)])
+        body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 1],
+                            "data": [base64.b64encode(image).decode()]}]}  # fmt: skip
+        for headers, status in (({}, 401), ({"X-API-Key": "wrong"}, 401)):
+            r = client.post("/v2/models/standin/infer", json=body, headers=headers)
+            assert r.status_code == status and "API key" in r.json()["error"]
+        assert client.get("/v2/models/standin").status_code == 200  # metadata stays open, like /readyz
+        r = client.post("/v2/models/standin/infer", json=body, headers={"X-API-Key": "s3cret"})
+        assert r.status_code == 200, r.text
+        out = {o["name"]: o for o in r.json()["outputs"]}
+        assert out["num_detections"]["data"] == [1] and out["detection_classes"]["data"][0] == 1
+        assert out["detection_boxes"]["data"][:4] == [96.0, 64.0, 128.0, 96.0]
+        assert client.get("/v2/models/standin/versions/2").status_code == 404
