@@ -116,6 +116,45 @@ def _pytriton_root() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "attn-export"
+
+
+def backend_folder(dist: Path, stub: Path, work_dir: Path | None = None) -> tuple[Path, list[Path]]:
+    """A backend folder for the wheel's tritonserver: its Python backend with this Python's stub beside it
+    (where the backend looks for it). Kept in the user's cache (built once, renamed into place), else in a
+    temporary folder that is removed with the server; returns ``(folder, folders to remove)``."""
+
+    def build(into: Path) -> None:
+        python = into / "python"
+        python.mkdir(parents=True)
+        for item in (dist / "backends" / "python").iterdir():
+            if item.is_file():
+                shutil.copy2(item, python / item.name)
+        shutil.copy2(stub, python / "triton_python_backend_stub")
+
+    if work_dir is None:
+        stamp = f"{dist.stat().st_mtime_ns}-{stub.stat().st_size}"
+        cached = _cache_root() / f"tritonserver-backends-py{stub.parent.name}-{stamp}"
+        if (cached / "python" / "triton_python_backend_stub").is_file():
+            return cached, []
+        with contextlib.suppress(OSError):
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cached.parent))
+            try:
+                build(tmp / "b")
+                os.replace(tmp / "b", cached)
+            except OSError:
+                if not (cached / "python" / "triton_python_backend_stub").is_file():
+                    raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return cached, []
+    work = Path(tempfile.mkdtemp(prefix="attn-export-triton-", dir=work_dir))
+    build(work / "backends")
+    return work / "backends", [work]
+
+
 def find_tritonserver(work_dir: Path | None = None) -> Installation:
     """The tritonserver to run: on PATH, else from the nvidia-pytriton wheel; :class:`TritonNotFound` if neither."""
     on_path = shutil.which("tritonserver")
@@ -130,14 +169,7 @@ def find_tritonserver(work_dir: Path | None = None) -> Installation:
     if not stub.is_file():
         raise TritonNotFound(f"the nvidia-pytriton wheel has no Python backend stub for Python {version}")
     libs = root.parent / "nvidia_pytriton.libs"
-    # The Python backend looks for its stub beside itself: assemble a backend folder with this Python's stub.
-    work = Path(tempfile.mkdtemp(prefix="attn-export-triton-", dir=work_dir))
-    backend = work / "backends" / "python"
-    backend.mkdir(parents=True)
-    for item in (dist / "backends" / "python").iterdir():
-        if item.is_file():
-            shutil.copy2(item, backend / item.name)
-    shutil.copy2(stub, backend / "triton_python_backend_stub")
+    backends, cleanup = backend_folder(dist, stub, work_dir)
     # The wheel's stub is built against numpy 1.x (numpy 2 changed the array descriptor's layout: BYTES
     # tensors arrive as garbage); with numpy 2 here, the stub takes numpy < 2 from a folder of its own.
     extra = stub_site()
@@ -151,8 +183,8 @@ def find_tritonserver(work_dir: Path | None = None) -> Installation:
         dist / "bin" / "tritonserver",
         "nvidia-pytriton",
         env={"LD_LIBRARY_PATH": ld, **python_env(extra)},
-        args=[f"--backend-directory={work / 'backends'}"],
-        cleanup=[work],
+        args=[f"--backend-directory={backends}"],
+        cleanup=cleanup,
     )
 
 
