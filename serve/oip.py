@@ -10,7 +10,7 @@ a client written for this server works against a Triton fleet and back:
   ``tritonclient``'s ``get_model_config`` returns); ``POST /v2/repository/index``;
 - ``POST /v2/models/{name}[/versions/1]/infer``: JSON tensors, and the binary tensor data extension
   (``Inference-Header-Content-Length``; ``binary_data_size`` inputs; ``binary_data`` /
-  ``binary_data_output`` outputs); gzip or deflate request bodies.
+  ``binary_data_output`` outputs); gzip or deflate request and response bodies.
 
 Errors are the protocol's ``{"error": MESSAGE}`` with a 4xx status for what the client sent, 503 (with
 ``Retry-After``) when the server is loading, busy or shutting down, 504 past the request timeout.
@@ -195,6 +195,23 @@ def requested_outputs(req: dict) -> list[tuple[str, bool]]:
     return out
 
 
+def _accepts(header: str | None) -> str | None:
+    """gzip or deflate when the client's Accept-Encoding takes it (tritonclient's response compression)."""
+    offered = {part.split(";")[0].strip().lower() for part in (header or "").split(",")}
+    return next((e for e in ("gzip", "deflate") if e in offered), None)
+
+
+def compress(response: Response, accept_encoding: str | None) -> Response:
+    encoding = _accepts(accept_encoding)
+    if encoding is None or len(response.body) < 1024:
+        return response
+    packed = zlib.compressobj(6, zlib.DEFLATED, 31 if encoding == "gzip" else 15)  # gzip or zlib framing
+    data = packed.compress(response.body) + packed.flush()
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+    headers["Content-Encoding"] = encoding
+    return Response(data, status_code=response.status_code, headers=headers, media_type=response.media_type)
+
+
 def infer_response(req: dict, model: str, tensors: dict[str, np.ndarray], outputs: list[tuple[str, bool]]) -> Response:
     body: dict[str, Any] = {"model_name": model, "model_version": MODEL_VERSION}
     if "id" in req:
@@ -358,7 +375,7 @@ def oip_router(svc) -> APIRouter:
             return pack(detections(preds, decoded, params), settings.max_det)
 
         tensors = await svc.run_cpu(finish)
-        response = infer_response(req, m.name, tensors, outputs)
+        response = compress(infer_response(req, m.name, tensors, outputs), request.headers.get("accept-encoding"))
         response.headers["Server-Timing"] = f"total;dur={(time.perf_counter() - t0) * 1000:.2f}"
         return response
 

@@ -102,7 +102,8 @@ async def _run(target: str, url: str, name: str, images: list[bytes], concurrenc
     bodies = [v2_body(img) for img in images]
     counter = iter(range(10**9))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    # no response compression, as tritonclient does by default
+    async with httpx.AsyncClient(timeout=120, limits=limits, headers={"Accept-Encoding": "identity"}) as client:
 
         async def one(i: int) -> bool:
             img = images[i % len(images)]

@@ -391,9 +391,14 @@ def test_tritonclient_unchanged_against_our_v2(ours, images):
         assert client.get_model_repository_index()[0]["name"] == NAME
         binary = client.infer(NAME, [_image_input(images[:3])])
         outputs = [tritonclient_http.InferRequestedOutput(n, binary_data=False) for n in contract.OUTPUTS]
-        as_json = client.infer(NAME, [_image_input(images[:3])], outputs=outputs, request_compression_algorithm="gzip")
+        as_json = client.infer(
+            NAME, [_image_input(images[:3])], outputs=outputs, request_compression_algorithm="gzip",
+            response_compression_algorithm="deflate",
+        )  # fmt: skip
+        packed = client.infer(NAME, [_image_input(images[:3])], response_compression_algorithm="gzip")
     got = _rows(_result_outputs(binary))
     assert _rows(_result_outputs(as_json)) == got
+    assert _rows(_result_outputs(packed)) == got
     for rows, data in zip(got, images[:3], strict=True):
         assert_same_detections(rows, _detect(ours, data))
 
@@ -495,6 +500,20 @@ def test_v2_health_and_binary_round_trip(ours, images):
     counts = np.frombuffer(r.content[n:], "<i4")
     assert counts.tolist() == [len(_detect(ours, d)) for d in images[:2]]
     assert np.array(cls["data"]).reshape(cls["shape"]).shape == (2, 100)
+    # response compression, as tritonclient asks for it
+    body = {
+        "inputs": [
+            {"name": "image", "datatype": "BYTES", "shape": [1, 1], "data": [base64.b64encode(images[0]).decode()]}
+        ]
+    }
+    plain = httpx.post(
+        f"{ours.url}/v2/models/{NAME}/infer", json=body, headers={"Accept-Encoding": "identity"}, timeout=60
+    )
+    packed = httpx.post(
+        f"{ours.url}/v2/models/{NAME}/infer", json=body, headers={"Accept-Encoding": "gzip"}, timeout=60
+    )
+    assert "content-encoding" not in plain.headers and packed.headers["content-encoding"] == "gzip"
+    assert packed.json() == plain.json()  # httpx decompresses
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -652,3 +671,15 @@ def test_v2_infer_needs_the_api_key_when_the_server_has_one(standin_onnx):
         assert out["num_detections"]["data"] == [1] and out["detection_classes"]["data"][0] == 1
         assert out["detection_boxes"]["data"][:4] == [96.0, 64.0, 128.0, 96.0]
         assert client.get("/v2/models/standin/versions/2").status_code == 404
+
+
+def test_wheel_server_with_numpy_2_needs_the_stub_folder(monkeypatch):
+    from attn_export.serve import triton_server
+
+    if triton_server._pytriton_root() is None:
+        pytest.skip("the nvidia-pytriton wheel is not installed")
+    monkeypatch.setattr(triton_server.shutil, "which", lambda name: None)
+    monkeypatch.setattr(triton_server, "stub_site", lambda: None)
+    monkeypatch.setattr(triton_server, "_numpy_major", lambda: 2)
+    with pytest.raises(triton_server.TritonNotFound, match=r"numpy < 2.*pip install --target .*triton-stub"):
+        triton_server.find_tritonserver()
