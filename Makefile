@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	-$(PY) -m pip install -q --no-deps nvidia-pytriton==0.7.0    # tritonserver 2.51, Linux x86-64 only (its numpy < 2 pin would downgrade numpy); without it the tests with the real server skip
+	-$(PY) -m pip install -q --target $(VENV)/triton-stub "numpy<2"    # numpy for its Python-backend stub only (wheels up to Python 3.12)
 	touch $(STAMP)
 
 run: serve

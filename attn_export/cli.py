@@ -16,7 +16,7 @@ from pathlib import Path
 
 from attn_export._version import __version__
 
-SUBCOMMANDS = ("demo", "bench", "serve", "data", "train", "evaluate")
+SUBCOMMANDS = ("demo", "bench", "serve", "data", "train", "evaluate", "triton")
 log = logging.getLogger("attn_export")
 
 
@@ -37,7 +37,8 @@ def export_parser() -> argparse.ArgumentParser:
         prog="attn-export",
         description="Export a PyTorch model with dynamic-kernel attention blocks to ONNX and verify it "
         "against PyTorch.",
-        epilog="Other commands: serve (the detection service), data / train / evaluate (the synthetic shapes "
+        epilog="Other commands: serve (the detection service), triton (a Triton Inference Server model repository, and "
+        "'triton serve' to run it), data / train / evaluate (the synthetic shapes "
         "detector), demo (write and export the demo model), bench (time the blocks). "
         "Run 'attn-export COMMAND --help' for theirs.",
     )
@@ -303,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
             from attn_export.serve.cli import main as serve_main
 
             return serve_main(rest)
+        if cmd == "triton":
+            from attn_export.serve.triton_repo import main as triton_main
+
+            return triton_main(rest)
         if cmd == "data":
             from attn_export.detect.data_cli import main as data_main
 

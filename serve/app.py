@@ -659,6 +659,9 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[Settings],
     async def index() -> HTMLResponse:
         return HTMLResponse((_static_dir() / "index.html").read_text(encoding="utf-8"))
 
+    from attn_export.serve.oip import oip_router  # the Open Inference Protocol (/v2) beside /detect
+
+    app.include_router(oip_router(svc))
     app.mount("/static", StaticFiles(directory=str(_static_dir())), name="static")
     svc.known_paths = {r.path for r in app.routes if hasattr(r, "path")}
     return app

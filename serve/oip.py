@@ -1,0 +1,394 @@
+"""The Open Inference Protocol (KServe v2, Triton's HTTP/REST API) on ``attn-export serve``, beside ``/detect``.
+
+The same model and the same micro-batcher as ``/detect``, behind the contract of
+:mod:`attn_export.serve.contract` (the one the Triton repositories of ``attn-export triton`` answer), so
+a client written for this server works against a Triton fleet and back:
+
+- ``GET /v2`` (server metadata), ``GET /v2/health/live``, ``GET /v2/health/ready``;
+- ``GET /v2/models/{name}[/versions/1]`` (model metadata) and ``.../ready``;
+- ``GET /v2/models/{name}[/versions/1]/config``: the model config in Triton's JSON shape (what
+  ``tritonclient``'s ``get_model_config`` returns); ``POST /v2/repository/index``;
+- ``POST /v2/models/{name}[/versions/1]/infer``: JSON tensors, and the binary tensor data extension
+  (``Inference-Header-Content-Length``; ``binary_data_size`` inputs; ``binary_data`` /
+  ``binary_data_output`` outputs); gzip or deflate request and response bodies.
+
+Errors are the protocol's ``{"error": MESSAGE}`` with a 4xx status for what the client sent, 503 (with
+``Retry-After``) when the server is loading, busy or shutting down, 504 past the request timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import json
+import struct
+import time
+import zlib
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from attn_export import __version__
+from attn_export.serve.batching import BatcherClosed, QueueFull
+from attn_export.serve.contract import (
+    INPUT,
+    MODEL_VERSION,
+    OUTPUT_TYPES,
+    OUTPUTS,
+    ContractError,
+    Params,
+    image_bytes,
+    json_config,
+    model_config,
+    output_dims,
+    pack,
+    request_params,
+)
+from attn_export.serve.imaging import InputError, decode
+
+SERVER_NAME = "attn-export"
+EXTENSIONS = ["binary_tensor_data", "parameters", "model_configuration", "model_repository"]
+HEADER_LENGTH = "inference-header-content-length"
+
+
+class ProtocolError(Exception):
+    """An answer in the protocol's error form: ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+# ------------------------------------------------------------------------------------------ request parsing
+def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    if not encoding or encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ProtocolError(415, f"unsupported Content-Encoding {encoding!r}: send gzip, deflate or none")
+    d = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise ProtocolError(400, f"the {encoding} request body does not decompress: {e}") from e
+    if len(out) > limit or d.unconsumed_tail:
+        raise ProtocolError(413, f"the request body decompresses to more than {limit:,} bytes")
+    return out
+
+
+def _bytes_elements(raw: bytes, count: int) -> list[bytes]:
+    """A BYTES tensor in the binary extension's layout: each element a 4-byte little-endian length, then the bytes."""
+    out, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise ProtocolError(400, f"input {INPUT!r}: binary BYTES data ends inside an element's length prefix")
+        (n,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + n > len(raw):
+            raise ProtocolError(400, f"input {INPUT!r}: a binary BYTES element says {n} bytes but fewer remain")
+        out.append(raw[offset : offset + n])
+        offset += n
+    if len(out) != count:
+        raise ProtocolError(400, f"input {INPUT!r}: shape says {count} elements, the binary data holds {len(out)}")
+    return out
+
+
+def _flatten(data: Any) -> list:
+    if isinstance(data, list):
+        out = []
+        for item in data:
+            out.extend(_flatten(item))
+        return out
+    return [data]
+
+
+def parse_infer(body: bytes, header_length: str | None, max_images: int) -> tuple[dict, list[bytes]]:
+    """``(the request's JSON, the images)`` of an infer request; :class:`ProtocolError` for what breaks the protocol."""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise ProtocolError(
+                400, f"Inference-Header-Content-Length {header_length!r} is not a length within the body"
+            )
+        n = int(header_length)
+        head, binary = body[:n], body[n:]
+    else:
+        head, binary = body, b""
+    try:
+        req = json.loads(head)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError(400, f"the inference request header is not JSON: {e}") from e
+    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
+        raise ProtocolError(400, "the inference request must be a JSON object with a list 'inputs'")
+    images: list[bytes] | None = None
+    offset = 0
+    for tensor in req["inputs"]:
+        if not isinstance(tensor, dict):
+            raise ProtocolError(400, "each entry of 'inputs' must be an object")
+        name = tensor.get("name")
+        params = tensor.get("parameters") or {}
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if name != INPUT:
+            raise ProtocolError(400, f"unexpected inference input {name!r}: the model takes one input, {INPUT!r}")
+        if images is not None:
+            raise ProtocolError(400, f"input {INPUT!r} is given twice")
+        if tensor.get("datatype") != "BYTES":
+            raise ProtocolError(400, f"input {INPUT!r}: datatype must be BYTES, got {tensor.get('datatype')!r}")
+        shape = tensor.get("shape")
+        if (
+            not isinstance(shape, list)
+            or len(shape) != 2
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+            or shape[1] != 1
+            or shape[0] < 1
+        ):
+            raise ProtocolError(400, f"input {INPUT!r}: shape must be [batch, 1] with batch >= 1, got {shape!r}")
+        if shape[0] > max_images:
+            raise ProtocolError(
+                400, f"input {INPUT!r}: batch {shape[0]} is above this model's max_batch_size of {max_images}"
+            )
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
+                raise ProtocolError(400, f"input {INPUT!r}: binary_data_size {size!r} does not fit the binary data")
+            rows: list = _bytes_elements(binary[offset : offset + size], shape[0])
+            offset += size
+        else:
+            if "data" not in tensor:
+                raise ProtocolError(400, f"input {INPUT!r} has neither 'data' nor a binary_data_size parameter")
+            rows = _flatten(tensor["data"])
+            if len(rows) != shape[0]:
+                raise ProtocolError(400, f"input {INPUT!r}: shape says {shape[0]} elements, 'data' holds {len(rows)}")
+        try:
+            images = [image_bytes(r) for r in rows]
+        except ContractError as e:
+            raise ProtocolError(400, str(e)) from e
+    if images is None:
+        raise ProtocolError(400, f"the request has no input {INPUT!r}")
+    if offset != len(binary):
+        raise ProtocolError(400, f"the body holds {len(binary) - offset} bytes of binary data that no input claims")
+    return req, images
+
+
+def requested_outputs(req: dict) -> list[tuple[str, bool]]:
+    """``(output name, binary?)`` in the order asked (all four when none are named)."""
+    params = req.get("parameters") or {}
+    binary_default = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
+    asked = req.get("outputs")
+    if asked is None:
+        return [(name, binary_default) for name in OUTPUTS]
+    if not isinstance(asked, list):
+        raise ProtocolError(400, "'outputs' must be a list")
+    out = []
+    for entry in asked:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if name not in OUTPUTS:
+            raise ProtocolError(400, f"unexpected inference output {name!r}; the model has {', '.join(OUTPUTS)}")
+        p = entry.get("parameters") or {}
+        out.append((name, bool(p.get("binary_data", binary_default)) if isinstance(p, dict) else binary_default))
+    return out
+
+
+def _accepts(header: str | None) -> str | None:
+    """gzip or deflate when the client's Accept-Encoding takes it (tritonclient's response compression)."""
+    offered = {part.split(";")[0].strip().lower() for part in (header or "").split(",")}
+    return next((e for e in ("gzip", "deflate") if e in offered), None)
+
+
+def compress(response: Response, accept_encoding: str | None) -> Response:
+    encoding = _accepts(accept_encoding)
+    if encoding is None or len(response.body) < 1024:
+        return response
+    packed = zlib.compressobj(6, zlib.DEFLATED, 31 if encoding == "gzip" else 15)  # gzip or zlib framing
+    data = packed.compress(response.body) + packed.flush()
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+    headers["Content-Encoding"] = encoding
+    return Response(data, status_code=response.status_code, headers=headers, media_type=response.media_type)
+
+
+def infer_response(req: dict, model: str, tensors: dict[str, np.ndarray], outputs: list[tuple[str, bool]]) -> Response:
+    body: dict[str, Any] = {"model_name": model, "model_version": MODEL_VERSION}
+    if "id" in req:
+        body["id"] = req["id"]
+    entries, chunks = [], []
+    for name, binary in outputs:
+        datatype, dtype = OUTPUT_TYPES[name]
+        arr = np.ascontiguousarray(tensors[name], dtype=np.dtype(dtype).newbyteorder("<"))
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
+        if binary:
+            data = arr.tobytes()
+            entry["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        else:
+            entry["data"] = arr.reshape(-1).tolist()
+        entries.append(entry)
+    body["outputs"] = entries
+    if not chunks:
+        return JSONResponse(body)
+    head = json.dumps(body, separators=(",", ":")).encode()
+    return Response(
+        head + b"".join(chunks),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )
+
+
+# ------------------------------------------------------------------------------------------ the router
+def oip_router(svc) -> APIRouter:
+    """The ``/v2`` routes for a :class:`attn_export.serve.app.Service` (read at request time: the model loads later)."""
+    router = APIRouter(prefix="/v2", include_in_schema=False)
+    settings = svc.settings
+
+    def defaults() -> Params:
+        return Params(settings.conf, settings.iou, settings.max_det)
+
+    def model_or_error(name: str, version: str = "") -> Any:
+        m = svc.model
+        if m is None or svc.batcher is None:
+            raise ProtocolError(503, "the model is loading", {"Retry-After": "5"})
+        if name != m.name:
+            raise ProtocolError(404, f"unknown model: {name!r}; this server serves {m.name!r}")
+        if version not in ("", MODEL_VERSION):
+            raise ProtocolError(404, f"unknown version {version!r} of model {name!r}; it has version {MODEL_VERSION}")
+        return m
+
+    def config_of(m) -> dict:
+        kind = "KIND_CPU" if m.runner.device == "cpu" else "KIND_GPU"
+        config = model_config(
+            m.name,
+            max_batch=settings.max_images,
+            class_names=m.class_names,
+            input_size=m.input_size,
+            defaults=defaults(),
+            backend="attn-export",
+            instance_kind=kind,
+            max_queue_delay_us=int(settings.max_wait_ms * 1000),
+            parameters={
+                "runtime": m.backend,
+                "provider": m.provider,
+                "max_pixels": settings.max_pixels,
+                "max_side": settings.max_side,
+            },
+        )
+        config["dynamic_batching"]["preferred_batch_size"] = [svc.batcher.max_batch]
+        config["platform"] = f"attn-export_{m.backend}"
+        config["version_policy"] = {"latest": {"num_versions": 1}}
+        return json_config(config)
+
+    def guarded(handler):
+        @functools.wraps(handler)
+        async def run(*args, **kwargs):
+            try:
+                return await handler(*args, **kwargs)
+            except ProtocolError as e:
+                return error(e.status, e.message, e.headers)
+
+        return run
+
+    @router.get("", summary="Server metadata")
+    async def server_metadata():
+        return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
+
+    @router.get("/health/live", summary="Liveness")
+    async def live():
+        return Response(status_code=200)
+
+    @router.get("/health/ready", summary="Readiness")
+    async def ready():
+        if not svc.ready:
+            reason = "shutting down" if svc.shutting_down else ("warming up" if svc.model else "loading the model")
+            return error(503, f"not ready: {reason}", {"Retry-After": "5"})
+        return Response(status_code=200)
+
+    async def metadata(name: str, version: str = ""):
+        m = model_or_error(name, version)
+        dims = output_dims(settings.max_det)
+        return {
+            "name": m.name,
+            "versions": [MODEL_VERSION],
+            "platform": f"attn-export_{m.backend}",
+            "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1, 1]}],
+            "outputs": [{"name": n, "datatype": OUTPUT_TYPES[n][0], "shape": [-1, *dims[n]]} for n in OUTPUTS],
+        }
+
+    async def model_ready(name: str, version: str = ""):
+        model_or_error(name, version)
+        if not svc.ready:
+            return error(503, f"model {name!r} is not ready", {"Retry-After": "5"})
+        return Response(status_code=200)
+
+    async def config(name: str, version: str = ""):
+        return config_of(model_or_error(name, version))
+
+    async def infer(request: Request, name: str, version: str = ""):
+        t0 = time.perf_counter()
+        if settings.api_key is not None:
+            given = request.headers.get("x-api-key")
+            expected = settings.api_key.get_secret_value()
+            if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
+                raise ProtocolError(401, f"{'missing' if given is None else 'wrong'} API key: send it in X-API-Key")
+        m = model_or_error(name, version)
+        if svc.shutting_down:
+            raise ProtocolError(503, "the server is shutting down", {"Retry-After": "5"})
+        body = _decompress(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
+        req, images = parse_infer(body, request.headers.get(HEADER_LENGTH), settings.max_images)
+        try:
+            params = request_params(
+                req.get("parameters") if isinstance(req.get("parameters"), dict) else {}, defaults()
+            )
+        except ContractError as e:
+            raise ProtocolError(400, str(e)) from e
+        outputs = requested_outputs(req)
+
+        def decode_all() -> list:
+            out = []
+            for i, data in enumerate(images):
+                try:
+                    out.append(decode(data, m.input_size, settings.max_pixels, settings.max_side))
+                except InputError as e:
+                    who = f"image {i}: " if len(images) > 1 else ""
+                    raise ProtocolError(e.status, f"{who}{e.message}") from e
+            return out
+
+        decoded = await svc.run_cpu(decode_all)
+        try:
+            results = await asyncio.wait_for(
+                svc.batcher.submit(np.stack([d.pixels for d in decoded])), settings.request_timeout_s
+            )
+        except QueueFull as e:
+            raise ProtocolError(503, str(e), {"Retry-After": "1"}) from e
+        except BatcherClosed as e:
+            raise ProtocolError(503, str(e), {"Retry-After": "5"}) from e
+        except asyncio.TimeoutError as e:
+            raise ProtocolError(504, f"no result within {settings.request_timeout_s:g} s") from e
+
+        def finish() -> dict[str, np.ndarray]:
+            from attn_export.serve.triton_model import detections
+
+            preds = np.stack([r.output for r in results])
+            return pack(detections(preds, decoded, params), settings.max_det)
+
+        tensors = await svc.run_cpu(finish)
+        response = compress(infer_response(req, m.name, tensors, outputs), request.headers.get("accept-encoding"))
+        response.headers["Server-Timing"] = f"total;dur={(time.perf_counter() - t0) * 1000:.2f}"
+        return response
+
+    async def repository_index(request: Request):
+        m = svc.model
+        if m is None:
+            return []
+        return [{"name": m.name, "version": MODEL_VERSION, "state": "READY" if svc.ready else "UNAVAILABLE"}]
+
+    for prefix in ("/models/{name}", "/models/{name}/versions/{version}"):
+        router.add_api_route(prefix, guarded(metadata), methods=["GET"], summary="Model metadata")
+        router.add_api_route(f"{prefix}/ready", guarded(model_ready), methods=["GET"], summary="Model readiness")
+        router.add_api_route(f"{prefix}/config", guarded(config), methods=["GET"], summary="Model config")
+        router.add_api_route(f"{prefix}/infer", guarded(infer), methods=["POST"], summary="Inference")
+    router.add_api_route("/repository/index", repository_index, methods=["POST"], summary="Repository index")
+    return router
