@@ -61,7 +61,8 @@ def reference(v: torch.Tensor, attn: torch.Tensor, kernel_size: int, padding: in
     """Plain torch: tap-wise unfold, one batched matmul, tap-wise fold."""
     h, w = check_args(v, attn, kernel_size, padding, stride)
     windows = _windows(v, attn.shape[1], kernel_size, padding, stride)
-    return _fold(attn @ windows, v.shape, h, w, kernel_size, padding, stride)
+    y = (attn @ windows).to(torch.promote_types(v.dtype, torch.float32))  # fp16/bf16: the fold sums in fp32
+    return _fold(y, v.shape, h, w, kernel_size, padding, stride).to(v.dtype)
 
 
 @torch.library.custom_op("attn_export::outlook_aggregate", mutates_args=())
