@@ -73,7 +73,9 @@ class GSoPBlock(nn.Module):
         cov = covariance(z.to(torch.promote_types(z.dtype, torch.float32))).unsqueeze(-1)  # B, d, d, 1
         bn = self.row_bn
         if isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_var is not None:
-            f32 = [None if t is None else t.to(cov.dtype) for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias)]
+            f32 = [
+                None if t is None else t.to(cov.dtype) for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+            ]
             cov = F.batch_norm(cov, *f32, False, 0.0, bn.eps)
         else:
             cov = bn(cov.to(bn.weight.dtype if getattr(bn, "weight", None) is not None else z.dtype))

@@ -46,6 +46,7 @@ it is whenever its BatchNorm statistics fit in fp16; otherwise it needs :func:`p
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -92,7 +93,7 @@ def fold_pairs(model: nn.Module) -> Iterator[tuple[str, str]]:
         prefix = f"{path}." if path else ""
         if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
             names = list(m._modules)
-            for a, b in zip(names, names[1:], strict=False):
+            for a, b in itertools.pairwise(names):
                 if _foldable(m._modules[a], m._modules[b]):
                     yield prefix + a, prefix + b
         for conv_name, bn_name in FOLD_PAIRS.get(type(m), ()):
