@@ -19,6 +19,7 @@ from attn_export.blocks import GSoPBlock, Involution2d, ODConv2d, OutlookAttenti
 from attn_export.blocks.detector import ShapesDetector
 from attn_export.blocks.mixnet import MixedNet
 from attn_export.export.precision import fold_pairs, overflowing_values, prepare_for_inference
+from attn_export.export.precision_report import calibrate
 from attn_export.plugins import involution2d, outlook_aggregate
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "shapes_detector.pt"
@@ -127,25 +128,6 @@ def test_bad_dtype_and_unfittable_weights_are_refused():
 
 
 # ------------------------------------------------------------------------------------------ blocks
-def calibrate(block: nn.Module, shape: tuple[int, ...], scale: float, seed: int) -> nn.Module:
-    """Running statistics from inputs of that magnitude (as training would leave them), then random
-    affine parameters; returned in eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    for m in block.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None  # cumulative average
-    block.train()
-    with torch.no_grad():
-        for _ in range(4):
-            spread = 0.5 + torch.rand(shape[0], *[1] * (len(shape) - 1), generator=g)
-            block(torch.randn(shape, generator=g) * scale * spread)
-        for m in block.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(0.2 * torch.randn(m.num_features, generator=g))
-    return block.eval()
-
-
 # input scale: 1000 makes the reduction BatchNorms' running_var 1e5 to 1e6 (beyond fp16); the outlook
 # block's input is layer-normed in VOLO (and in the detector), so it is tested at the scale of a
 # LayerNorm output with its gain
