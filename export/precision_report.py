@@ -73,6 +73,7 @@ def block_rows() -> list[dict]:
             for tag, dtype in HALF.items():
                 row[f"{tag} prepared"] = _rel(prepare_for_inference(block, dtype)(x.to(dtype)), ref)
                 plain = copy.deepcopy(block).to(dtype)(x.to(dtype))
+                # nan: a statistic overflows the dtype (shown as "overflow"; the output is garbage)
                 row[f"{tag} plain"] = _rel(plain, ref) if not overflowing_values(block, dtype) else float("nan")
                 with torch.autocast("cpu", dtype=dtype):
                     row[f"{tag} autocast"] = _rel(block(x), ref)
@@ -134,7 +135,10 @@ def _table(rows: list[dict]) -> str:
     fmt = [(lambda v: f"{v:.2e}" if isinstance(v, float) and abs(v) < 0.1 else f"{v:.3g}") for _ in cols]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [f(r[c]) if isinstance(r[c], float) else str(r[c]) for f, c in zip(fmt, cols, strict=True)]
+        cells = [
+            "overflow" if r[c] != r[c] else f(r[c]) if isinstance(r[c], float) else str(r[c])
+            for f, c in zip(fmt, cols, strict=True)
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

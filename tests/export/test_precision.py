@@ -280,3 +280,14 @@ def test_shipped_detector_plain_bf16_and_autocast(shipped):
         folded = prepare_for_inference(model)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             _check_detections(folded(x), ref)
+
+
+def test_precision_report_prints_the_block_table(capsys):
+    from attn_export.export.precision_report import main
+
+    assert main(["--no-detector"]) == 0
+    out = capsys.readouterr().out
+    assert "| block | input scale |" in out
+    for name in ("Involution2d", "ODConv2d", "SKConv", "GSoPBlock", "OutlookAttention"):
+        assert f"| {name} |" in out
+    assert "overflow" in out  # plain fp16 of the blocks whose statistics pass 65,504
