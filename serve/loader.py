@@ -305,6 +305,9 @@ def load(settings: Settings, progress: Callable[[str, str], None] | None = None)
         device = settings.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        meta = dict(loaded.meta)
+        shape = loaded.input_shape or ()
+        size = size or (_static_size((None, *shape)) if shape else None)
         runner = TorchRunner(
             loaded.model,
             input_names=("input",),
@@ -313,15 +316,12 @@ def load(settings: Settings, progress: Callable[[str, str], None] | None = None)
             prepare=True,  # BatchNorm folded (export/precision.py), the same step as the ONNX export
             cuda_graphs=settings.cuda_graphs,
             max_batch=settings.max_batch or 16,  # the batcher's default on a GPU
-            input_shape=loaded.input_shape,
+            input_shape=(shape[0], size, size) if shape and size else None,  # what the letterbox makes
         )
         for note in runner.notes:
             log.warning("%s", note)
             notes.append(note)
         max_batch = runner.max_batch  # the largest captured graph, so the batcher never pads past it
-        meta = dict(loaded.meta)
-        shape = loaded.input_shape or ()
-        size = size or (_static_size((None, *shape)) if shape else None)
         path = source
     else:  # onnxruntime
         if kind == "engine":

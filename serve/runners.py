@@ -143,6 +143,7 @@ class StaticBatches:
         import torch
 
         self.sizes = tuple(sorted(sizes))
+        self.item_shape = tuple(example.shape[1:])  # the shape of one input the graphs hold
         self._torch = torch
         self._entries = {}
         for size in sorted(self.sizes, reverse=True):  # largest first: the smaller ones reuse its memory
@@ -256,7 +257,8 @@ class TorchRunner(Runner):
         args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n in self.input_names]
         args = [a.to(self.dtype) if a.is_floating_point() else a for a in args]
         with self._lock, torch.inference_mode():
-            outs = self.graphs(args[0]) if self.graphs is not None and len(args) == 1 else self.model(*args)
+            captured = self.graphs is not None and len(args) == 1 and tuple(args[0].shape[1:]) == self.graphs.item_shape
+            outs = self.graphs(args[0]) if captured else self.model(*args)  # another shape runs eagerly
             flat = [t.detach().float().cpu().numpy() for t in torch.utils._pytree.tree_leaves(outs)]
         if not self.output_names:
             self.output_names = [f"output{i}" for i in range(len(flat))]

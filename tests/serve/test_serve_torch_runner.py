@@ -113,6 +113,24 @@ def test_torch_runner_in_bf16_returns_float32(detector):
     np.testing.assert_allclose(out[..., 4:], ref[..., 4:], atol=0.05)
 
 
+def test_torch_runner_replays_captured_sizes_and_runs_other_shapes_eagerly(detector):
+    runner = TorchRunner(detector, ["input"], ["output"], prepare=True)
+    calls: list[int] = []
+    with torch.inference_mode():
+        runner.graphs = StaticBatches(_cpu_capture(runner.model, calls), (1, 2), torch.zeros(1, 3, 64, 64))
+    calls.clear()
+    assert runner.max_batch == 2
+    rng = np.random.default_rng(2)
+    x = rng.random((3, 3, 64, 64), dtype=np.float32)
+    with torch.inference_mode():
+        ref = runner.model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(runner.infer({"input": x})["output"], ref, rtol=1e-5, atol=1e-4)
+    assert calls == [2, 1]
+    other = rng.random((1, 3, 96, 96), dtype=np.float32)  # not the captured input size
+    assert runner.infer({"input": other})["output"].shape == (1, 12 * 12 + 6 * 6 + 3 * 3, 8)
+    assert calls == [2, 1]
+
+
 def test_cuda_graphs_need_a_cuda_device(detector):
     runner = TorchRunner(detector, ["input"], ["output"], cuda_graphs=True, input_shape=(3, 64, 64))
     assert runner.graphs is None and runner.max_batch is None and runner.notes == []
