@@ -56,6 +56,7 @@ within 0.05 of fp32, boxes of confident cells within 2 px):
 
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 from collections.abc import Iterator
@@ -92,24 +93,32 @@ def _is_plain_bn(m: nn.Module) -> bool:
     )
 
 
-def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
-    return _is_plain_conv(conv) and _is_plain_bn(bn) and conv.out_channels == bn.num_features
+def _foldable(conv: nn.Module, bn: nn.Module, uses: collections.Counter) -> bool:
+    """A plain conv and a plain BatchNorm of its width, each used once (a shared one stays as it is)."""
+    return (
+        _is_plain_conv(conv)
+        and _is_plain_bn(bn)
+        and conv.out_channels == bn.num_features
+        and uses[id(conv)] == 1
+        and uses[id(bn)] == 1
+    )
 
 
 def fold_pairs(model: nn.Module) -> Iterator[tuple[str, str]]:
     """``(conv path, batchnorm path)`` of every BatchNorm that directly follows a convolution."""
     if not FOLD_PAIRS:
         FOLD_PAIRS.update(_fold_pairs())
+    uses = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     for path, m in model.named_modules():
         prefix = f"{path}." if path else ""
         if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
             names = list(m._modules)
             for a, b in itertools.pairwise(names):
-                if _foldable(m._modules[a], m._modules[b]):
+                if _foldable(m._modules[a], m._modules[b], uses):
                     yield prefix + a, prefix + b
         for conv_name, bn_name in FOLD_PAIRS.get(type(m), ()):
             conv, bn = getattr(m, conv_name, None), getattr(m, bn_name, None)
-            if conv is not None and bn is not None and _foldable(conv, bn):
+            if conv is not None and bn is not None and _foldable(conv, bn, uses):
                 yield prefix + conv_name, prefix + bn_name
 
 
