@@ -80,8 +80,15 @@ def _fold_pairs() -> dict[type[nn.Module], tuple[tuple[str, str], ...]]:
 FOLD_PAIRS: dict[type[nn.Module], tuple[tuple[str, str], ...]] = {}
 
 
+def _no_hooks(m: nn.Module) -> bool:
+    """No forward hooks (weight_norm's recomputes the weight) and no parametrization."""
+    return not (m._forward_pre_hooks or m._forward_hooks or nn.utils.parametrize.is_parametrized(m))
+
+
 def _is_plain_conv(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward and m.padding_mode == "zeros"
+    return (
+        isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward and m.padding_mode == "zeros" and _no_hooks(m)
+    )
 
 
 def _is_plain_bn(m: nn.Module) -> bool:
@@ -90,6 +97,7 @@ def _is_plain_bn(m: nn.Module) -> bool:
         and type(m).forward is nn.modules.batchnorm._BatchNorm.forward
         and m.running_mean is not None
         and m.running_var is not None
+        and _no_hooks(m)
     )
 
 

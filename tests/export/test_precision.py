@@ -111,6 +111,16 @@ def test_a_shared_conv_is_not_folded():
     torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
 
 
+def test_a_weight_normed_conv_is_not_folded():
+    torch.manual_seed(0)
+    conv = nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3, padding=1))
+    model = randomize_bn_(nn.Sequential(conv, nn.BatchNorm2d(4)).double(), 5).eval()
+    assert list(fold_pairs(model)) == []
+    folded = prepare_for_inference(model)
+    x = torch.randn(2, 3, 8, 8, dtype=F64)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
 def test_callers_model_is_unchanged():
     torch.manual_seed(0)
     model = randomize_bn_(ShapesDetector(), 2).train()
