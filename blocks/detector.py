@@ -189,8 +189,10 @@ class ShapesDetector(nn.Module):
         for f, head, s in zip(feats, self.heads, STRIDES, strict=True):
             cls, box = head(f)
             shapes.append((f.shape[2], f.shape[3]))
-            logits.append(cls.flatten(2))
-            dists.append(F.softplus(box.flatten(2)) * s)
+            # decoded in fp32 or wider: bf16 spaces coordinates above 256 px 2 px apart (no-ops in fp32)
+            wide = torch.promote_types(box.dtype, torch.float32)
+            logits.append(cls.flatten(2).to(wide))
+            dists.append(F.softplus(box.flatten(2).to(wide)) * s)
         logits = torch.cat(logits, 2).transpose(1, 2)
         dists = torch.cat(dists, 2).transpose(1, 2)
         pts, strides = self.points(shapes, x.device, dists.dtype)

@@ -26,6 +26,7 @@ multiplies the reduced tensor by the weights; both are wrong and not followed he
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from attn_export.blocks._checks import check_input, check_positive
@@ -67,8 +68,18 @@ class GSoPBlock(nn.Module):
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """The channel weights, (B, in_channels, 1, 1)."""
         z = self.act(self.bn_for_DR(self.conv_for_DR(self.pre_act(x))))
-        cov = covariance(z).unsqueeze(-1)  # B, d, d, 1
-        y = self.row_act(self.row_conv_group(self.row_bn(cov)))  # B, 4d, 1, 1
+        # The covariance sums H*W products (in fp16 it overflows once features reach about 20 on a
+        # 20x20 map) and row_bn normalises it: both run in fp32 or wider (no-ops in fp32 and fp64).
+        cov = covariance(z.to(torch.promote_types(z.dtype, torch.float32))).unsqueeze(-1)  # B, d, d, 1
+        bn = self.row_bn
+        if isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_var is not None:
+            f32 = [
+                None if t is None else t.to(cov.dtype) for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+            ]
+            cov = F.batch_norm(cov, *f32, False, 0.0, bn.eps)
+        else:
+            cov = bn(cov.to(bn.weight.dtype if getattr(bn, "weight", None) is not None else z.dtype))
+        y = self.row_act(self.row_conv_group(cov.to(z.dtype)))  # B, 4d, 1, 1
         return torch.sigmoid(self.fc_adapt_channels(y))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

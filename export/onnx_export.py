@@ -23,6 +23,7 @@ from torch import nn
 
 from attn_export.export.adapt import AdaptRecord, adapt_model, function_rewrites
 from attn_export.export.errors import ExportError
+from attn_export.export.precision import prepare_for_inference
 from attn_export.export.verify import VerifyReport, compare_outputs
 
 log = logging.getLogger("attn_export")
@@ -493,6 +494,7 @@ def export_onnx(
                 f"the model does not run on an input of shape {tuple(sample.shape)}: {_first_line(e)}"
             ) from e
         result.adapted = adapt_model(model, sample)
+        model = prepare_for_inference(model)  # a copy, BatchNorm folded: half precision starts from it
         result.blocks = find_blocks(model)
         n_out = len(torch.utils._pytree.tree_leaves(first))
         result.output_names = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]

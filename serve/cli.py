@@ -46,6 +46,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=int, help="images queued at most; beyond, requests get 503 (default 128)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's choice)")
     p.add_argument("--device", help="torch backend: cpu, cuda, cuda:N (default auto)")
+    p.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        default=None,
+        help="torch backend on CUDA: run eagerly instead of replaying CUDA graphs captured at start-up",
+    )
     p.add_argument("--input-size", type=int, help="letterbox size (default: from the model)")
     p.add_argument("--cache-dir", type=Path, help="where a checkpoint's ONNX export is cached")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None, help="skip the warm-up")

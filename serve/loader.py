@@ -305,10 +305,23 @@ def load(settings: Settings, progress: Callable[[str, str], None] | None = None)
         device = settings.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        runner = TorchRunner(loaded.model, input_names=("input",), output_names=("output",), device=device)
         meta = dict(loaded.meta)
         shape = loaded.input_shape or ()
         size = size or (_static_size((None, *shape)) if shape else None)
+        runner = TorchRunner(
+            loaded.model,
+            input_names=("input",),
+            output_names=("output",),
+            device=device,
+            prepare=True,  # BatchNorm folded (export/precision.py), the same step as the ONNX export
+            cuda_graphs=settings.cuda_graphs,
+            max_batch=settings.max_batch or 16,  # the batcher's default on a GPU
+            input_shape=(shape[0], size, size) if shape and size else None,  # what the letterbox makes
+        )
+        for note in runner.notes:
+            log.warning("%s", note)
+            notes.append(note)
+        max_batch = runner.max_batch  # the largest captured graph, so the batcher never pads past it
         path = source
     else:  # onnxruntime
         if kind == "engine":

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     model: Path | None = Field(None, description="a .onnx graph, a TensorRT engine or an attn-export checkpoint")
     backend: Literal["onnxruntime", "torch", "tensorrt"] = "onnxruntime"
     device: str = Field("auto", description="torch backend: cpu, cuda, cuda:N or auto")
+    cuda_graphs: bool = Field(
+        True, description="torch backend on CUDA: capture CUDA graphs at start-up for the batch sizes the batcher uses"
+    )
     threads: int | None = Field(
         None, ge=1, le=256, description="onnxruntime intra-op threads (default: the CPUs less one, at least 1)"
     )

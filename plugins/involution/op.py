@@ -49,11 +49,12 @@ def reference(
     b, c, _, _ = x.shape
     g = weight.shape[1]
     xp = F.pad(x, (padding,) * 4).view(b, g, c // g, x.shape[2] + 2 * padding, x.shape[3] + 2 * padding)
-    out = x.new_zeros((b, g, c // g, ho, wo))
+    # fp16/bf16 accumulate in fp32, as the CUDA kernel and the TensorRT plugin do
+    out = x.new_zeros((b, g, c // g, ho, wo), dtype=torch.promote_types(x.dtype, torch.float32))
     for t in range(kernel_size * kernel_size):
         a, bb = divmod(t, kernel_size)
         out.addcmul_(tap_slice(xp, a, bb, dilation, stride, ho, wo), weight[:, :, t : t + 1])
-    return out.view(b, c, ho, wo)
+    return out.view(b, c, ho, wo).to(x.dtype)
 
 
 @torch.library.custom_op("attn_export::involution2d", mutates_args=())

@@ -60,8 +60,9 @@ def _fold(
 def reference(v: torch.Tensor, attn: torch.Tensor, kernel_size: int, padding: int, stride: int) -> torch.Tensor:
     """Plain torch: tap-wise unfold, one batched matmul, tap-wise fold."""
     h, w = check_args(v, attn, kernel_size, padding, stride)
-    windows = _windows(v, attn.shape[1], kernel_size, padding, stride)
-    return _fold(attn @ windows, v.shape, h, w, kernel_size, padding, stride)
+    acc = torch.promote_types(v.dtype, torch.float32)  # fp16/bf16 accumulate in fp32, as the CUDA kernel does
+    windows = _windows(v.to(acc), attn.shape[1], kernel_size, padding, stride)
+    return _fold(attn.to(acc) @ windows, v.shape, h, w, kernel_size, padding, stride).to(v.dtype)
 
 
 @torch.library.custom_op("attn_export::outlook_aggregate", mutates_args=())
