@@ -500,11 +500,13 @@ def simulate(model, plan: PrecisionPlan):
     return out
 
 
-def layer_precision_args(plan: PrecisionPlan) -> list[str]:
-    """trtexec's form of the plan for TensorRT 10 (weakly typed fp16/bf16 builds): the fp32 layers, by name."""
-    if not plan.fp32:
+def layer_precision_args(plan: PrecisionPlan, names: Iterable[str] | None = None) -> list[str]:
+    """trtexec's form of the plan for TensorRT 10 (weakly typed fp16/bf16 builds): the fp32 layers by name
+    (``names``: the layers :func:`apply_layer_precisions` pinned; default the plan's node names)."""
+    names = sorted(set(plan.fp32 if names is None else names))
+    if not names:
         return []
-    spec = ",".join(f"{name}:fp32" for name in sorted(plan.fp32))
+    spec = ",".join(f"{name}:fp32" for name in names)
     return ["--precisionConstraints=obey", f"--layerPrecisions={spec}", f"--layerOutputTypes={spec}"]
 
 

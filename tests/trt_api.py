@@ -75,8 +75,8 @@ def bindings_dir() -> Path:
 
 
 # ------------------------------------------------------------------------------------------ the stand-in
-def _enum(name: str, members: str) -> type[enum.Enum]:
-    return enum.Enum(name, [(m, i) for i, m in enumerate(members.split())])
+def _enum(name: str, members: str, base: type[enum.Enum] = enum.Enum) -> type[enum.Enum]:
+    return base(name, [(m, i) for i, m in enumerate(members.split())])
 
 
 class IDimensionExpr:
@@ -204,9 +204,9 @@ def stub_tensorrt(version: str = WHEEL_VERSION, *, aot: bool = True) -> types.Mo
             "QuickPluginCreationRequest", "UNKNOWN PREFER_JIT PREFER_AOT STRICT_JIT STRICT_AOT"
         )
     flags = "FP16 BF16 INT8 TF32 OBEY_PRECISION_CONSTRAINTS PREFER_PRECISION_CONSTRAINTS" if major < 11 else "TF32"
-    trt.BuilderFlag = _enum("BuilderFlag", flags + " REFIT DIRECT_IO")
+    trt.BuilderFlag = _enum("BuilderFlag", flags + " REFIT DIRECT_IO", enum.IntEnum)  # int(flag), as TensorRT's
     creation = "STRONGLY_TYPED PREFER_AOT_PYTHON_PLUGINS PREFER_JIT_PYTHON_PLUGINS"
-    trt.NetworkDefinitionCreationFlag = _enum("NetworkDefinitionCreationFlag", creation)
+    trt.NetworkDefinitionCreationFlag = _enum("NetworkDefinitionCreationFlag", creation, enum.IntEnum)
     for name in (
         "IPluginV3",
         "IPluginV3QuickCore",
@@ -239,7 +239,162 @@ def stub_tensorrt(version: str = WHEEL_VERSION, *, aot: bool = True) -> types.Mo
     trt.DimsExprs = lambda n: [None] * n
     trt.PluginTensorDesc = PluginTensorDesc
     trt.DynamicPluginTensorDesc = DynamicPluginTensorDesc
+    trt.Builder = lambda logger: Builder(trt)
+    trt.OnnxParser = lambda network, logger: OnnxParser(trt, network)
     return trt
+
+
+# ------------------------------------------------------------------------------------------ build recorders
+class Tensor:
+    def __init__(self, name: str, shape, dtype) -> None:
+        self.name, self.shape, self.dtype = name, tuple(shape), dtype
+
+
+class Layer:
+    """A parsed layer: its name (the ONNX node's), outputs, and the precision settings it was given."""
+
+    def __init__(self, name: str, outputs: list[Tensor]) -> None:
+        self.name, self._outputs = name, outputs
+        self.precision = None
+        self.output_types: dict[int, object] = {}
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self._outputs)
+
+    def get_output(self, k: int) -> Tensor:
+        return self._outputs[k]
+
+    def set_output_type(self, k: int, dtype) -> None:
+        self.output_types[k] = dtype
+
+
+class Network:
+    def __init__(self, flags: int) -> None:
+        self.flags = flags
+        self.inputs: list[Tensor] = []
+        self.outputs: list[Tensor] = []
+        self.layers: list[Layer] = []
+        self.parsed: str | None = None
+
+    num_inputs = property(lambda self: len(self.inputs))
+    num_outputs = property(lambda self: len(self.outputs))
+    num_layers = property(lambda self: len(self.layers))
+
+    def get_input(self, i: int) -> Tensor:
+        return self.inputs[i]
+
+    def get_output(self, i: int) -> Tensor:
+        return self.outputs[i]
+
+    def get_layer(self, i: int) -> Layer:
+        return self.layers[i]
+
+
+class OnnxParser:
+    """Parses an ONNX file into one :class:`Layer` per node (named after it), typed from the graph."""
+
+    num_errors = 0
+
+    def __init__(self, trt, network: Network) -> None:
+        self.trt, self.network = trt, network
+
+    def parse_from_file(self, path: str) -> bool:
+        import onnx
+
+        model = onnx.load(path)
+        model = onnx.shape_inference.infer_shapes(model)
+        T = onnx.TensorProto
+        D = self.trt.DataType
+        table = {T.FLOAT: D.FLOAT, T.FLOAT16: D.HALF, T.BFLOAT16: D.BF16, T.INT64: D.INT64, T.INT32: D.INT32}
+        table[T.BOOL] = D.BOOL
+        types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.output)}
+        types.update({i.name: i.data_type for i in model.graph.initializer})
+
+        def dims(v):
+            return [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
+
+        net = self.network
+        net.parsed = path
+        net.inputs = [Tensor(i.name, dims(i), table[i.type.tensor_type.elem_type]) for i in model.graph.input]
+        for n in model.graph.node:
+            outs = [Tensor(o, (), table.get(types.get(o), D.FLOAT)) for o in n.output if o]
+            net.layers.append(Layer(n.name, outs))
+        net.outputs = [Tensor(o.name, dims(o), table[o.type.tensor_type.elem_type]) for o in model.graph.output]
+        return True
+
+    def get_error(self, i: int):  # pragma: no cover - never called: parsing never fails here
+        raise IndexError(i)
+
+
+class Profile:
+    def __init__(self) -> None:
+        self.shapes: dict[str, tuple] = {}
+
+    def set_shape(self, name: str, lo, opt, hi) -> None:
+        self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+
+
+class TimingCache:
+    def serialize(self) -> bytes:
+        return b"timing cache"
+
+
+class Config:
+    def __init__(self, trt) -> None:
+        self.trt = trt
+        self.flags = {trt.BuilderFlag.TF32}  # TensorRT's default: TF32 on
+        self.pools: dict = {}
+        self.profiles: list[Profile] = []
+        self.progress_monitor = None
+
+    def set_flag(self, flag) -> None:
+        self.flags.add(flag)
+
+    def clear_flag(self, flag) -> None:
+        self.flags.discard(flag)
+
+    def set_memory_pool_limit(self, pool, size: int) -> None:
+        self.pools[pool] = size
+
+    def add_optimization_profile(self, profile: Profile) -> int:
+        self.profiles.append(profile)
+        return len(self.profiles) - 1
+
+    def create_timing_cache(self, blob: bytes) -> TimingCache:
+        return TimingCache()
+
+    def set_timing_cache(self, cache, ignore_mismatch: bool) -> bool:
+        return True
+
+    def get_timing_cache(self) -> TimingCache:
+        return TimingCache()
+
+
+class Builder:
+    """Records the network and config it builds; the "engine" is a few bytes."""
+
+    def __init__(self, trt) -> None:
+        self.trt = trt
+        self.built: list[tuple[Network, Config]] = []
+
+    def create_network(self, flags: int = 0) -> Network:
+        return Network(flags)
+
+    def create_optimization_profile(self) -> Profile:
+        return Profile()
+
+    def create_builder_config(self) -> Config:
+        return Config(self.trt)
+
+    def build_serialized_network(self, network: Network, config: Config) -> bytes:
+        self.built.append((network, config))
+        BUILDS.append((network, config))
+        return b"serialized engine"
+
+
+#: Every (network, config) a stand-in builder built, in order (tests clear it).
+BUILDS: list[tuple[Network, Config]] = []
 
 
 @contextlib.contextmanager
