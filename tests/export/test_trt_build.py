@@ -500,7 +500,7 @@ def test_a_graph_already_in_fp16_is_labelled_fp16(stand_in, mixed_graph, tmp_pat
     onnx.save(pg.convert(model, pg.plan_precision(model, "fp16")), low_path)
     result = tb.build_engine(low_path, tmp_path / "net16.engine", "input", INPUT_SHAPE, (1, 2, 4))
     assert result.precision == "fp16" and result.metadata["precision_detail"]["mode"] == "graph types"
-    ((network, config),) = trt_api.BUILDS
+    ((network, _),) = trt_api.BUILDS
     assert network.parsed == str(low_path) and "--fp16" not in result.trtexec
 
 
