@@ -447,7 +447,12 @@ def compile_aot(
     """Compile a Triton kernel ahead of time for a TensorRT AOT plugin.
 
     ``entry`` is a ``triton.JITFunction`` whose parameters are, in order, the plugin's input pointers,
-    its int32 scalars and its output pointers (TensorRT's launch order), then constexprs; ``signature``
+    its int32 scalars and its output pointers (TensorRT's launch order), then constexprs: each plugin's
+    ``aot_entry()``, a ``@triton.jit`` function calling the op's kernel (inlined when compiled). The
+    entries find ``triton.language`` and the kernel among their module's globals (``global tl, _body``):
+    Triton's interpreter re-executes an entry's source against those (closures are lost), and the
+    compiler resolves names there. Under ``TRITON_INTERPRET=1`` an entry is interpreted, which runs it
+    on CPU tensors (the tests do) but cannot compile it. ``signature``
     types the non-constexpr parameters (``"*fp32"``, ``"i32"``, ...). ``target`` is a
     ``triton.backends.compiler.GPUTarget`` (None: the current GPU). Returns the kernel's name, its PTX
     with exactly ``n_params`` parameters, and its launch block size and shared memory.

@@ -141,14 +141,8 @@ def launch(x, weight, out, stride, padding, dilation, groups: int) -> None:
 
 @functools.cache
 def aot_entry():
-    """The kernel with TensorRT's parameter order: ``(x, weight, <11 scalars>, out, <constexprs>)``.
-
-    A ``@triton.jit`` function that calls ``_dynamic_conv2d_fwd`` (inlined when compiled). Under
-    ``TRITON_INTERPRET=1`` it is interpreted, which runs it on CPU tensors (the tests do) but cannot
-    compile it.
-    """
-    # The entry finds triton.language and the kernel among its module's globals: the interpreter
-    # re-executes its source against those (closures are lost), the compiler resolves names there.
+    """``_dynamic_conv2d_fwd`` with TensorRT's parameter order ``(x, weight, <11 scalars>, out, <constexprs>)`` (see
+    :func:`attn_export.plugins.trt.compile_aot` for why it lives in this module's globals)."""
     global tl, _body
     import triton
     import triton.language as tl

@@ -455,12 +455,15 @@ _COMPILE_SCRIPT = textwrap.dedent(
 
     target = GPUTarget("cuda", 80, 32)
     kernels = {}
-    for dtype in ("fp32", "fp16"):
+    for dtype in ("fp32", "fp16", "bf16"):
         kernels["involution2d", dtype] = inv.aot_kernel(dtype, 3, 2, 1, 1, 32, 128, target=target)
         kernels["dynamic_conv2d", dtype] = dconv.aot_kernel(
             dtype, (2, 1), (1, 0), (1, 2), (3, 2), 16, 16, 64, target=target
         )
         kernels["outlook_aggregate", dtype] = outl.aot_kernel(dtype, 3, 1, 2, 32, 64, target=target)
+    mixed = ("fp16", "fp32", "fp16")  # x fp16, weight fp32 (a strongly typed graph may declare it)
+    kernels["involution2d", "mixed"] = inv.aot_kernel(mixed, 3, 2, 1, 1, 32, 128, target=target)
+    kernels["outlook_aggregate", "mixed"] = outl.aot_kernel(mixed, 3, 1, 2, 32, 64, target=target)
     out = {}
     for (op, dtype), k in kernels.items():
         ptx = k.ptx.decode()
@@ -475,7 +478,8 @@ _COMPILE_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_aot_kernels_compile_with_exactly_the_parameters_tensorrt_passes():
-    """Compiles PTX for sm_80 (Triton's own toolchain; no GPU needed), in a process without the interpreter."""
+    """Compiles PTX for sm_80 (Triton's own toolchain; no GPU needed), in a process without the interpreter:
+    fp32, fp16, bf16, and mixed pointer types for the kernels that read every load as fp32."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
