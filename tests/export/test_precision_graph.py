@@ -322,3 +322,14 @@ def test_shipped_detector_in_half_precision_on_real_images(detector_graph, low):
         confident = ref_scores.max(-1) > 0.3
         assert confident.sum() >= 6  # the images do hold objects
         assert np.abs(got[..., :4] - ref[..., :4])[confident].max() <= 2.0
+
+
+def test_importing_the_precision_step_imports_no_onnx_backend():
+    import subprocess
+    import sys
+
+    mods = "('onnx', 'onnxruntime', 'ml_dtypes')"
+    code = f"import sys, attn_export.export.precision_graph; print(sorted(m for m in {mods} if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
