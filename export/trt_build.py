@@ -298,6 +298,7 @@ def trtexec_command(
     bf16: bool = False,
     layer_precisions: Sequence[str] = (),
     tf32: bool = False,
+    strongly_typed: bool = False,
 ) -> str:
     """The ``trtexec`` command line that builds the engine :func:`build_engine` builds.
 
@@ -316,7 +317,8 @@ def trtexec_command(
     from an fp16 ONNX graph (:func:`attn_export.export.precision_graph.convert`, which ``build_engine``
     writes beside the engine), so ``onnx_path`` must be that graph and asking for ``fp16`` raises
     ValueError. ``--noTF32`` (unless ``tf32``) on both: fp32 layers are IEEE fp32, as ``build_engine``
-    builds them (TensorRT 11 keeps the TF32 builder flag and trtexec's ``--noTF32``).
+    builds them (TensorRT 11 keeps the TF32 builder flag and trtexec's ``--noTF32``). ``strongly_typed``
+    adds ``--stronglyTyped`` on TensorRT 10 (a graph already in fp16/bf16, built as its types say).
     ``tensorrt_major`` defaults to the installed TensorRT's (10 where none is installed).
     """
     shapes = profile_shapes(input_shape, batch)
@@ -346,6 +348,8 @@ def trtexec_command(
         argv += list(layer_precisions)
     elif layer_precisions:
         raise ValueError("layer precisions apply to fp16 or bf16 builds")
+    if strongly_typed and major < 11:
+        argv.append("--stronglyTyped")  # 11 builds nothing else
     if not tf32:
         argv.append("--noTF32")  # fp32 layers are IEEE fp32, as build_engine builds them (TensorRT 10 and 11)
     argv += [f"--dynamicPlugins={lib}" for lib in plugin_libraries]
@@ -454,8 +458,8 @@ def build_engine(
     fp32; on TensorRT 11 (strongly typed only) the converted graph, written beside the engine as
     ``<name>.fp16.onnx`` (``.bf16.onnx``), fp32 in and out. The fp16 range rule measures activations on
     ``precision_samples`` (input batches; default one standard-normal batch of 1, which overestimates
-    image activations: conservative). A graph that is already fp16/bf16 is built as it is and labelled
-    so.
+    image activations: conservative). A graph that is already fp16/bf16 is built as its types say
+    (TensorRT 10: a ``STRONGLY_TYPED`` network) and labelled so.
     ``workspace_gb`` caps ``MemoryPoolType.WORKSPACE``. ``timing_cache`` defaults to
     :func:`timing_cache_path_for` the engine; it is loaded when present and saved after the build.
     ``progress(stage, message)`` receives the build phases (TensorRT's ``IProgressMonitor`` where it
@@ -510,12 +514,18 @@ def build_engine(
             say("plugins", "JIT plugins call back into Python: run this engine with TensorRTRunner, not trtexec")
 
     low = "fp16" if fp16 else ("bf16" if bf16 else None)
-    strongly_typed = not hasattr(trt.BuilderFlag, "FP16")  # TensorRT 11: precision is the graph's types
+    trt11 = not hasattr(trt.BuilderFlag, "FP16")  # TensorRT 11: strongly typed only, precision is the graph's
+    graph_type = _graph_precision(onnx_path)  # a graph already in fp16/bf16 is built as its types say
+    if low and graph_type not in ("fp32", low):
+        raise ExportError(f"{onnx_path} is already a {graph_type} graph; build it without --fp16/--bf16")
+    typed_graph = graph_type != "fp32"
+    if typed_graph:
+        low = None  # nothing to convert
     cache_path = Path(timing_cache) if timing_cache else timing_cache_path_for(engine_path)
     parse_path, plan, source = onnx_path, None, None
     if low:
         plan, source = _precision_plan(onnx_path, low, input_name, shapes[0][1:], precision_samples, say)
-        if strongly_typed:
+        if trt11:
             parse_path = low_graph_path_for(engine_path, low)
             _write_onnx_atomically(_convert(source, plan), parse_path)
             say("precision", f"{low} graph for strongly typed TensorRT {trt.__version__}: {parse_path}")
@@ -527,6 +537,8 @@ def build_engine(
     if nodes and hasattr(creation, "PREFER_AOT_PYTHON_PLUGINS"):
         preferred = creation.PREFER_AOT_PYTHON_PLUGINS if mode == "aot" else creation.PREFER_JIT_PYTHON_PLUGINS
         flags |= 1 << int(preferred)
+    if typed_graph and not trt11:  # TensorRT 10 follows a half-precision graph's types only when told to
+        flags |= 1 << int(creation.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     say("parse", f"{parse_path} (TensorRT {trt.__version__} ONNX parser)")
@@ -566,7 +578,7 @@ def build_engine(
         from attn_export.export import precision_graph as pg
 
         detail = {"low": low, "fp32_nodes": len(plan.fp32), "reasons": plan.reasons()}
-        if strongly_typed:
+        if trt11:
             detail.update(mode="strongly typed graph", graph=parse_path.name)
         else:
             config.set_flag(trt.BuilderFlag.FP16 if low == "fp16" else trt.BuilderFlag.BF16)
@@ -576,9 +588,8 @@ def build_engine(
             detail.update(mode="layer precision constraints", fp32_layers=pinned)
         precision = low
     else:
-        graph_type = _graph_precision(onnx_path)
-        detail = {"mode": "graph types", "low": graph_type} if graph_type != "fp32" else None
-        precision = graph_type if graph_type != "fp32" else ("tf32" if tf32 else "fp32")
+        detail = {"mode": "graph types", "low": graph_type} if typed_graph else None
+        precision = graph_type if typed_graph else ("tf32" if tf32 else "fp32")
     if not tf32 and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)
     trtexec = trtexec_command(
@@ -587,13 +598,14 @@ def build_engine(
         input_name,
         shapes[0][1:],
         batch,
-        fp16=low == "fp16" and not strongly_typed,
-        bf16=low == "bf16" and not strongly_typed,
+        fp16=low == "fp16" and not trt11,
+        bf16=low == "bf16" and not trt11,
         workspace_gb=workspace_gb,
         timing_cache=cache_path,
-        tensorrt_major=11 if strongly_typed else 10,
+        tensorrt_major=11 if trt11 else 10,
         layer_precisions=layer_args,
         tf32=tf32,
+        strongly_typed=typed_graph and not trt11,
     )
 
     blob = cache_path.read_bytes() if cache_path.is_file() else b""

@@ -431,6 +431,10 @@ def _trtexec_of(trt, network, config, engine_path, cache_path) -> set[str]:
         f"--memPoolSize=workspace:{config.pools[trt.MemoryPoolType.WORKSPACE] >> 20}M",
     }
     F = trt.BuilderFlag
+    if not trt.__version__.startswith("11") and network.flags & (
+        1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    ):
+        args.add("--stronglyTyped")
     if trt.BuilderFlag.TF32 not in config.flags:
         args.add("--noTF32")
     for flag, arg in (("FP16", "--fp16"), ("BF16", "--bf16")):
@@ -497,7 +501,7 @@ def test_build_tells_tensorrt_what_trtexec_is_told(stand_in, mixed_graph, tmp_pa
 
 
 def test_a_graph_already_in_fp16_is_labelled_fp16(stand_in, mixed_graph, tmp_path):
-    """TensorRT 11 (and 10) builds a converted graph as it is: its precision is the graph's, not fp32."""
+    """A converted graph is built as its types say (10: a strongly typed network), labelled by its types."""
     import onnx
 
     from attn_export.export import precision_graph as pg
@@ -505,10 +509,18 @@ def test_a_graph_already_in_fp16_is_labelled_fp16(stand_in, mixed_graph, tmp_pat
     model = onnx.load(str(mixed_graph))
     low_path = tmp_path / "net16.onnx"
     onnx.save(pg.convert(model, pg.plan_precision(model, "fp16")), low_path)
-    result = tb.build_engine(low_path, tmp_path / "net16.engine", "input", INPUT_SHAPE, (1, 2, 4))
+    engine = tmp_path / "net16.engine"
+    result = tb.build_engine(low_path, engine, "input", INPUT_SHAPE, (1, 2, 4), fp16=True)
     assert result.precision == "fp16" and result.metadata["precision_detail"]["mode"] == "graph types"
-    ((network, _),) = trt_api.BUILDS
-    assert network.parsed == str(low_path) and "--fp16" not in result.trtexec
+    ((network, config),) = trt_api.BUILDS
+    assert network.parsed == str(low_path) and "--fp16" not in result.trtexec  # not converted again
+    assert set(shlex.split(result.trtexec)[1:]) == _trtexec_of(
+        stand_in, network, config, engine, result.timing_cache_path
+    )
+    strongly = network.flags & (1 << int(stand_in.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    assert bool(strongly) == stand_in.__version__.startswith("10")  # 10 follows the types only when told to
+    with pytest.raises(ExportError, match="already a fp16 graph"):
+        tb.build_engine(low_path, engine, "input", INPUT_SHAPE, (1, 2, 4), bf16=True)
 
 
 def test_fp16_and_bf16_together_are_refused(tmp_path):
