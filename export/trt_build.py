@@ -507,7 +507,9 @@ def build_engine(
             registered = trt_plugins.register_trt_plugins(aot={"auto": None, "aot": True, "jit": False}[plugins])
         except trt_plugins.TensorRTError as e:
             raise ExportError(str(e)) from e
-        mode = "jit" if plugins == "jit" else registered
+        mode = registered
+        if plugins == "jit" and registered == "aot":  # both registered: PREFER_JIT picks the JIT ones
+            mode = "jit"
         listed = ", ".join(f"{k} x{v}" for k, v in nodes.items())
         say("plugins", f"{listed}: {mode.upper()} plugins (TensorRT {trt.__version__})")
         if mode == "jit":

@@ -530,3 +530,14 @@ def test_fp16_and_bf16_together_are_refused(tmp_path):
         tb.build_engine(onnx_path, tmp_path / "m.engine", "input", (3, 8, 8), fp16=True, bf16=True)
     with pytest.raises(ValueError, match="fp16 or bf16"):
         tb.trtexec_command("m.onnx", "m.engine", "input", (3, 8, 8), fp16=True, bf16=True, tensorrt_major=10)
+
+
+@pytest.mark.parametrize("plugins", ["auto", "jit"])
+def test_plugin_mode_and_preference_flag(stand_in, mixed_graph, tmp_path, plugins):
+    trt = stand_in
+    result = tb.build_engine(mixed_graph, tmp_path / "n.engine", "input", INPUT_SHAPE, (1, 2, 4), plugins=plugins)
+    ((network, _),) = trt_api.BUILDS
+    creation = trt.NetworkDefinitionCreationFlag
+    want = creation.PREFER_JIT_PYTHON_PLUGINS if plugins == "jit" else creation.PREFER_AOT_PYTHON_PLUGINS
+    assert network.flags == 1 << int(want)
+    assert result.plugin_mode == ("jit" if plugins == "jit" else "aot")
