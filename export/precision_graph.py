@@ -121,6 +121,13 @@ def _with_types(model):
         return model
 
 
+def _typed_copy(model):
+    """``(a copy of model with shapes inferred, {tensor: element type})``: what the rewrites start from."""
+    out = _onnx().ModelProto()
+    out.CopyFrom(_with_types(model))
+    return out, _elem_types(out)
+
+
 # ------------------------------------------------------------------------------------------ ranges
 def measure_ranges(model, samples: Iterable[np.ndarray], input_name: str | None = None) -> dict[str, float]:
     """Max |value| of every float tensor of the fp32 ``model``, over ``samples`` (onnxruntime, CPU).
@@ -295,12 +302,8 @@ def convert(model, plan: PrecisionPlan, keep_io_types: bool = True):
     onnx = _onnx()
     from onnx import helper, numpy_helper
 
-    TP = onnx.TensorProto
-    FLOAT, LOW = TP.FLOAT, _low_elem(plan.low)
-    src = _with_types(model)
-    types = _elem_types(src)
-    out = onnx.ModelProto()
-    out.CopyFrom(src)
+    FLOAT, LOW = onnx.TensorProto.FLOAT, _low_elem(plan.low)
+    out, types = _typed_copy(model)
     g = out.graph
     inits = {i.name: i for i in g.initializer}
     dtype: dict[str, int] = {}  # the type each float tensor has in the new graph
@@ -465,10 +468,7 @@ def simulate(model, plan: PrecisionPlan):
 
     TP = onnx.TensorProto
     LOW = _low_elem(plan.low)
-    src = _with_types(model)
-    types = _elem_types(src)
-    out = onnx.ModelProto()
-    out.CopyFrom(src)
+    out, types = _typed_copy(model)
     g = out.graph
     inits = {i.name: i for i in g.initializer}
     rounded: dict[str, str] = {}

@@ -12,7 +12,6 @@ against the fp32 graph with half-precision tolerances.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -179,22 +178,15 @@ def test_layer_precisions_for_tensorrt_10():
 
 # ------------------------------------------------------------------------------------------ blocks
 def _scaled(module: nn.Module, seed: int, magnitude: float) -> nn.Module:
-    """Random weights; BatchNorms whose statistics match activations of ``magnitude``."""
-    g = torch.Generator().manual_seed(seed)
+    """Random weights (as the other export tests make them); BatchNorm statistics for activations of
+    ``magnitude`` (running variances times ``magnitude**2``)."""
+    from test_trt_target import randomize_  # tests/export is on sys.path (pytest's rootdir-relative import)
+
+    randomize_(module, seed)
     with torch.no_grad():
         for m in module.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_((torch.rand(m.running_var.shape, generator=g) + 0.5) * magnitude**2)
-                continue
-            for p in m.parameters(recurse=False):
-                if p.dim() == 1:
-                    p.copy_(0.2 * torch.randn(p.shape, generator=g))
-                else:
-                    fan_in = math.prod(p.shape[2:] if p.dim() == 5 else p.shape[1:])
-                    p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+                m.running_var.mul_(magnitude**2)
     return module.eval()
 
 
