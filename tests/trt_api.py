@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -53,6 +54,7 @@ def bindings_dir() -> Path:
         if not found:
             cache.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(cache)]
+            cmd += ["--timeout", "15", "--retries", "1", "--disable-pip-version-check"]  # short when offline
             cmd += ["--python-version", "3.11", "--platform", "manylinux_2_28_x86_64", f"{WHEEL}=={WHEEL_VERSION}"]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
@@ -71,6 +73,7 @@ def bindings_dir() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(OSError):  # another process unpacked it first
         os.replace(tmp / "tensorrt_bindings", target)
+    shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
