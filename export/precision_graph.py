@@ -24,7 +24,8 @@ fp32 when
 5. a float tensor it writes was measured beyond ``fp16 max / headroom`` (default 65,504 / 4) when the
    fp32 graph ran on onnxruntime with sample inputs (:func:`measure_ranges`): reductions and large
    matrix products whose sums outgrow fp16;
-6. it holds a subgraph (``Scan``, ``Loop``, ``If``) or a type attribute this step does not rewrite.
+6. it holds a subgraph (``Scan``, ``Loop``, ``If``), writes a tensor a subgraph reads from outside, or
+   has a type attribute this step does not rewrite (a ``value_float`` ``Constant``, say).
 
 Rules 4 and 5 are about fp16's range; bf16 has fp32's, so for bf16 only rules 1-3 and 6 apply. The rest
 of the graph (convolutions, the plugin nodes, elementwise ops) runs in the low type; TensorRT still
@@ -178,6 +179,19 @@ def measure_ranges(model, samples: Iterable[np.ndarray], input_name: str | None 
 
 
 # ------------------------------------------------------------------------------------------ the plan
+def _outer_refs(graph) -> set[str]:
+    """Names the subgraphs of ``graph``'s nodes read from outside themselves (implicit inputs)."""
+    refs: set[str] = set()
+    for n in graph.node:
+        for a in n.attribute:
+            subs = [a.g] if a.type == a.GRAPH else list(a.graphs) if a.type == a.GRAPHS else []
+            for sg in subs:
+                local = {i.name for i in (*sg.input, *sg.initializer)} | {o for m in sg.node for o in m.output}
+                refs |= {i for m in sg.node for i in m.input if i and i not in local}
+                refs |= _outer_refs(sg) - local
+    return refs
+
+
 def _covariance_nodes(graph) -> dict[str, str]:
     """Nodes of every covariance region (rule 3): Gram MatMul, its centering, and the chain up to its norm."""
     producer = {o: n for n in graph.node for o in n.output}
@@ -251,6 +265,7 @@ def plan_precision(
                 if a.size and float(np.abs(a).max()) > FP16_MAX:
                     big_inits.add(init.name)
     cov = _covariance_nodes(g)
+    implicit = _outer_refs(g)
     for n in g.node:
         if n.op_type in SOFTMAX:
             plan.fp32[n.name] = f"softmax: {n.op_type}"
@@ -260,6 +275,8 @@ def plan_precision(
             plan.fp32[n.name] = cov[n.name]
         elif n.op_type in SUBGRAPH_OPS or any(a.type in (a.GRAPH, a.GRAPHS) for a in n.attribute):
             plan.fp32[n.name] = f"subgraph: {n.op_type}"
+        elif any(o in implicit for o in n.output):
+            plan.fp32[n.name] = f"subgraph: {n.op_type} output read inside a subgraph"
         elif fp16 and any(i in big_inits for i in n.input):
             name = next(i for i in n.input if i in big_inits)
             plan.fp32[n.name] = f"initializer beyond fp16: {name}"
@@ -268,6 +285,8 @@ def plan_precision(
             plan.fp32[n.name] = f"range: {o} reaches {plan.ranges[o]:.4g} (> {limit:.4g})"
         elif n.op_type not in _TYPED_OPS and any(a.name in ("dtype", "to") for a in n.attribute):
             plan.fp32[n.name] = f"type attribute: {n.op_type}"
+        elif n.op_type == "Constant" and not any(a.name == "value" for a in n.attribute):
+            plan.fp32[n.name] = "type attribute: Constant"  # value_float(s) are always fp32
     return plan
 
 
@@ -373,6 +392,8 @@ def convert(model, plan: PrecisionPlan, keep_io_types: bool = True):
             if dtype[name] != need:
                 n.input[idx] = cast(name, need)
         if want == LOW and n.op_type in ("Constant", "ConstantOfShape"):
+            if n.op_type == "ConstantOfShape" and not any(a.name == "value" for a in n.attribute):
+                n.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.zeros(1, np.float32))))
             for a in n.attribute:
                 if a.name == "value" and a.t.data_type == FLOAT:
                     arr = numpy_helper.to_array(a.t)
@@ -407,7 +428,7 @@ def convert(model, plan: PrecisionPlan, keep_io_types: bool = True):
 
     del g.node[:]
     g.node.extend(new_nodes)
-    used = {i for n in new_nodes for i in n.input}
+    used = {i for n in new_nodes for i in n.input} | _outer_refs(g)
     keep = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
     g.initializer.extend(keep + new_inits)

@@ -166,6 +166,44 @@ def test_convert_bf16_graph_is_valid_and_simulation_rounds_like_it():
     assert any(not np.array_equal(g, r) for g, r in zip(sim, ref, strict=True))  # it does round
 
 
+def test_subgraphs_constants_and_their_types():
+    """An If whose branches read an outer tensor and an initializer; a value_float Constant; a
+    ConstantOfShape without a value: the converted graph is valid and gives the fp32 answer."""
+    x = helper.make_tensor_value_info("x", FLOAT, [2, 3])
+    branch_out = helper.make_tensor_value_info("b", FLOAT, [2, 3])
+    then_g = helper.make_graph([helper.make_node("Add", ["h", "bias"], ["b"])], "then", [], [branch_out])
+    else_g = helper.make_graph([helper.make_node("Sub", ["h", "bias"], ["b"])], "else", [], [branch_out])
+    nodes = [
+        helper.make_node("Relu", ["x"], ["h"], name="relu"),
+        helper.make_node("Constant", [], ["k"], name="k", value_float=2.0),
+        helper.make_node("Mul", ["h", "k"], ["hk"], name="scale"),
+        helper.make_node("Shape", ["x"], ["shp"], name="shape"),
+        helper.make_node("ConstantOfShape", ["shp"], ["zeros"], name="zeros"),
+        helper.make_node("Add", ["hk", "zeros"], ["hz"], name="add"),
+        helper.make_node("ReduceSum", ["hz"], ["tot"], name="tot", keepdims=0),
+        helper.make_node("Greater", ["tot", "zero"], ["cond"], name="cond"),
+        helper.make_node("If", ["cond"], ["br"], name="branch", then_branch=then_g, else_branch=else_g),
+        helper.make_node("Mul", ["br", "hz"], ["y"], name="out"),
+    ]
+    inits = [
+        numpy_helper.from_array(np.full((2, 3), 0.5, np.float32), "bias"),
+        numpy_helper.from_array(np.float32(0), "zero"),
+    ]
+    y = helper.make_tensor_value_info("y", FLOAT, [2, 3])
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 18)]
+    )
+    model.ir_version = 10
+    plan = pg.plan_precision(model, "fp16")
+    assert plan.fp32["branch"].startswith("subgraph") and plan.fp32["k"].startswith("type attribute")
+    assert plan.fp32["relu"] == "subgraph: Relu output read inside a subgraph"
+    low = pg.convert(model, plan)
+    onnx.checker.check_model(low, full_check=True)
+    assert "bias" in {i.name for i in low.graph.initializer}  # read only inside the branches: kept
+    feeds = {"x": np.random.default_rng(3).standard_normal((2, 3)).astype(np.float32)}
+    assert _close(_ort(low, feeds)[0], _ort(model, feeds)[0], 1e-2) <= 1
+
+
 def test_layer_precisions_for_tensorrt_10():
     model = _toy_graph()
     plan = pg.plan_precision(model, "fp16")
