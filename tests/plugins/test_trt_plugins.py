@@ -471,6 +471,11 @@ _COMPILE_SCRIPT = textwrap.dedent(
             "name": k.name, "block_x": k.block_x, "shared": k.shared_mem, "params": trt.ptx_params(ptx),
             "expected": k.params, "entry": f".entry {k.name}(" in ptx,
         }
+    import os
+    os.environ[trt.KEEP_PTX_PARAMS_ENV] = "1"
+    inv.aot_kernel.cache_clear()
+    kept = inv.aot_kernel("fp32", 3, 2, 1, 1, 32, 128, target=target)
+    out["kept"] = {"params": trt.ptx_params(kept.ptx.decode())}
     print("RESULT" + json.dumps(out))
     """
 )
@@ -494,6 +499,9 @@ def test_aot_kernels_compile_with_exactly_the_parameters_tensorrt_passes():
         "dynamic_conv2d": dconv_trt.N_PARAMS,
         "outlook_aggregate": outlook_trt.N_PARAMS,
     }
+    # with the switch, Triton's entry as it is: our parameters first, then any hidden ones (Triton >= 3.3)
+    kept = result.pop("kept")["params"]
+    assert kept[: inv_trt.N_PARAMS] == result["involution2d/fp32"]["params"]
     for key, info in result.items():
         op = key.split("/")[0]
         assert info["entry"], key
