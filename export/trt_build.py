@@ -62,6 +62,11 @@ class EngineBuildResult:
     def precision(self) -> str:
         return self.metadata["precision"]
 
+    @property
+    def trtexec(self) -> str:
+        """The trtexec command line that builds what this build built (same flags and graph)."""
+        return self.metadata["trtexec"]
+
     def to_dict(self) -> dict:
         return {
             "engine": str(self.engine_path),
@@ -69,7 +74,10 @@ class EngineBuildResult:
             "timing_cache": str(self.timing_cache_path) if self.timing_cache_path else None,
             "size_bytes": self.size_bytes,
             "seconds": round(self.seconds, 3),
-            **{k: self.metadata[k] for k in ("precision", "batch", "inputs", "outputs", "plugins")},
+            **{
+                k: self.metadata.get(k)
+                for k in ("precision", "precision_detail", "batch", "inputs", "outputs", "plugins", "trtexec")
+            },
         }
 
 
@@ -134,10 +142,14 @@ def engine_metadata(
     compute_capability: Sequence[int] | None = None,
     build_seconds: float | None = None,
     created: str | None = None,
+    precision_detail: Mapping | None = None,
+    trtexec: str | None = None,
 ) -> dict:
     """The metadata JSON written beside an engine (pure: every value is an argument).
 
-    Shapes are lists with ``"batch"`` for the dynamic batch axis. ``plugins.mode`` is ``"aot"`` (the
+    Shapes are lists with ``"batch"`` for the dynamic batch axis. ``precision`` is what the engine
+    computes in (``fp32``, ``tf32``, ``fp16``, ``bf16``); ``precision_detail`` how (the TensorRT mechanism
+    and the fp32 layers kept by the precision step). ``plugins.mode`` is ``"aot"`` (the
     plugin kernels are compiled into the engine: it runs without Python, e.g. under trtexec), ``"jit"``
     (the engine calls back into Python: run it with :class:`attn_export.serve.trt_runner.TensorRTRunner`)
     or None (no attn-export plugin in the graph).
@@ -164,6 +176,7 @@ def engine_metadata(
         ],
         "batch": {"min": batch[0], "opt": batch[1], "max": batch[2]},
         "precision": precision,
+        "precision_detail": dict(precision_detail) if precision_detail else None,
         "plugins": {"mode": plugin_mode, "nodes": dict(plugins or {})},
         "classes": list(classes) if classes is not None else None,
         "timing_cache": Path(timing_cache).name if timing_cache else None,
@@ -172,6 +185,7 @@ def engine_metadata(
         "device": {"name": device, "compute_capability": list(compute_capability) if compute_capability else None},
         "build_seconds": round(build_seconds, 3) if build_seconds is not None else None,
         "created": created or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "trtexec": trtexec,
     }
     return meta
 
@@ -281,6 +295,10 @@ def trtexec_command(
     timing_cache: str | os.PathLike | None = None,
     plugin_libraries: Sequence[str | os.PathLike] = (),
     tensorrt_major: int | None = None,
+    bf16: bool = False,
+    layer_precisions: Sequence[str] = (),
+    tf32: bool = False,
+    strongly_typed: bool = False,
 ) -> str:
     """The ``trtexec`` command line that builds the engine :func:`build_engine` builds.
 
@@ -292,8 +310,15 @@ def trtexec_command(
     :func:`build_engine` (AOT plugins, TensorRT >= 10.9) and run that engine with
     :func:`trtexec_run_command`, which needs no plugin loading because the AOT kernels are inside it.
 
-    ``fp16`` adds ``--fp16`` (TensorRT 10). TensorRT 11 removed the precision flags: there an fp16
-    engine comes from an fp16 ONNX graph, and asking for ``fp16`` raises ValueError saying so.
+    ``fp16`` (``bf16``) adds ``--fp16`` (``--bf16``) on TensorRT 10, with ``layer_precisions``, the
+    ``--precisionConstraints``/``--layerPrecisions``/``--layerOutputTypes`` arguments of
+    :func:`attn_export.export.precision_graph.layer_precision_args` that keep the fp32 layers fp32.
+    TensorRT 11 removed the precision flags (strongly typed networks only): there an fp16 engine comes
+    from an fp16 ONNX graph (:func:`attn_export.export.precision_graph.convert`, which ``build_engine``
+    writes beside the engine), so ``onnx_path`` must be that graph and asking for ``fp16`` raises
+    ValueError. ``--noTF32`` (unless ``tf32``) on both: fp32 layers are IEEE fp32, as ``build_engine``
+    builds them (TensorRT 11 keeps the TF32 builder flag and trtexec's ``--noTF32``). ``strongly_typed``
+    adds ``--stronglyTyped`` on TensorRT 10 (a graph already in fp16/bf16, built as its types say).
     ``tensorrt_major`` defaults to the installed TensorRT's (10 where none is installed).
     """
     shapes = profile_shapes(input_shape, batch)
@@ -310,15 +335,23 @@ def trtexec_command(
     ]
     if workspace_gb:
         argv.append(f"--memPoolSize=workspace:{max(1, round(workspace_gb * 1024))}M")
-    if fp16:
+    if fp16 and bf16:
+        raise ValueError("choose fp16 or bf16, not both")
+    if fp16 or bf16:
         if major >= 11:
             raise ValueError(
-                "TensorRT 11 removed --fp16 (all networks are strongly typed): export or convert the ONNX graph "
-                "to fp16 (e.g. python -m modelopt.onnx.autocast --onnx_path model.onnx) and build it without --fp16"
+                f"TensorRT 11 removed --{'fp16' if fp16 else 'bf16'} (all networks are strongly typed): convert the "
+                "ONNX graph (attn_export.export.precision_graph.convert; attn-export --trt writes it beside the engine "
+                "as <name>.fp16.onnx) and build that graph without the flag"
             )
-        argv.append("--fp16")
-    elif major < 11:
-        argv.append("--noTF32")  # fp32 means IEEE fp32, as build_engine builds it
+        argv.append("--fp16" if fp16 else "--bf16")
+        argv += list(layer_precisions)
+    elif layer_precisions:
+        raise ValueError("layer precisions apply to fp16 or bf16 builds")
+    if strongly_typed and major < 11:
+        argv.append("--stronglyTyped")  # 11 builds nothing else
+    if not tf32:
+        argv.append("--noTF32")  # fp32 layers are IEEE fp32, as build_engine builds them (TensorRT 10 and 11)
     argv += [f"--dynamicPlugins={lib}" for lib in plugin_libraries]
     return shlex.join(argv)
 
@@ -413,18 +446,29 @@ def build_engine(
     classes: Sequence[str] | None = None,
     plugins: str = "auto",
     tf32: bool = False,
+    bf16: bool = False,
+    precision_samples: Sequence | None = None,
 ) -> EngineBuildResult:
     """Build a TensorRT engine for ``onnx_path`` with a dynamic batch; return what was written.
 
     ``input_shape`` is the input's shape without the batch; ``batch`` the optimisation profile's
-    (MIN, OPT, MAX) batch sizes. ``fp16`` builds in half precision (TensorRT 10: ``BuilderFlag.FP16``;
-    TensorRT 11 takes the precision from the graph, so there the graph must already be fp16).
+    (MIN, OPT, MAX) batch sizes. ``fp16`` (``bf16``) builds in half precision with the fp32 regions the
+    precision step (:mod:`attn_export.export.precision_graph`) chooses: on TensorRT 10 the fp32 graph
+    with ``BuilderFlag.FP16`` (``BF16``), ``OBEY_PRECISION_CONSTRAINTS`` and those layers pinned to
+    fp32; on TensorRT 11 (strongly typed only) the converted graph, written beside the engine as
+    ``<name>.fp16.onnx`` (``.bf16.onnx``), fp32 in and out. The fp16 range rule measures activations on
+    ``precision_samples`` (input batches; default one standard-normal batch of 1, which overestimates
+    image activations: conservative). A graph that is already fp16/bf16 is built as its types say
+    (TensorRT 10: a ``STRONGLY_TYPED`` network) and labelled so.
     ``workspace_gb`` caps ``MemoryPoolType.WORKSPACE``. ``timing_cache`` defaults to
     :func:`timing_cache_path_for` the engine; it is loaded when present and saved after the build.
     ``progress(stage, message)`` receives the build phases (TensorRT's ``IProgressMonitor`` where it
     has one) and the stages. ``plugins``: ``"auto"`` (AOT plugins where TensorRT >= 10.9, else JIT),
     ``"aot"`` or ``"jit"``; it only matters for graphs with attn-export plugin nodes. ``tf32`` lets
     fp32 layers use TF32 tensor cores (off: fp32 means IEEE fp32).
+
+    The metadata records the real precision, how it was obtained (``precision_detail``) and the
+    ``trtexec`` command line with the same graph, flags and layer precisions (:attr:`EngineBuildResult.trtexec`).
 
     Raises :class:`ExportError` for anything a user can fix (no TensorRT or GPU, bad shapes, a graph
     TensorRT rejects, a failed build); the engine file appears only after a successful build.
@@ -444,6 +488,8 @@ def build_engine(
         raise ExportError(f"{engine_path.parent}: the output folder does not exist")
     if workspace_gb <= 0:
         raise ExportError(f"workspace: expected a positive size in GiB, got {workspace_gb}")
+    if fp16 and bf16:
+        raise ExportError("precision: choose fp16 or bf16, not both")
     problem = check_trt_environment()
     if problem:
         raise ExportError(problem)
@@ -461,11 +507,30 @@ def build_engine(
             registered = trt_plugins.register_trt_plugins(aot={"auto": None, "aot": True, "jit": False}[plugins])
         except trt_plugins.TensorRTError as e:
             raise ExportError(str(e)) from e
-        mode = "jit" if plugins == "jit" else registered
+        mode = registered
+        if plugins == "jit" and registered == "aot":  # both registered: PREFER_JIT picks the JIT ones
+            mode = "jit"
         listed = ", ".join(f"{k} x{v}" for k, v in nodes.items())
         say("plugins", f"{listed}: {mode.upper()} plugins (TensorRT {trt.__version__})")
         if mode == "jit":
             say("plugins", "JIT plugins call back into Python: run this engine with TensorRTRunner, not trtexec")
+
+    low = "fp16" if fp16 else ("bf16" if bf16 else None)
+    trt11 = not hasattr(trt.BuilderFlag, "FP16")  # TensorRT 11: strongly typed only, precision is the graph's
+    graph_type = _graph_precision(onnx_path)  # a graph already in fp16/bf16 is built as its types say
+    if low and graph_type not in ("fp32", low):
+        raise ExportError(f"{onnx_path} is already a {graph_type} graph; build it without --fp16/--bf16")
+    typed_graph = graph_type != "fp32"
+    if typed_graph:
+        low = None  # nothing to convert
+    cache_path = Path(timing_cache) if timing_cache else timing_cache_path_for(engine_path)
+    parse_path, plan, source = onnx_path, None, None
+    if low:
+        plan, source = _precision_plan(onnx_path, low, input_name, shapes[0][1:], precision_samples, say)
+        if trt11:
+            parse_path = low_graph_path_for(engine_path, low)
+            _write_onnx_atomically(_convert(source, plan), parse_path)
+            say("precision", f"{low} graph for strongly typed TensorRT {trt.__version__}: {parse_path}")
 
     logger = _make_logger(trt, messages)
     builder = trt.Builder(logger)
@@ -474,10 +539,12 @@ def build_engine(
     if nodes and hasattr(creation, "PREFER_AOT_PYTHON_PLUGINS"):
         preferred = creation.PREFER_AOT_PYTHON_PLUGINS if mode == "aot" else creation.PREFER_JIT_PYTHON_PLUGINS
         flags |= 1 << int(preferred)
+    if typed_graph and not trt11:  # TensorRT 10 follows a half-precision graph's types only when told to
+        flags |= 1 << int(creation.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    say("parse", f"{onnx_path} (TensorRT {trt.__version__} ONNX parser)")
-    if not parser.parse_from_file(str(onnx_path)):
+    say("parse", f"{parse_path} (TensorRT {trt.__version__} ONNX parser)")
+    if not parser.parse_from_file(str(parse_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] or messages
         hint = ""
         if any("plugin" in e.lower() for e in errors):
@@ -508,20 +575,41 @@ def build_engine(
     config.add_optimization_profile(profile)
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     input_dtype = _dtype_name(tensor.dtype)
-    if fp16:
-        if hasattr(trt.BuilderFlag, "FP16"):
-            config.set_flag(trt.BuilderFlag.FP16)
-        elif input_dtype != "float16":
-            raise ExportError(
-                f"TensorRT {trt.__version__} builds strongly typed networks only (no fp16 flag): the graph's input "
-                f"is {input_dtype}; convert the ONNX graph to fp16 first (python -m modelopt.onnx.autocast "
-                f"--onnx_path {onnx_path}) and build that without --fp16"
-            )
+    layer_args: list[str] = []
+    if low:
+        from attn_export.export import precision_graph as pg
+
+        detail = {"low": low, "fp32_nodes": len(plan.fp32), "reasons": plan.reasons()}
+        if trt11:
+            detail.update(mode="strongly typed graph", graph=parse_path.name)
+        else:
+            config.set_flag(trt.BuilderFlag.FP16 if low == "fp16" else trt.BuilderFlag.BF16)
+            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+            pinned = pg.apply_layer_precisions(trt, network, plan, pg.fp32_tensors(source, plan))
+            layer_args = pg.layer_precision_args(plan, names=pinned)
+            detail.update(mode="layer precision constraints", fp32_layers=pinned)
+        precision = low
+    else:
+        detail = {"mode": "graph types", "low": graph_type} if typed_graph else None
+        precision = graph_type if typed_graph else ("tf32" if tf32 else "fp32")
     if not tf32 and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)
-    precision = "fp16" if fp16 or input_dtype == "float16" else ("tf32" if tf32 else "fp32")
+    trtexec = trtexec_command(
+        parse_path,
+        engine_path,
+        input_name,
+        shapes[0][1:],
+        batch,
+        fp16=low == "fp16" and not trt11,
+        bf16=low == "bf16" and not trt11,
+        workspace_gb=workspace_gb,
+        timing_cache=cache_path,
+        tensorrt_major=11 if trt11 else 10,
+        layer_precisions=layer_args,
+        tf32=tf32,
+        strongly_typed=typed_graph and not trt11,
+    )
 
-    cache_path = Path(timing_cache) if timing_cache else timing_cache_path_for(engine_path)
     blob = cache_path.read_bytes() if cache_path.is_file() else b""
     cache = config.create_timing_cache(blob)
     if not config.set_timing_cache(cache, ignore_mismatch=False):
@@ -576,6 +664,8 @@ def build_engine(
         device=device_name,
         compute_capability=torch.cuda.get_device_capability(dev),
         build_seconds=build_seconds,
+        precision_detail=detail,
+        trtexec=trtexec,
     )
     meta_path = write_metadata(metadata_path_for(engine_path), meta)
     say(
@@ -585,6 +675,55 @@ def build_engine(
     return EngineBuildResult(
         engine_path, meta_path, cache_path, meta, size, time.perf_counter() - t_start, messages=list(messages)
     )
+
+
+def low_graph_path_for(engine_path: str | os.PathLike, low: str) -> Path:
+    """``model.engine`` -> ``model.fp16.onnx`` (the strongly typed graph a TensorRT 11 fp16 build parses)."""
+    engine_path = Path(engine_path)
+    return engine_path.with_name(f"{engine_path.stem}.{low}.onnx")
+
+
+def _precision_plan(onnx_path: Path, low: str, input_name: str, input_shape, samples, say: Progress):
+    """``(plan, fp32 model)`` of the precision step for ``onnx_path``; fp16 measures activation ranges."""
+    import numpy as np
+    import onnx
+
+    from attn_export.export import precision_graph as pg
+
+    model = onnx.load(str(onnx_path))
+    ranges = {}
+    if low == "fp16":
+        if samples is None:
+            samples = [np.random.default_rng(0).standard_normal((1, *input_shape), dtype=np.float32)]
+        try:
+            ranges = pg.measure_ranges(model, samples, input_name)
+        except Exception as e:  # the structural rules still apply; say what was not measured
+            say("precision", f"activation ranges not measured ({type(e).__name__}: {e}); structural rules only")
+    plan = pg.plan_precision(model, low, ranges)
+    kinds = ", ".join(f"{k} {v}" for k, v in plan.reasons().items()) or "none"
+    say("precision", f"{low}: {len(plan.fp32)} node(s) kept fp32 ({kinds})")
+    return plan, model
+
+
+def _convert(model, plan):
+    from attn_export.export import precision_graph as pg
+
+    try:
+        return pg.convert(model, plan)
+    except ValueError as e:
+        raise ExportError(f"precision step: {e}") from e
+
+
+def _write_onnx_atomically(model, path: Path) -> None:
+    write_bytes_atomically(path, model.SerializeToString())
+
+
+def _graph_precision(onnx_path: Path) -> str:
+    import onnx
+
+    from attn_export.export import precision_graph as pg
+
+    return pg.graph_precision(onnx.load(str(onnx_path), load_external_data=False))
 
 
 # ------------------------------------------------------------------------------------------ parity

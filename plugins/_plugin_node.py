@@ -67,7 +67,16 @@ def plugin_attrs(**attributes) -> dict:
 
 def attribute_order(name: str) -> tuple[str, ...]:
     """The attributes of plugin ``name`` in the node's order: ``plugin_namespace``, ``plugin_version``,
-    then the op's own in the order of its signature (the order the TensorRT plugins declare them in)."""
+    then the op's own in the order of the registered TensorRT function's signature.
+
+    The invariant to keep: **the node's order equals the signature's.** TensorRT itself does not need
+    the node's order: its ONNX parser (onnx-tensorrt, ``loadFields``) walks the plugin creator's field
+    list, which ``tensorrt.plugin`` builds from the registered function's parameters, in their order, and
+    looks each field up in the node by name (ints arrive as int32 fields and are cast back to ``int``,
+    int lists as int32 arrays). The AOT plugin then passes the fields to ``aot_impl`` positionally, in
+    that order. Keeping the node in the same order makes the graph read like the signature, and the
+    tests hold the three together (node, creator fields, signature).
+    """
     from attn_export.plugins._trt_names import DYNAMIC_CONV, INVOLUTION, OUTLOOK
     from attn_export.plugins.dynamic_conv import plugin_node as dyn
     from attn_export.plugins.involution import plugin_node as inv

@@ -2,9 +2,14 @@
 
 Each op has a ``tensorrt.plugin`` (quickly deployable Python plugin) definition in
 ``attn_export.plugins.<op>.trt_plugin``: the output shape as shape expressions, a JIT implementation
-that launches the op's Triton kernel from Python on TensorRT's stream, an autotune declaration (fp32
-and fp16, linear layout) and, on TensorRT >= 10.9, an ahead-of-time (AOT) implementation that hands
-TensorRT the kernel's PTX so that an engine runs without Python (e.g. under ``trtexec``).
+that runs the op (its CUDA kernel: Triton, or cuDNN where that is faster) from Python on TensorRT's
+stream, an autotune declaration (fp32, fp16 and bf16, linear layout) and, on TensorRT >= 10.9, an
+ahead-of-time (AOT) implementation that hands TensorRT the Triton kernel's PTX so that an engine
+runs without Python (e.g. under ``trtexec``).
+
+The scaffolding the three plugins share lives here (:func:`register_plugin`, :func:`autotune_combinations`,
+:func:`run_jit`, :func:`pointer_signature`, :func:`aot_launch`); each plugin module keeps only its own
+shape logic, launch plan and the signatures ``tensorrt.plugin`` reads.
 
 Nothing here imports TensorRT (or Triton) at import time: :func:`register_trt_plugins` imports them
 when called, and importing :mod:`attn_export.plugins` never does.
@@ -37,14 +42,25 @@ PLUGIN_MODULES = {
 PTX_VERSION_ENV = "ATTN_EXPORT_AOT_PTX_VERSION"
 #: Warps per program of every attn-export kernel (the Triton launchers use 4).
 NUM_WARPS = 4
+#: Shared memory (bytes) a kernel gets without ``cudaFuncSetAttribute(MaxDynamicSharedMemorySize)``.
+STATIC_SHARED_LIMIT = 48 * 1024
+#: Environment variable: ``1`` hands TensorRT Triton's PTX with its entry unmodified (hidden parameters
+#: kept, as NVIDIA's sample does) instead of removing the unused hidden parameters; for trying on a GPU
+#: which of the two TensorRT launches (``test_plugin_engine_matches_reference[aot-...]`` settles it).
+KEEP_PTX_PARAMS_ENV = "ATTN_EXPORT_AOT_KEEP_PTX_PARAMS"
+#: Environment variable: ``1`` lets AOT kernels that need more than 48 KiB of shared memory through
+#: (whether TensorRT raises the limit for an AOT plugin kernel is not yet verified; see docs/tensorrt.md).
+LARGE_SHARED_ENV = "ATTN_EXPORT_AOT_LARGE_SHARED"
 
 _INSTALL_HINT = (
     "pip install tensorrt (TensorRT >= 10.6 for the Python plugins, >= 10.9 for AOT plugins that run "
     "without Python) on a Linux machine with an NVIDIA GPU and driver"
 )
 
-_lock = threading.Lock()
-_mode: str | None = None
+#: ``tensorrt.plugin`` type strings of the element types every plugin takes (inputs and output alike).
+TYPES = ("FP32", "FP16", "BF16")
+
+_lock = threading.RLock()
 
 
 class TensorRTError(RuntimeError):
@@ -104,18 +120,19 @@ def aot_supported(trt=None) -> bool:
 def register_trt_plugins(aot: bool | None = None) -> str:
     """Register the three attn-export plugins with TensorRT's plugin registry; return the plugin mode.
 
-    ``aot=None`` registers the AOT implementations too where TensorRT supports them (>= 10.9), and the
-    mode is ``"aot"``; ``aot=False`` registers the JIT (Python) implementations only (``"jit"``);
-    ``aot=True`` insists on AOT. Idempotent and thread-safe: later calls return the mode of the first
-    (a later ``aot=True`` call after a JIT-only one adds the AOT implementations).
+    ``aot=None`` adds the AOT implementations where TensorRT supports them (>= 10.9); ``aot=False``
+    registers the JIT (Python) implementations only; ``aot=True`` insists on AOT. Idempotent and
+    thread-safe (a later ``aot=True`` call after a JIT-only one adds the AOT implementations).
+
+    The mode returned is what is really registered (:func:`registered_mode`): ``"aot"`` only when every
+    plugin has an AOT implementation in ``tensorrt.plugin``. A plugin that something else in this process
+    already defined is left as it is and reported as it is: without an AOT implementation the mode is
+    ``"jit"`` (TensorRT would silently create the JIT plugin), and ``aot=True`` raises.
 
     Raises :class:`TensorRTError` where TensorRT is missing, older than 10.6, or lacks AOT support that
     ``aot=True`` asks for.
     """
-    global _mode
     with _lock:
-        if _mode is not None and (aot is not True or _mode == "aot"):
-            return _mode
         trt = _import_tensorrt()
         version = parse_version(trt.__version__)
         if version[:2] < MIN_VERSION:
@@ -131,29 +148,96 @@ def register_trt_plugins(aot: bool | None = None) -> str:
             )
         use_aot = can_aot if aot is None else bool(aot)
         try:
-            importlib.import_module("tensorrt.plugin")
+            trtp = importlib.import_module("tensorrt.plugin")
         except Exception as e:
             raise TensorRTError(f"TensorRT {trt.__version__}: tensorrt.plugin cannot be imported ({e})") from e
         for module in PLUGIN_MODULES.values():
             importlib.import_module(module).register(aot=use_aot)
-        _mode = "aot" if use_aot else "jit"
-        return _mode
+        impls = registered_implementations(trtp)
+        if aot and not all(i["aot"] for i in impls.values()):
+            missing = sorted(n for n, i in impls.items() if not i["aot"])
+            raise TensorRTError(
+                f"AOT plugins were asked for, but {', '.join(missing)} was defined elsewhere in this process "
+                "without an AOT implementation; TensorRT would run its JIT implementation"
+            )
+        return registered_mode(trtp)
 
 
-def plugin_mode() -> str | None:
-    """``"aot"`` or ``"jit"`` once :func:`register_trt_plugins` has run in this process, else None."""
-    return _mode
+def plugin_definition(trtp, name: str):
+    """``tensorrt.plugin``'s definition of ``NAMESPACE::name`` (its ``PluginDef``), or None."""
+    namespace = getattr(trtp.op, NAMESPACE, None)
+    return getattr(namespace, name, None) if namespace is not None else None
 
 
 def is_defined(trtp, name: str) -> bool:
     """Whether ``tensorrt.plugin`` already holds a definition of ``NAMESPACE::name`` (from any caller)."""
-    namespace = getattr(trtp.op, NAMESPACE, None)
-    return namespace is not None and hasattr(namespace, name)
+    return plugin_definition(trtp, name) is not None
+
+
+def registered_implementations(trtp) -> dict[str, dict[str, bool]]:
+    """``{plugin name: {"jit": bool, "aot": bool}}``: which implementations ``tensorrt.plugin`` holds."""
+    out = {}
+    for name in PLUGINS.values():
+        pdef = plugin_definition(trtp, name)
+        out[name] = {
+            "jit": getattr(pdef, "impl_func", None) is not None,
+            "aot": getattr(pdef, "aot_impl_func", None) is not None,
+        }
+    return out
+
+
+def registered_mode(trtp=None) -> str | None:
+    """``"aot"`` if every attn-export plugin has an AOT implementation registered, ``"jit"`` if every one
+    has at least a JIT one, else None (not registered). Imports ``tensorrt.plugin`` when not given."""
+    if trtp is None:
+        try:
+            trtp = importlib.import_module("tensorrt.plugin")
+        except Exception:
+            return None
+    impls = registered_implementations(trtp).values()
+    if all(i["aot"] for i in impls):
+        return "aot"
+    if all(i["jit"] or i["aot"] for i in impls):
+        return "jit"
+    return None
+
+
+def plugin_mode() -> str | None:
+    """The mode of the plugins registered in this process (:func:`registered_mode`), or None.
+
+    Never imports TensorRT: None where ``tensorrt.plugin`` has not been imported yet.
+    """
+    import sys
+
+    trtp = sys.modules.get("tensorrt.plugin")
+    return registered_mode(trtp) if trtp is not None else None
 
 
 def plugin_names() -> list[str]:
     """The plugin names (``op_type`` of the plugin nodes), in op order."""
     return list(PLUGINS.values())
+
+
+def register_plugin(module_name: str, name: str, define_jit, define_aot, aot: bool) -> None:
+    """The ``register`` of every plugin module: define ``NAMESPACE::name`` (``define_jit(trt, trtp)``) unless
+    ``tensorrt.plugin`` holds it already, and with ``aot`` add ``define_aot(trt, trtp)`` once.
+
+    The state is ``tensorrt.plugin``'s own registry, not a flag here, so it cannot disagree with what
+    TensorRT will create. A definition made by another module (same name, another ``register`` function)
+    is left alone: :func:`register_trt_plugins` reports what it holds.
+    """
+    with _lock:
+        import tensorrt as trt
+        import tensorrt.plugin as trtp
+
+        pdef = plugin_definition(trtp, name)
+        if pdef is None:
+            define_jit(trt, trtp)
+            pdef = plugin_definition(trtp, name)
+        elif getattr(pdef.register_func, "__module__", None) != module_name:
+            return  # defined elsewhere in this process: leave it be
+        if aot and pdef.aot_impl_func is None:
+            define_aot(trt, trtp)
 
 
 # ------------------------------------------------------------------------------------------ shape expressions
@@ -193,21 +277,105 @@ def static_dims(shape) -> tuple[int | None, ...]:
     return tuple(int(d) if int(d) >= 0 else None for d in shape)
 
 
-# ------------------------------------------------------------------------------------------ torch interop
+# ------------------------------------------------------------------------------------------ types, autotune
+#: TensorRT ``DataType`` member name -> (Triton's name, ``tensorrt.plugin`` type string, torch dtype name).
+_DTYPES = {
+    "FLOAT": ("fp32", "FP32", "float32"),
+    "HALF": ("fp16", "FP16", "float16"),
+    "BF16": ("bf16", "BF16", "bfloat16"),
+}
+
+
+def _dtype_entry(trt, dtype):
+    for member, entry in _DTYPES.items():
+        if hasattr(trt.DataType, member) and dtype == getattr(trt.DataType, member):
+            return entry
+    raise TensorRTError(f"attn-export plugins take fp32, fp16 or bf16 tensors, got {dtype}")
+
+
 def dtype_name(trt, dtype) -> str:
-    """Triton's name of a TensorRT data type the plugins take: ``"fp32"`` or ``"fp16"``."""
-    if dtype == trt.DataType.FLOAT:
-        return "fp32"
-    if dtype == trt.DataType.HALF:
-        return "fp16"
-    raise TensorRTError(f"attn-export plugins take fp32 or fp16 tensors, got {dtype}")
+    """Triton's name of a TensorRT data type the plugins take: ``"fp32"``, ``"fp16"`` or ``"bf16"``."""
+    return _dtype_entry(trt, dtype)[0]
+
+
+def autotune_combinations(trtp, inputs) -> list:
+    """The type/format combinations of a plugin with ``inputs`` (``TensorDesc``) and one output.
+
+    Every input and the output share one of fp32, fp16 and bf16 (linear layout): what TensorRT 10 picks
+    from when it chooses precisions. Where the network declares inputs of different types (TensorRT 11
+    takes types from the graph and inserts no casts), that exact combination is offered too, with the
+    output in the first input's type (as the registered shape function declares it); the JIT
+    implementation casts the other inputs to it, the AOT kernels read each pointer in its own type.
+    """
+    import tensorrt as trt
+
+    uniform = "|".join(TYPES)
+    combos = [trtp.AutoTuneCombination(", ".join([uniform] * (len(inputs) + 1)), "LINEAR")]
+    try:
+        declared = [_dtype_entry(trt, t.dtype)[1] for t in inputs]
+    except TensorRTError:
+        return combos  # TensorRT rejects the types; the uniform combinations say what is supported
+    if len(set(declared)) > 1:
+        combos.append(trtp.AutoTuneCombination(", ".join([*declared, declared[0]]), "LINEAR"))
+    return combos
+
+
+# ------------------------------------------------------------------------------------------ torch interop
+def cuda_array_interface(trt, tensor) -> tuple[dict, str]:
+    """``(__cuda_array_interface__, torch dtype name)`` of a ``tensorrt.plugin.Tensor``, bf16 included.
+
+    ``Tensor.__cuda_array_interface__`` refuses bf16 (numpy has no bf16 type string), so the plugins build
+    the interface themselves: bf16 is described as int16 of the same size and viewed back as bf16 in torch.
+    ``stream`` is left out: the JIT implementation already runs on TensorRT's stream.
+    """
+    torch_name = _dtype_entry(trt, tensor.dtype)[2]
+    typestr, itemsize = {"float32": ("<f4", 4), "float16": ("<f2", 2), "bfloat16": ("<i2", 2)}[torch_name]
+    shape = tuple(int(d) for d in tensor.shape)
+    strides = tuple(int(s) * itemsize for s in tensor.strides)
+    desc = {"shape": shape, "typestr": typestr, "data": (int(tensor.data_ptr), False), "strides": strides, "version": 3}
+    return desc, torch_name
 
 
 def as_torch(tensor):
-    """A torch view of a ``tensorrt.plugin.Tensor`` (through its ``__cuda_array_interface__``)."""
+    """A torch view (no copy) of a ``tensorrt.plugin.Tensor`` on the GPU, fp32, fp16 or bf16."""
+    import tensorrt as trt
     import torch
 
-    return torch.as_tensor(tensor, device="cuda")
+    desc, torch_name = cuda_array_interface(trt, tensor)
+    view = torch.as_tensor(_Interface(desc), device="cuda")
+    dtype = getattr(torch, torch_name)
+    return view.view(dtype) if view.dtype != dtype else view
+
+
+class _Interface:
+    """An object exposing a prepared ``__cuda_array_interface__`` (what ``torch.as_tensor`` reads)."""
+
+    def __init__(self, desc: dict) -> None:
+        self.__cuda_array_interface__ = desc
+
+
+def run_jit(launch, inputs, outputs, stream: int, *attrs) -> None:
+    """The body of every JIT ``impl``: wrap TensorRT's buffers as torch tensors and run ``launch(*inputs,
+    out, *attrs)`` on TensorRT's stream."""
+    import torch
+
+    with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+        launch(*(as_torch(t) for t in inputs), as_torch(outputs[0]), *attrs)
+
+
+def launch_op(name: str, op, inputs, out, *args) -> None:
+    """Run ``op(*inputs, *args)`` (an attn-export torch op: on CUDA its fastest kernel) and write ``out``.
+
+    Inputs of another type than ``out`` (a mixed-type combination) are cast to it first. The result must
+    have ``out``'s shape; an empty output is left alone.
+    """
+    if out.numel() == 0:
+        return
+    inputs = [t if t.dtype == out.dtype else t.to(out.dtype) for t in inputs]
+    result = op(*inputs, *args)
+    if tuple(result.shape) != tuple(out.shape):
+        raise ValueError(f"{name}: output {tuple(out.shape)} {out.dtype}, expected {tuple(result.shape)}")
+    out.copy_(result)
 
 
 # ------------------------------------------------------------------------------------------ AOT kernels
@@ -283,7 +451,12 @@ def compile_aot(
     """Compile a Triton kernel ahead of time for a TensorRT AOT plugin.
 
     ``entry`` is a ``triton.JITFunction`` whose parameters are, in order, the plugin's input pointers,
-    its int32 scalars and its output pointers (TensorRT's launch order), then constexprs; ``signature``
+    its int32 scalars and its output pointers (TensorRT's launch order), then constexprs: each plugin's
+    ``aot_entry()``, a ``@triton.jit`` function calling the op's kernel (inlined when compiled). The
+    entries find ``triton.language`` and the kernel among their module's globals (``global tl, _body``):
+    Triton's interpreter re-executes an entry's source against those (closures are lost), and the
+    compiler resolves names there. Under ``TRITON_INTERPRET=1`` an entry is interpreted, which runs it
+    on CPU tensors (the tests do) but cannot compile it. ``signature``
     types the non-constexpr parameters (``"*fp32"``, ``"i32"``, ...). ``target`` is a
     ``triton.backends.compiler.GPUTarget`` (None: the current GPU). Returns the kernel's name, its PTX
     with exactly ``n_params`` parameters, and its launch block size and shared memory.
@@ -310,8 +483,47 @@ def compile_aot(
             f"kernel {meta.name} needs a special launch (cooperative/PDL/clusters) TensorRT does not do"
         )
     scratch_free = not getattr(meta, "global_scratch_size", 0) and not getattr(meta, "profile_scratch_size", 0)
-    ptx = fit_ptx_params(compiled.asm["ptx"], n_params, scratch_free)
+    ptx = fit_ptx_params(compiled.asm["ptx"], n_params, scratch_free)  # checks the hidden ones are unused
+    if os.environ.get(KEEP_PTX_PARAMS_ENV, "").strip() == "1":
+        ptx = compiled.asm["ptx"]
+    check_shared_memory(meta.name, int(meta.shared))
     return AOTKernel(meta.name, ptx.encode(), int(meta.num_warps) * 32, int(meta.shared), n_params)
+
+
+def check_shared_memory(name: str, shared: int) -> None:
+    """Refuse an AOT kernel that needs more than 48 KiB of shared memory, unless :data:`LARGE_SHARED_ENV` is 1.
+
+    A CUDA kernel gets more than 48 KiB of dynamic shared memory only after
+    ``cudaFuncSetAttribute(..., MaxDynamicSharedMemorySize, n)``; Triton's own launcher does that, and
+    whether TensorRT does it for an AOT plugin kernel is not documented and not yet tested (the
+    ``trt``-marked test ``test_aot_kernel_with_large_shared_memory`` settles it). Until then such a kernel
+    is a clear error at build time rather than a launch failure at run time.
+    """
+    if shared <= STATIC_SHARED_LIMIT or os.environ.get(LARGE_SHARED_ENV, "").strip() == "1":
+        return
+    raise TensorRTError(
+        f"AOT kernel {name} needs {shared} bytes of shared memory, more than the {STATIC_SHARED_LIMIT} a kernel "
+        "gets without raising its limit, and it is not verified that TensorRT raises it for AOT plugins; use "
+        f"JIT plugins (plugins='jit'), or set {LARGE_SHARED_ENV}=1 to try"
+    )
+
+
+def pointer_signature(
+    inputs: tuple[str, ...], dtypes: tuple[str, ...], scalars: tuple[str, ...], output: str
+) -> dict[str, str]:
+    """Triton signature of an AOT entry in TensorRT's order: input pointers (each in its own type from
+    ``dtypes``), int32 scalars, the output pointer (``dtypes[-1]``)."""
+    if len(dtypes) != len(inputs) + 1:
+        raise ValueError(f"need one dtype per input and one for the output, got {dtypes} for {inputs}")
+    signature = {name: f"*{dtype}" for name, dtype in zip(inputs, dtypes, strict=False)}
+    signature.update(dict.fromkeys(scalars, "i32"))
+    signature[output] = f"*{dtypes[-1]}"
+    return signature
+
+
+def io_dtypes(trt, inputs, outputs) -> tuple[str, ...]:
+    """Triton's names of the types of the inputs and the output (``TensorDesc`` objects) an AOT kernel gets."""
+    return tuple(dtype_name(trt, t.dtype) for t in (*inputs, outputs[0]))
 
 
 def launch_params(trtp, grid, kernel: AOTKernel):
@@ -326,3 +538,8 @@ def launch_params(trtp, grid, kernel: AOTKernel):
 def sym_args(trtp, values):
     """The kernel's int32 scalar arguments as ``tensorrt.plugin.SymIntExprs`` (each a ``SymInt32``)."""
     return trtp.SymIntExprs.from_tuple([trtp.SymInt32(v) for v in values])
+
+
+def aot_launch(trtp, kernel: AOTKernel, grid, scalars):
+    """What every ``aot_impl`` returns: the kernel's name, its PTX, launch parameters and scalar arguments."""
+    return kernel.name, kernel.ptx, launch_params(trtp, grid, kernel), sym_args(trtp, scalars)

@@ -80,8 +80,12 @@ class TensorRTRunner(Runner):
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self._dtypes = {n: _torch_dtype(trt, torch, self.engine.get_tensor_dtype(n)) for n in names}
-        mode = (self.metadata or {}).get("plugins", {}).get("mode")
-        self.provider = f"TensorRT {trt.__version__}" + (f", {mode} plugins" if mode else "")
+        meta = self.metadata or {}
+        mode = meta.get("plugins", {}).get("mode")
+        precision = meta.get("precision")
+        notes = [precision] if precision else []
+        notes += [f"{mode} plugins"] if mode else []
+        self.provider = ", ".join([f"TensorRT {trt.__version__}", *notes])
 
     def profile(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """(min, opt, max) shapes of input ``name`` in the engine's first optimisation profile."""

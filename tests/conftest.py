@@ -27,7 +27,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         reason="needs TensorRT and a CUDA GPU; TensorRT is not installed here (its PyPI wheels are stubs)"
     )
     for item in items:
-        if "gpu" in item.keywords and not torch.cuda.is_available():
+        # get_closest_marker, not `in item.keywords`: keywords also hold the folder names (a checkout in a
+        # folder named "trt" would skip every test).
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
             item.add_marker(no_gpu)
-        if "trt" in item.keywords and not (_has_tensorrt() and torch.cuda.is_available()):
+        if item.get_closest_marker("trt") and not (_has_tensorrt() and torch.cuda.is_available()):
             item.add_marker(no_trt)

@@ -8,20 +8,22 @@ defines, with ``tensorrt.plugin``:
 
 - the output shape, :func:`output_shape` of the inputs' shape expressions (the kernel size is the
   weight's shape, so it stays symbolic there);
-- ``impl`` (JIT): the op's Triton kernel launched from Python on TensorRT's stream, writing straight
-  into TensorRT's output buffer (:func:`launch`);
-- ``autotune``: fp32 or fp16 for all three tensors, linear layout;
-- ``aot_impl`` (TensorRT >= 10.9): the same kernel compiled ahead of time to PTX, through an entry
+- ``impl`` (JIT): the op run from Python on TensorRT's stream (on CUDA its fastest kernel: the
+  batch-folded cuDNN convolution or the Triton kernel), its result written into TensorRT's output
+  buffer (:func:`launch`);
+- ``autotune``: fp32, fp16 or bf16 for all three tensors (and the network's own mixed input types),
+  linear layout (:func:`attn_export.plugins.trt.autotune_combinations`);
+- ``aot_impl`` (TensorRT >= 10.9): the Triton kernel compiled ahead of time to PTX, through an entry
   (:func:`aot_entry`) whose parameters come in TensorRT's order (inputs, int32 scalars, output). The
   kernel size is a compile-time constant of the kernel, so the AOT path needs kH and kW static in the
-  network (they are for ODConv: the weight is built from fixed-size kernels).
+  network (they are for ODConv: the weight is built from fixed-size kernels). Its ``tl.dot`` needs x
+  and weight of one type: a mixed-type combination is JIT only.
 
 No ``from __future__ import annotations`` here: ``tensorrt.plugin`` reads the annotations of the
 registered functions as objects.
 """
 
 import functools
-import threading
 from collections.abc import Sequence
 
 from attn_export.plugins import trt as _trt
@@ -29,14 +31,13 @@ from attn_export.plugins._trt_names import DYNAMIC_CONV, plugin_id
 
 PLUGIN_NAME = DYNAMIC_CONV
 PLUGIN_ID = plugin_id(DYNAMIC_CONV)
-#: The plugin's attributes, in the order of the ONNX node and of the registered function.
+#: The plugin's attributes, in the order of the registered function's signature (the ONNX node's
+#: order must equal it: see :func:`attn_export.plugins._plugin_node.attribute_order`).
 ATTRIBUTES = ("stride", "padding", "dilation", "groups")
 #: Kernel parameters TensorRT passes to the AOT entry: 2 inputs, 11 int32 scalars, 1 output.
-N_SCALARS = 11
+SCALARS = ("CIN", "H", "W", "COUT", "HO", "WO", "GROUPS", "CIN_G", "COUT_G", "n_pblk", "n_coblk")
+N_SCALARS = len(SCALARS)
 N_PARAMS = 2 + N_SCALARS + 1
-
-_lock = threading.Lock()
-_registered = {"jit": False, "aot": False}
 
 
 # ------------------------------------------------------------------------------------------ pure shape logic
@@ -128,54 +129,20 @@ def dot_precision(dtype: str) -> str | None:
 
 # ------------------------------------------------------------------------------------------ kernels
 def launch(x, weight, out, stride, padding, dilation, groups: int) -> None:
-    """Run the Triton kernel on torch tensors, writing ``out`` (the JIT plugin's body) on the current stream."""
+    """The JIT plugin's body on torch tensors: ``dynamic_conv2d`` (on CUDA its fastest kernel) into ``out``."""
     import torch
 
-    from attn_export.plugins.dynamic_conv.op import check_args
-    from attn_export.plugins.dynamic_conv.triton_kernel import _dynamic_conv2d_fwd
+    import attn_export.plugins  # noqa: F401  (registers the ops)
 
     stride, padding, dilation = check_attributes(stride, padding, dilation, groups)
-    groups = int(groups)
-    ho, wo = check_args(x, weight, stride, padding, dilation, groups)
-    expected = (x.shape[0], weight.shape[1], ho, wo)
-    if tuple(out.shape) != expected or out.dtype != x.dtype:
-        raise ValueError(f"{PLUGIN_NAME}: output {tuple(out.shape)} {out.dtype}, expected {expected} {x.dtype}")
-    if out.numel() == 0:
-        return
-    if weight.shape[2] == 0:  # an empty reduction
-        out.zero_()
-        return
-    x, weight = x.contiguous(), weight.contiguous()
-    dst = out if out.is_contiguous() else torch.empty(expected, dtype=out.dtype, device=out.device)
-    block_co, block_ci, block_p = blocks(weight.shape[1] // groups, weight.shape[2], ho * wo)
-    grid, scalars, constexprs = launch_plan(
-        tuple(x.shape),
-        tuple(weight.shape),
-        stride,
-        padding,
-        dilation,
-        groups,
-        tuple(weight.shape[3:]),
-        block_co,
-        block_ci,
-        block_p,
-        dot_precision("fp32" if x.dtype == torch.float32 else "fp16"),
-    )
-    _dynamic_conv2d_fwd[(grid,)](x, weight, dst, *scalars, **constexprs, num_warps=_trt.NUM_WARPS)
-    if dst is not out:
-        out.copy_(dst)
+    op = torch.ops.attn_export.dynamic_conv2d
+    _trt.launch_op(PLUGIN_NAME, op, (x, weight), out, list(stride), list(padding), list(dilation), int(groups))
 
 
 @functools.cache
 def aot_entry():
-    """The kernel with TensorRT's parameter order: ``(x, weight, <11 scalars>, out, <constexprs>)``.
-
-    A ``@triton.jit`` function that calls ``_dynamic_conv2d_fwd`` (inlined when compiled). Under
-    ``TRITON_INTERPRET=1`` it is interpreted, which runs it on CPU tensors (the tests do) but cannot
-    compile it.
-    """
-    # The entry finds triton.language and the kernel among its module's globals: the interpreter
-    # re-executes its source against those (closures are lost), the compiler resolves names there.
+    """``_dynamic_conv2d_fwd`` with TensorRT's parameter order ``(x, weight, <11 scalars>, out, <constexprs>)`` (see
+    :func:`attn_export.plugins.trt.compile_aot` for why it lives in this module's globals)."""
     global tl, _body
     import triton
     import triton.language as tl
@@ -244,7 +211,7 @@ def aot_entry():
 
 @functools.lru_cache(maxsize=64)
 def aot_kernel(
-    dtype: str,
+    dtype: str | tuple[str, str, str],
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
@@ -254,9 +221,16 @@ def aot_kernel(
     block_p: int,
     target=None,
 ) -> _trt.AOTKernel:
-    """The AOT entry compiled for ``dtype`` (``"fp32"``/``"fp16"``) and these constexprs (cached)."""
-    names = ("CIN", "H", "W", "COUT", "HO", "WO", "GROUPS", "CIN_G", "COUT_G", "n_pblk", "n_coblk")
-    signature = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", **dict.fromkeys(names, "i32"), "out_ptr": f"*{dtype}"}
+    """The AOT entry compiled for ``dtype`` (``"fp32"``/``"fp16"``/``"bf16"``, or one per x, weight and
+    output; x and weight must match, for ``tl.dot``) and these constexprs (cached)."""
+    dtypes = (dtype,) * 3 if isinstance(dtype, str) else tuple(dtype)
+    if dtypes[0] != dtypes[1]:
+        raise _trt.TensorRTError(
+            f"{PLUGIN_NAME}: the AOT kernel multiplies x and weight tiles with tl.dot, which needs one type, got "
+            f"x {dtypes[0]} and weight {dtypes[1]}; give both one type in the graph (attn_export.export."
+            "precision_graph does) or use the JIT plugins (plugins='jit')"
+        )
+    signature = _trt.pointer_signature(("x_ptr", "w_ptr"), dtypes, SCALARS, "out_ptr")
     constexprs = {
         "SH": stride[0],
         "SW": stride[1],
@@ -269,7 +243,7 @@ def aot_kernel(
         "BLOCK_CO": block_co,
         "BLOCK_CI": block_ci,
         "BLOCK_P": block_p,
-        "DOT_PRECISION": dot_precision(dtype),
+        "DOT_PRECISION": dot_precision(dtypes[0]),
     }
     return _trt.compile_aot(aot_entry(), signature, constexprs, N_PARAMS, target=target)
 
@@ -280,19 +254,7 @@ def register(*, aot: bool = True) -> None:
 
     Imports TensorRT: call through :func:`attn_export.plugins.trt.register_trt_plugins`.
     """
-    with _lock:
-        import tensorrt as trt
-        import tensorrt.plugin as trtp
-
-        if not _registered["jit"]:
-            if _trt.is_defined(trtp, PLUGIN_NAME):  # defined elsewhere in this process: leave it be
-                _registered.update(jit=True, aot=True)
-                return
-            _define_jit(trt, trtp)
-            _registered["jit"] = True
-        if aot and not _registered["aot"]:
-            _define_aot(trt, trtp)
-            _registered["aot"] = True
+    _trt.register_plugin(__name__, PLUGIN_NAME, _define_jit, _define_aot, aot)
 
 
 @functools.cache
@@ -318,7 +280,7 @@ def _define_jit(trt, trtp) -> None:
     def dynamic_conv2d_autotune(
         x: trtp.TensorDesc, weight: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]
     ) -> list[trtp.AutoTuneCombination]:
-        return [trtp.AutoTuneCombination("FP32|FP16, FP32|FP16, FP32|FP16", "LINEAR")]
+        return _trt.autotune_combinations(trtp, (x, weight))
 
     @trtp.impl(PLUGIN_ID)
     def dynamic_conv2d_impl(
@@ -331,23 +293,13 @@ def _define_jit(trt, trtp) -> None:
         outputs: tuple[trtp.Tensor],
         stream: int,
     ) -> None:
-        import torch
-
-        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            launch(
-                _trt.as_torch(x),
-                _trt.as_torch(weight),
-                _trt.as_torch(outputs[0]),
-                stride,
-                padding,
-                dilation,
-                groups,
-            )
+        _trt.run_jit(launch, (x, weight), outputs, stream, stride, padding, dilation, groups)
 
 
 def _define_aot(trt, trtp) -> None:
     Ints = _int_pairs()
 
+    # TensorRT passes every attribute positionally, in the registered signature's order: declare all.
     @trtp.aot_impl(PLUGIN_ID)
     def dynamic_conv2d_aot_impl(
         x: trtp.TensorDesc,
@@ -375,8 +327,8 @@ def _define_aot(trt, trtp) -> None:
                 xs[3], ws[4], strides[1], pads[1], dils[1]
             )
         block_co, block_ci, block_p = blocks(cout_g, ws[2], howo)
-        dtype = _trt.dtype_name(trt, x.dtype)
-        kernel = aot_kernel(dtype, strides, pads, dils, kernel_hw, block_co, block_ci, block_p)
+        dtypes = _trt.io_dtypes(trt, (x, weight), outputs)
+        kernel = aot_kernel(dtypes, strides, pads, dils, kernel_hw, block_co, block_ci, block_p)
         grid, scalars, _ = launch_plan(
             x.shape_expr,
             weight.shape_expr,
@@ -388,6 +340,6 @@ def _define_aot(trt, trtp) -> None:
             block_co,
             block_ci,
             block_p,
-            dot_precision(dtype),
+            dot_precision(dtypes[0]),
         )
-        return kernel.name, kernel.ptx, _trt.launch_params(trtp, grid, kernel), _trt.sym_args(trtp, scalars)
+        return _trt.aot_launch(trtp, kernel, grid, scalars)

@@ -5,36 +5,35 @@ the int attributes ``kernel_size``, ``stride``, ``padding``, ``dilation`` (in th
 is (B, C, Ho, Wo) in the input's type. :func:`register` defines, with ``tensorrt.plugin``:
 
 - the output shape, :func:`output_shape` applied to the inputs' shape expressions;
-- ``impl`` (JIT): the op's Triton kernel launched from Python on TensorRT's stream, writing straight
-  into TensorRT's output buffer (:func:`launch`);
-- ``autotune``: fp32 or fp16 for all three tensors, linear layout;
-- ``aot_impl`` (TensorRT >= 10.9): the same kernel compiled ahead of time to PTX, through an entry
+- ``impl`` (JIT): the op run from Python on TensorRT's stream (on CUDA its Triton kernel), its result
+  written into TensorRT's output buffer (:func:`launch`);
+- ``autotune``: fp32, fp16 or bf16 for all three tensors (and the network's own mixed input types),
+  linear layout (:func:`attn_export.plugins.trt.autotune_combinations`);
+- ``aot_impl`` (TensorRT >= 10.9): the Triton kernel compiled ahead of time to PTX, through an entry
   (:func:`aot_entry`) whose parameters come in TensorRT's order (inputs, int32 scalars, output), with
   a 1-D grid and the scalars as shape expressions of the batch, so the engine runs without Python.
 
-The launch geometry (grid, scalars, block sizes) is :func:`launch_plan`, shared by both paths and
-equal to what ``triton_kernel.involution2d_triton`` uses.
+The AOT launch geometry (grid, scalars, block sizes) is :func:`launch_plan`, equal to what
+``triton_kernel.involution2d_triton`` uses (a test holds them together).
 
 No ``from __future__ import annotations`` here: ``tensorrt.plugin`` reads the annotations of the
 registered functions as objects.
 """
 
 import functools
-import threading
 
 from attn_export.plugins import trt as _trt
 from attn_export.plugins._trt_names import INVOLUTION, plugin_id
 
 PLUGIN_NAME = INVOLUTION
 PLUGIN_ID = plugin_id(INVOLUTION)
-#: The plugin's attributes, in the order of the ONNX node and of the registered function.
+#: The plugin's attributes, in the order of the registered function's signature (the ONNX node's
+#: order must equal it: see :func:`attn_export.plugins._plugin_node.attribute_order`).
 ATTRIBUTES = ("kernel_size", "stride", "padding", "dilation")
 #: Kernel parameters TensorRT passes to the AOT entry: 2 inputs, 9 int32 scalars, 1 output.
-N_SCALARS = 9
+SCALARS = ("C", "H", "W", "Ho", "Wo", "G", "CG", "n_pblk", "n_cblk")
+N_SCALARS = len(SCALARS)
 N_PARAMS = 2 + N_SCALARS + 1
-
-_lock = threading.Lock()
-_registered = {"jit": False, "aot": False}
 
 
 # ------------------------------------------------------------------------------------------ pure shape logic
@@ -87,39 +86,20 @@ def launch_plan(x, weight, kernel_size: int, stride: int, padding: int, dilation
 
 # ------------------------------------------------------------------------------------------ kernels
 def launch(x, weight, out, kernel_size: int, stride: int, padding: int, dilation: int) -> None:
-    """Run the Triton kernel on torch tensors, writing ``out`` (the JIT plugin's body) on the current stream."""
+    """The JIT plugin's body on torch tensors: ``involution2d`` (on CUDA its Triton kernel) into ``out``."""
     import torch
 
-    from attn_export.plugins.involution.op import check_args
-    from attn_export.plugins.involution.triton_kernel import _involution2d_fwd
+    import attn_export.plugins  # noqa: F401  (registers the ops)
 
-    ho, wo = check_args(x, weight, kernel_size, stride, padding, dilation)
-    expected = (x.shape[0], x.shape[1], ho, wo)
-    if tuple(out.shape) != expected or out.dtype != x.dtype:
-        raise ValueError(f"{PLUGIN_NAME}: output {tuple(out.shape)} {out.dtype}, expected {expected} {x.dtype}")
-    if out.numel() == 0:
-        return
-    x, weight = x.contiguous(), weight.contiguous()
-    dst = out if out.is_contiguous() else torch.empty(expected, dtype=out.dtype, device=out.device)
-    block_c, block_p = blocks(x.shape[1] // weight.shape[1], ho * wo)
-    grid, scalars, constexprs = launch_plan(
-        tuple(x.shape), tuple(weight.shape), kernel_size, stride, padding, dilation, block_c, block_p
-    )
-    _involution2d_fwd[(grid,)](x, weight, dst, *scalars, **constexprs, num_warps=_trt.NUM_WARPS)
-    if dst is not out:
-        out.copy_(dst)
+    check_attributes(kernel_size, stride, padding, dilation)
+    op = torch.ops.attn_export.involution2d
+    _trt.launch_op(PLUGIN_NAME, op, (x, weight), out, kernel_size, stride, padding, dilation)
 
 
 @functools.cache
 def aot_entry():
-    """The kernel with TensorRT's parameter order: ``(x, weight, <9 scalars>, out, <constexprs>)``.
-
-    A ``@triton.jit`` function that calls ``_involution2d_fwd`` (inlined when compiled). Under
-    ``TRITON_INTERPRET=1`` it is interpreted, which runs it on CPU tensors (the tests do) but cannot
-    compile it.
-    """
-    # The entry finds triton.language and the kernel among its module's globals: the interpreter
-    # re-executes its source against those (closures are lost), the compiler resolves names there.
+    """``_involution2d_fwd`` with TensorRT's parameter order ``(x, weight, <9 scalars>, out, <constexprs>)`` (see
+    :func:`attn_export.plugins.trt.compile_aot` for why it lives in this module's globals)."""
     global tl, _body
     import triton
     import triton.language as tl
@@ -153,7 +133,7 @@ def aot_entry():
 
 @functools.lru_cache(maxsize=64)
 def aot_kernel(
-    dtype: str,
+    dtype: str | tuple[str, str, str],
     kernel_size: int,
     stride: int,
     padding: int,
@@ -162,10 +142,10 @@ def aot_kernel(
     block_p: int,
     target=None,
 ) -> _trt.AOTKernel:
-    """The AOT entry compiled for ``dtype`` (``"fp32"``/``"fp16"``) and these constexprs (cached)."""
-    signature = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}"}
-    signature.update(dict.fromkeys(("C", "H", "W", "Ho", "Wo", "G", "CG", "n_pblk", "n_cblk"), "i32"))
-    signature["out_ptr"] = f"*{dtype}"
+    """The AOT entry compiled for ``dtype`` (``"fp32"``/``"fp16"``/``"bf16"``, or one per x, weight and
+    output) and these constexprs (cached). The kernel reads every load as fp32, so mixed types work."""
+    dtypes = (dtype,) * 3 if isinstance(dtype, str) else tuple(dtype)
+    signature = _trt.pointer_signature(("x_ptr", "w_ptr"), dtypes, SCALARS, "out_ptr")
     constexprs = {
         "STRIDE": stride,
         "PAD": padding,
@@ -183,19 +163,7 @@ def register(*, aot: bool = True) -> None:
 
     Imports TensorRT: call through :func:`attn_export.plugins.trt.register_trt_plugins`.
     """
-    with _lock:
-        import tensorrt as trt
-        import tensorrt.plugin as trtp
-
-        if not _registered["jit"]:
-            if _trt.is_defined(trtp, PLUGIN_NAME):  # defined elsewhere in this process: leave it be
-                _registered.update(jit=True, aot=True)
-                return
-            _define_jit(trt, trtp)
-            _registered["jit"] = True
-        if aot and not _registered["aot"]:
-            _define_aot(trt, trtp)
-            _registered["aot"] = True
+    _trt.register_plugin(__name__, PLUGIN_NAME, _define_jit, _define_aot, aot)
 
 
 def _define_jit(trt, trtp) -> None:
@@ -210,7 +178,7 @@ def _define_jit(trt, trtp) -> None:
     def involution2d_autotune(
         x: trtp.TensorDesc, weight: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]
     ) -> list[trtp.AutoTuneCombination]:
-        return [trtp.AutoTuneCombination("FP32|FP16, FP32|FP16, FP32|FP16", "LINEAR")]
+        return _trt.autotune_combinations(trtp, (x, weight))
 
     @trtp.impl(PLUGIN_ID)
     def involution2d_impl(
@@ -223,21 +191,11 @@ def _define_jit(trt, trtp) -> None:
         outputs: tuple[trtp.Tensor],
         stream: int,
     ) -> None:
-        import torch
-
-        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            launch(
-                _trt.as_torch(x),
-                _trt.as_torch(weight),
-                _trt.as_torch(outputs[0]),
-                kernel_size,
-                stride,
-                padding,
-                dilation,
-            )
+        _trt.run_jit(launch, (x, weight), outputs, stream, kernel_size, stride, padding, dilation)
 
 
 def _define_aot(trt, trtp) -> None:
+    # TensorRT passes every attribute positionally, in the registered signature's order: declare all.
     @trtp.aot_impl(PLUGIN_ID)
     def involution2d_aot_impl(
         x: trtp.TensorDesc,
@@ -253,8 +211,9 @@ def _define_aot(trt, trtp) -> None:
         cg = xs[1] // ws[1] if xs[1] is not None and ws[1] is not None else None
         howo = ws[3] * ws[4] if ws[3] is not None and ws[4] is not None else None
         block_c, block_p = blocks(cg, howo)
-        kernel = aot_kernel(_trt.dtype_name(trt, x.dtype), kernel_size, stride, padding, dilation, block_c, block_p)
+        dtypes = _trt.io_dtypes(trt, (x, weight), outputs)
+        kernel = aot_kernel(dtypes, kernel_size, stride, padding, dilation, block_c, block_p)
         grid, scalars, _ = launch_plan(
             x.shape_expr, weight.shape_expr, kernel_size, stride, padding, dilation, block_c, block_p
         )
-        return kernel.name, kernel.ptx, _trt.launch_params(trtp, grid, kernel), _trt.sym_args(trtp, scalars)
+        return _trt.aot_launch(trtp, kernel, grid, scalars)

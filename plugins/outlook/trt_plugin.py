@@ -5,10 +5,11 @@ the int attributes ``kernel_size``, ``padding``, ``stride`` (in that order); the
 shape and type. :func:`register` defines, with ``tensorrt.plugin``:
 
 - the output shape (``v``'s shape expressions, :func:`output_shape`);
-- ``impl`` (JIT): the op's Triton kernel launched from Python on TensorRT's stream, writing straight
-  into TensorRT's output buffer (:func:`launch`);
-- ``autotune``: fp32 or fp16 for all three tensors, linear layout;
-- ``aot_impl`` (TensorRT >= 10.9): the same kernel compiled ahead of time to PTX, through an entry
+- ``impl`` (JIT): the op run from Python on TensorRT's stream (on CUDA its Triton kernel), its result
+  written into TensorRT's output buffer (:func:`launch`);
+- ``autotune``: fp32, fp16 or bf16 for all three tensors (and the network's own mixed input types),
+  linear layout (:func:`attn_export.plugins.trt.autotune_combinations`);
+- ``aot_impl`` (TensorRT >= 10.9): the Triton kernel compiled ahead of time to PTX, through an entry
   (:func:`aot_entry`) whose parameters come in TensorRT's order (inputs, int32 scalars, output), with
   a 1-D grid and the scalars as shape expressions of the batch, so the engine runs without Python.
 
@@ -17,21 +18,19 @@ registered functions as objects.
 """
 
 import functools
-import threading
 
 from attn_export.plugins import trt as _trt
 from attn_export.plugins._trt_names import OUTLOOK, plugin_id
 
 PLUGIN_NAME = OUTLOOK
 PLUGIN_ID = plugin_id(OUTLOOK)
-#: The plugin's attributes, in the order of the ONNX node and of the registered function.
+#: The plugin's attributes, in the order of the registered function's signature (the ONNX node's
+#: order must equal it: see :func:`attn_export.plugins._plugin_node.attribute_order`).
 ATTRIBUTES = ("kernel_size", "padding", "stride")
 #: Kernel parameters TensorRT passes to the AOT entry: 2 inputs, 9 int32 scalars, 1 output.
-N_SCALARS = 9
+SCALARS = ("C", "H", "W", "GH", "GW", "HEADS", "CH", "n_pblk", "n_cblk")
+N_SCALARS = len(SCALARS)
 N_PARAMS = 2 + N_SCALARS + 1
-
-_lock = threading.Lock()
-_registered = {"jit": False, "aot": False}
 
 
 # ------------------------------------------------------------------------------------------ pure shape logic
@@ -85,38 +84,20 @@ def launch_plan(v, attn, kernel_size: int, padding: int, stride: int, block_c: i
 
 # ------------------------------------------------------------------------------------------ kernels
 def launch(v, attn, out, kernel_size: int, padding: int, stride: int) -> None:
-    """Run the Triton kernel on torch tensors, writing ``out`` (the JIT plugin's body) on the current stream."""
+    """The JIT plugin's body on torch tensors: ``outlook_aggregate`` (on CUDA its Triton kernel) into ``out``."""
     import torch
 
-    from attn_export.plugins.outlook.op import check_args
-    from attn_export.plugins.outlook.triton_kernel import _outlook_aggregate_fwd
+    import attn_export.plugins  # noqa: F401  (registers the ops)
 
-    check_args(v, attn, kernel_size, padding, stride)
-    if tuple(out.shape) != tuple(v.shape) or out.dtype != v.dtype:
-        raise ValueError(f"{PLUGIN_NAME}: output {tuple(out.shape)} {out.dtype}, expected {tuple(v.shape)} {v.dtype}")
-    if out.numel() == 0:
-        return
-    v, attn = v.contiguous(), attn.contiguous()
-    dst = out if out.is_contiguous() else torch.empty(tuple(v.shape), dtype=out.dtype, device=out.device)
-    block_c, block_p = blocks(v.shape[1] // attn.shape[1], v.shape[2] * v.shape[3])
-    grid, scalars, constexprs = launch_plan(
-        tuple(v.shape), tuple(attn.shape), kernel_size, padding, stride, block_c, block_p
-    )
-    _outlook_aggregate_fwd[(grid,)](v, attn, dst, *scalars, **constexprs, num_warps=_trt.NUM_WARPS)
-    if dst is not out:
-        out.copy_(dst)
+    check_attributes(kernel_size, padding, stride)
+    op = torch.ops.attn_export.outlook_aggregate
+    _trt.launch_op(PLUGIN_NAME, op, (v, attn), out, kernel_size, padding, stride)
 
 
 @functools.cache
 def aot_entry():
-    """The kernel with TensorRT's parameter order: ``(v, attn, <9 scalars>, out, <constexprs>)``.
-
-    A ``@triton.jit`` function that calls ``_outlook_aggregate_fwd`` (inlined when compiled). Under
-    ``TRITON_INTERPRET=1`` it is interpreted, which runs it on CPU tensors (the tests do) but cannot
-    compile it.
-    """
-    # The entry finds triton.language and the kernel among its module's globals: the interpreter
-    # re-executes its source against those (closures are lost), the compiler resolves names there.
+    """``_outlook_aggregate_fwd`` with TensorRT's parameter order ``(v, attn, <9 scalars>, out, <constexprs>)`` (see
+    :func:`attn_export.plugins.trt.compile_aot` for why it lives in this module's globals)."""
     global tl, _body
     import triton
     import triton.language as tl
@@ -149,11 +130,18 @@ def aot_entry():
 
 @functools.lru_cache(maxsize=64)
 def aot_kernel(
-    dtype: str, kernel_size: int, padding: int, stride: int, block_c: int, block_p: int, target=None
+    dtype: str | tuple[str, str, str],
+    kernel_size: int,
+    padding: int,
+    stride: int,
+    block_c: int,
+    block_p: int,
+    target=None,
 ) -> _trt.AOTKernel:
-    """The AOT entry compiled for ``dtype`` (``"fp32"``/``"fp16"``) and these constexprs (cached)."""
-    names = ("C", "H", "W", "GH", "GW", "HEADS", "CH", "n_pblk", "n_cblk")
-    signature = {"v_ptr": f"*{dtype}", "attn_ptr": f"*{dtype}", **dict.fromkeys(names, "i32"), "out_ptr": f"*{dtype}"}
+    """The AOT entry compiled for ``dtype`` (``"fp32"``/``"fp16"``/``"bf16"``, or one per v, attn and
+    output) and these constexprs (cached). The kernel reads every load as fp32, so mixed types work."""
+    dtypes = (dtype,) * 3 if isinstance(dtype, str) else tuple(dtype)
+    signature = _trt.pointer_signature(("v_ptr", "attn_ptr"), dtypes, SCALARS, "out_ptr")
     constexprs = {"K": kernel_size, "PAD": padding, "STRIDE": stride, "BLOCK_C": block_c, "BLOCK_P": block_p}
     return _trt.compile_aot(aot_entry(), signature, constexprs, N_PARAMS, target=target)
 
@@ -164,19 +152,7 @@ def register(*, aot: bool = True) -> None:
 
     Imports TensorRT: call through :func:`attn_export.plugins.trt.register_trt_plugins`.
     """
-    with _lock:
-        import tensorrt as trt
-        import tensorrt.plugin as trtp
-
-        if not _registered["jit"]:
-            if _trt.is_defined(trtp, PLUGIN_NAME):  # defined elsewhere in this process: leave it be
-                _registered.update(jit=True, aot=True)
-                return
-            _define_jit(trt, trtp)
-            _registered["jit"] = True
-        if aot and not _registered["aot"]:
-            _define_aot(trt, trtp)
-            _registered["aot"] = True
+    _trt.register_plugin(__name__, PLUGIN_NAME, _define_jit, _define_aot, aot)
 
 
 def _define_jit(trt, trtp) -> None:
@@ -191,7 +167,7 @@ def _define_jit(trt, trtp) -> None:
     def outlook_aggregate_autotune(
         v: trtp.TensorDesc, attn: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]
     ) -> list[trtp.AutoTuneCombination]:
-        return [trtp.AutoTuneCombination("FP32|FP16, FP32|FP16, FP32|FP16", "LINEAR")]
+        return _trt.autotune_combinations(trtp, (v, attn))
 
     @trtp.impl(PLUGIN_ID)
     def outlook_aggregate_impl(
@@ -203,13 +179,11 @@ def _define_jit(trt, trtp) -> None:
         outputs: tuple[trtp.Tensor],
         stream: int,
     ) -> None:
-        import torch
-
-        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            launch(_trt.as_torch(v), _trt.as_torch(attn), _trt.as_torch(outputs[0]), kernel_size, padding, stride)
+        _trt.run_jit(launch, (v, attn), outputs, stream, kernel_size, padding, stride)
 
 
 def _define_aot(trt, trtp) -> None:
+    # TensorRT passes every attribute positionally, in the registered signature's order: declare all.
     @trtp.aot_impl(PLUGIN_ID)
     def outlook_aggregate_aot_impl(
         v: trtp.TensorDesc,
@@ -224,6 +198,6 @@ def _define_aot(trt, trtp) -> None:
         ch = vs[1] // a[1] if vs[1] is not None and a[1] is not None else None
         hw = vs[2] * vs[3] if vs[2] is not None and vs[3] is not None else None
         block_c, block_p = blocks(ch, hw)
-        kernel = aot_kernel(_trt.dtype_name(trt, v.dtype), kernel_size, padding, stride, block_c, block_p)
+        kernel = aot_kernel(_trt.io_dtypes(trt, (v, attn), outputs), kernel_size, padding, stride, block_c, block_p)
         grid, scalars, _ = launch_plan(v.shape_expr, attn.shape_expr, kernel_size, padding, stride, block_c, block_p)
-        return kernel.name, kernel.ptx, _trt.launch_params(trtp, grid, kernel), _trt.sym_args(trtp, scalars)
+        return _trt.aot_launch(trtp, kernel, grid, scalars)

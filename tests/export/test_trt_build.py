@@ -60,7 +60,7 @@ def test_trtexec_command_options():
     argv = _argv(cmd)  # paths with spaces survive the shell
     assert "--onnx=in dir/m.onnx" in argv and "--saveEngine=out dir/m.plan" in argv
     assert "--minShapes=images:2x3x8x8" in argv and "--maxShapes=images:2x3x8x8" in argv
-    assert "--fp16" in argv and "--noTF32" not in argv
+    assert "--fp16" in argv and "--noTF32" in argv  # fp16 builds keep their fp32 layers IEEE fp32 too
     assert "--memPoolSize=workspace:512M" in argv
     assert "--timingCacheFile=caches/shared.cache" in argv
     assert "--dynamicPlugins=/opt/libfoo.so" in argv
@@ -69,9 +69,21 @@ def test_trtexec_command_options():
 
 def test_trtexec_command_on_tensorrt_11():
     argv = _argv(tb.trtexec_command("m.onnx", "m.engine", "input", (3, 8, 8), tensorrt_major=11))
-    assert "--noTF32" not in argv and "--fp16" not in argv
-    with pytest.raises(ValueError, match="TensorRT 11 removed --fp16"):
-        tb.trtexec_command("m.onnx", "m.engine", "input", (3, 8, 8), fp16=True, tensorrt_major=11)
+    assert "--noTF32" in argv and "--fp16" not in argv  # TensorRT 11 keeps TF32 (builder flag and trtexec)
+    assert "--noTF32" not in _argv(tb.trtexec_command("m", "e", "input", (3, 8, 8), tensorrt_major=11, tf32=True))
+    for flag in ("fp16", "bf16"):
+        with pytest.raises(ValueError, match=f"TensorRT 11 removed --{flag}.*precision_graph"):
+            tb.trtexec_command("m.onnx", "m.engine", "input", (3, 8, 8), tensorrt_major=11, **{flag: True})
+
+
+def test_trtexec_command_with_layer_precisions_on_tensorrt_10():
+    spec = ["--precisionConstraints=obey", "--layerPrecisions=a:fp32", "--layerOutputTypes=a:fp32"]
+    argv = _argv(
+        tb.trtexec_command("m.onnx", "e", "input", (3, 8, 8), bf16=True, layer_precisions=spec, tensorrt_major=10)
+    )
+    assert "--bf16" in argv and all(a in argv for a in spec) and "--noTF32" in argv
+    with pytest.raises(ValueError, match="fp16 or bf16 builds"):
+        tb.trtexec_command("m.onnx", "e", "input", (3, 8, 8), layer_precisions=spec, tensorrt_major=10)
 
 
 def test_trtexec_run_command():
@@ -349,21 +361,190 @@ def test_build_portable_engine_and_run_it(tmp_path):
 
 
 @pytest.mark.trt
-def test_build_fp16_engine(tmp_path):
-    import tensorrt as trt
+@pytest.mark.parametrize("low", ["fp16", "bf16"])
+@pytest.mark.parametrize("arch", ["Involution2d", "ODConv2d", "OutlookAttention", "GSoPBlock", "SKConv", "MixedNet"])
+def test_build_half_engine(tmp_path, low, arch):
+    """``--fp16`` (``bf16``) engines on the installed TensorRT (10: layer constraints; 11: the converted
+    graph), each block alone and the MixedNet, against PyTorch in fp32 with half-precision tolerances."""
+    from test_trt_target import CASES  # tests/export is on sys.path (pytest's rootdir-relative import)
 
+    from attn_export.export import export_onnx
+    from attn_export.export.checkpoint import architectures
     from attn_export.serve.trt_runner import TensorRTRunner
 
-    if not hasattr(trt.BuilderFlag, "FP16"):
-        pytest.skip(f"TensorRT {trt.__version__} has no fp16 flag (strongly typed only)")
-    model = _mixed_net()
-    export = _export(model, tmp_path / "net.onnx", "trt")
+    kwargs, shape = CASES[arch]
+    model = _randomize(architectures()[arch](**kwargs))
+    export = export_onnx(model, tmp_path / "m.onnx", shape, batch=(1, 2, 4), target="trt", seed=0)
+    assert export.ok
+    x = np.random.default_rng(2).standard_normal((2, *shape), dtype=np.float32)
     result = tb.build_engine(
-        tmp_path / "net.onnx", tmp_path / "net16.engine", export.input_name, INPUT_SHAPE, (1, 2, 4), fp16=True
+        tmp_path / "m.onnx",
+        tmp_path / f"m_{low}.engine",
+        export.input_name,
+        shape,
+        (1, 2, 4),
+        fp16=low == "fp16",
+        bf16=low == "bf16",
+        precision_samples=[x],
     )
-    assert result.precision == "fp16"
+    assert result.precision == low
     runner = TensorRTRunner(result.engine_path)
-    x = np.random.default_rng(2).standard_normal((2, *INPUT_SHAPE), dtype=np.float32)
     got = runner.infer({export.input_name: x})[export.output_names[0]]
     ref = _torch_outputs(model, x)
-    assert np.abs(got - ref).max() <= 5e-2 * max(1.0, np.abs(ref).max())
+    tol = 2e-2 if low == "fp16" else 6e-2
+    assert np.abs(got - ref).max() <= tol * max(1.0, np.abs(ref).max()), arch
+
+
+# ------------------------------------------------------------------------------------------ builds, recorded
+# build_engine against a stand-in TensorRT (tests/trt_api.py): the real tensorrt.plugin registers the
+# plugins; a recording builder, parser and config take the network. What is checked is what build_engine
+# tells TensorRT (flags, layer precisions, the graph parsed) and that its printed trtexec line says the same.
+import trt_api  # noqa: E402  (tests/ is on sys.path: tests/conftest.py)
+
+
+@pytest.fixture(scope="module")
+def mixed_graph(tmp_path_factory):
+    """A ``--target trt`` MixedNet graph (all five blocks, the three plugin nodes), exported once."""
+    path = tmp_path_factory.mktemp("mixed") / "net.onnx"
+    _export(_mixed_net(), path, "trt")
+    return path
+
+
+@pytest.fixture(params=["10.13.2.6", "11.4.0.106"])
+def stand_in(request, monkeypatch):
+    try:
+        trt_api.bindings_dir()
+    except trt_api.Unavailable as e:
+        pytest.skip(f"tensorrt.plugin sources unavailable (PyPI unreachable?): {e}")
+    with trt_api.installed(request.param) as (trt, _):
+        monkeypatch.setattr(tb, "check_trt_environment", lambda: None)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "stand-in GPU")
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+        trt_api.BUILDS.clear()
+        yield trt
+
+
+def _trtexec_of(trt, network, config, engine_path, cache_path) -> set[str]:
+    """The trtexec arguments that ask for what the recorded network and config hold."""
+    ((name, (lo, opt, hi)),) = config.profiles[0].shapes.items()
+    args = {
+        f"--onnx={network.parsed}",
+        f"--saveEngine={engine_path}",
+        f"--minShapes={name}:{'x'.join(map(str, lo))}",
+        f"--optShapes={name}:{'x'.join(map(str, opt))}",
+        f"--maxShapes={name}:{'x'.join(map(str, hi))}",
+        f"--timingCacheFile={cache_path}",
+        f"--memPoolSize=workspace:{config.pools[trt.MemoryPoolType.WORKSPACE] >> 20}M",
+    }
+    F = trt.BuilderFlag
+    if not trt.__version__.startswith("11") and network.flags & (
+        1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    ):
+        args.add("--stronglyTyped")
+    if trt.BuilderFlag.TF32 not in config.flags:
+        args.add("--noTF32")
+    for flag, arg in (("FP16", "--fp16"), ("BF16", "--bf16")):
+        if hasattr(F, flag) and getattr(F, flag) in config.flags:
+            args.add(arg)
+    pinned = sorted(layer.name for layer in network.layers if layer.precision == trt.DataType.FLOAT)
+    if pinned:
+        assert hasattr(F, "OBEY_PRECISION_CONSTRAINTS") and F.OBEY_PRECISION_CONSTRAINTS in config.flags
+        spec = ",".join(f"{n}:fp32" for n in pinned)
+        args |= {"--precisionConstraints=obey", f"--layerPrecisions={spec}", f"--layerOutputTypes={spec}"}
+    return args
+
+
+@pytest.mark.parametrize("low", [None, "fp16", "bf16"])
+def test_build_tells_tensorrt_what_trtexec_is_told(stand_in, mixed_graph, tmp_path, low):
+    trt = stand_in
+    engine = tmp_path / "net.engine"
+    result = tb.build_engine(
+        mixed_graph,
+        engine,
+        "input",
+        INPUT_SHAPE,
+        (1, 2, 4),
+        fp16=low == "fp16",
+        bf16=low == "bf16",
+        workspace_gb=1.0,
+        progress=lambda stage, msg: None,
+    )
+    ((network, config),) = trt_api.BUILDS
+    strongly_typed = trt.__version__.startswith("11")
+    assert set(shlex.split(result.trtexec)[1:]) == _trtexec_of(trt, network, config, engine, result.timing_cache_path)
+    assert trt.BuilderFlag.TF32 not in config.flags  # fp32 layers are IEEE fp32 on both versions
+    meta = json.loads(result.metadata_path.read_text())
+    assert meta["trtexec"] == result.trtexec and meta["plugins"]["mode"] == "aot"
+    assert meta["precision"] == (low or "fp32")
+    assert engine.read_bytes() == b"serialized engine"
+    if low is None:
+        assert network.parsed == str(mixed_graph) and meta["precision_detail"] is None
+        return
+    detail = meta["precision_detail"]
+    assert detail["low"] == low and detail["reasons"]["softmax"] >= 2 and detail["reasons"]["covariance"] >= 3
+    if strongly_typed:  # TensorRT 11: the converted graph, fp32 in and out, its own types
+        import onnx
+
+        from attn_export.export import precision_graph as pg
+
+        assert detail["mode"] == "strongly typed graph"
+        assert network.parsed == str(tb.low_graph_path_for(engine, low)) and detail["graph"] == f"net.{low}.onnx"
+        graph = onnx.load(network.parsed)
+        assert pg.graph_precision(graph) == low
+        assert network.inputs[0].dtype == network.outputs[0].dtype == trt.DataType.FLOAT
+        assert all(layer.precision is None for layer in network.layers)
+        assert "--fp16" not in result.trtexec and "--bf16" not in result.trtexec
+    else:  # TensorRT 10: the fp32 graph, the flag, the fp32 layers pinned (precision and output types)
+        assert detail["mode"] == "layer precision constraints"
+        assert network.parsed == str(mixed_graph)
+        pinned = [layer for layer in network.layers if layer.precision == trt.DataType.FLOAT]
+        assert sorted(detail["fp32_layers"]) == sorted(layer.name for layer in pinned)
+        kinds = {layer.name.split("_")[1] for layer in pinned}
+        assert "softmax" in kinds and "matmul" in kinds and not any("Conv" in layer.name for layer in pinned)
+        for layer in pinned:
+            floats = [k for k in range(layer.num_outputs) if layer.get_output(k).dtype == trt.DataType.FLOAT]
+            assert layer.output_types == dict.fromkeys(floats, trt.DataType.FLOAT)
+
+
+def test_a_graph_already_in_fp16_is_labelled_fp16(stand_in, mixed_graph, tmp_path):
+    """A converted graph is built as its types say (10: a strongly typed network), labelled by its types."""
+    import onnx
+
+    from attn_export.export import precision_graph as pg
+
+    model = onnx.load(str(mixed_graph))
+    low_path = tmp_path / "net16.onnx"
+    onnx.save(pg.convert(model, pg.plan_precision(model, "fp16")), low_path)
+    engine = tmp_path / "net16.engine"
+    result = tb.build_engine(low_path, engine, "input", INPUT_SHAPE, (1, 2, 4), fp16=True)
+    assert result.precision == "fp16" and result.metadata["precision_detail"]["mode"] == "graph types"
+    ((network, config),) = trt_api.BUILDS
+    assert network.parsed == str(low_path) and "--fp16" not in result.trtexec  # not converted again
+    assert set(shlex.split(result.trtexec)[1:]) == _trtexec_of(
+        stand_in, network, config, engine, result.timing_cache_path
+    )
+    strongly = network.flags & (1 << int(stand_in.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    assert bool(strongly) == stand_in.__version__.startswith("10")  # 10 follows the types only when told to
+    with pytest.raises(ExportError, match="already a fp16 graph"):
+        tb.build_engine(low_path, engine, "input", INPUT_SHAPE, (1, 2, 4), bf16=True)
+
+
+def test_fp16_and_bf16_together_are_refused(tmp_path):
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(b"")
+    with pytest.raises(ExportError, match="fp16 or bf16"):
+        tb.build_engine(onnx_path, tmp_path / "m.engine", "input", (3, 8, 8), fp16=True, bf16=True)
+    with pytest.raises(ValueError, match="fp16 or bf16"):
+        tb.trtexec_command("m.onnx", "m.engine", "input", (3, 8, 8), fp16=True, bf16=True, tensorrt_major=10)
+
+
+@pytest.mark.parametrize("plugins", ["auto", "jit"])
+def test_plugin_mode_and_preference_flag(stand_in, mixed_graph, tmp_path, plugins):
+    trt = stand_in
+    result = tb.build_engine(mixed_graph, tmp_path / "n.engine", "input", INPUT_SHAPE, (1, 2, 4), plugins=plugins)
+    ((network, _),) = trt_api.BUILDS
+    creation = trt.NetworkDefinitionCreationFlag
+    want = creation.PREFER_JIT_PYTHON_PLUGINS if plugins == "jit" else creation.PREFER_AOT_PYTHON_PLUGINS
+    assert network.flags == 1 << int(want)
+    assert result.plugin_mode == ("jit" if plugins == "jit" else "aot")
