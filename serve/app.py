@@ -496,7 +496,11 @@ def _parse_form(
             files[-1] = (files[-1][0], b"".join(state["chunks"]))
             state["chunks"] = None
 
+    def on_end():
+        state["ended"] = True
+
     callbacks = {
+        "on_end": on_end,
         "on_part_begin": on_part_begin,
         "on_header_field": on_header_field,
         "on_header_value": on_header_value,
@@ -511,6 +515,8 @@ def _parse_form(
         parser.finalize()
     except MultipartParseError as e:
         raise InputError(400, "bad_request", f"malformed multipart body: {e}") from e
+    if not state.get("ended"):
+        raise InputError(400, "bad_request", "malformed multipart body: it ends before its closing boundary")
     if not files:
         extra = f" (the form has only text fields: {', '.join(fields)})" if fields else ""
         raise InputError(400, "no_image", f"no image in the form{extra}: send files in the field 'images'")
