@@ -96,7 +96,8 @@ class Door:
         self.max_pixels = max_pixels
         self.max_retry_after_s = max_retry_after_s
         self.meter = meter or RateMeter()
-        self.requests = 0
+        self.requests = 0  # admitted, body read, not yet answered
+        self.reading = 0  # admitted, body still arriving
         self.bytes = 0
         self.pixels = 0
         self._lock = threading.Lock()
@@ -113,16 +114,20 @@ class Door:
         return Busy(reason, f"the server is busy: {what}; retry after the time in Retry-After", self.retry_after())
 
     def admit(self, declared_bytes: int = 0) -> Ticket:
-        """A ticket for one request, or :class:`Busy`."""
+        """A ticket for one request whose body is about to be read, or :class:`Busy` (nothing read yet).
+
+        While its body arrives a request holds only its bytes (a slow client holds no request place);
+        :meth:`Ticket.start` takes the request place once the body is there.
+        """
         with self._lock:
             if self.requests >= self.max_requests:
                 raise self._busy("in_flight", f"{self.requests} requests are in flight (at most {self.max_requests})")
-            if declared_bytes and self.bytes + declared_bytes > self.max_bytes and self.requests > 0:
+            if declared_bytes and self.bytes + declared_bytes > self.max_bytes and self.bytes > 0:
                 raise self._busy(
                     "bytes",
                     f"{self.bytes:,} body bytes are in flight; {declared_bytes:,} more would pass {self.max_bytes:,}",
                 )
-            self.requests += 1
+            self.reading += 1
             self.bytes += declared_bytes
         return Ticket(self, declared_bytes)
 
@@ -134,7 +139,18 @@ class Ticket:
         self.door = door
         self.bytes = nbytes
         self.pixels = 0
+        self.started = False
         self.released = False
+
+    def start(self) -> None:
+        """The body is read: take a request place (:class:`Busy` when they are all taken meanwhile)."""
+        door = self.door
+        with door._lock:
+            if door.requests >= door.max_requests:
+                raise door._busy("in_flight", f"{door.requests} requests are in flight (at most {door.max_requests})")
+            door.reading -= 1
+            door.requests += 1
+            self.started = True
 
     def add_bytes(self, n: int) -> None:
         """Body bytes past the declared length (a body without ``Content-Length``)."""
@@ -174,7 +190,10 @@ class Ticket:
             if self.released:
                 return
             self.released = True
-            door.requests -= 1
+            if self.started:
+                door.requests -= 1
+            else:
+                door.reading -= 1
             door.bytes -= self.bytes
             door.pixels -= self.pixels
             self.bytes = self.pixels = 0
@@ -262,6 +281,7 @@ class AdmissionMiddleware:
         if self.metrics is not None:
             door = self.door
             self.metrics.admitted.set(door.requests)
+            self.metrics.reading.set(door.reading)
             self.metrics.bytes_in_flight.set(door.bytes)
             self.metrics.pixels_in_flight.set(door.pixels)
 
@@ -293,7 +313,7 @@ class AdmissionMiddleware:
             if answered:
                 self.door.meter.record()
             self._gauges()
-            if self.door.requests == 0 and self.on_idle is not None:
+            if self.door.requests == 0 and self.door.reading == 0 and self.on_idle is not None:
                 self.on_idle()
 
     async def _too_large(self, scope, receive, send, declared: int | None) -> None:
@@ -365,6 +385,14 @@ class AdmissionMiddleware:
         """Read the body, run the app, watch for a disconnect; True when the app answered."""
         body = await self._read_body(scope, receive, send, ticket, declared)
         if body is None:
+            return False
+        try:
+            ticket.start()
+        except Busy as e:
+            self._count("shed", e.reason)
+            await _send_json(
+                send, 503, {"error": "busy", "detail": e.message, "status": 503}, {"Retry-After": e.retry_after}
+            )
             return False
         self._gauges()
         gone = asyncio.Event()

@@ -820,6 +820,7 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[Settings],
             svc.metrics.queue_depth.set(svc.batcher.depth)
         door = svc.door
         svc.metrics.admitted.set(door.requests)
+        svc.metrics.reading.set(door.reading)
         svc.metrics.bytes_in_flight.set(door.bytes)
         svc.metrics.pixels_in_flight.set(door.pixels)
         return Response(svc.metrics.render(), media_type=svc.metrics.content_type)

@@ -60,6 +60,9 @@ class ServeMetrics:
             "admitted_requests", "requests admitted at the door and not yet answered (the backlog)",
             namespace=ns, registry=r,
         )  # fmt: skip
+        self.reading = Gauge(
+            "reading_requests", "requests admitted whose body is still arriving", namespace=ns, registry=r
+        )
         self.bytes_in_flight = Gauge(
             "body_bytes_in_flight", "body bytes of the admitted requests", namespace=ns, registry=r
         )

@@ -80,9 +80,16 @@ def test_door_bounds_requests_bytes_and_pixels():
         door.admit(500)
     assert e.value.reason == "bytes" and e.value.retry_after >= 1
     b = door.admit(300)
+    slow = door.admit(50)  # a slow body holds bytes, not a request place
+    assert (door.reading, door.requests) == (3, 0)
+    a.start()
+    b.start()
     with pytest.raises(Busy) as e:
         door.admit(0)
     assert e.value.reason == "in_flight" and "2 requests are in flight" in e.value.message
+    with pytest.raises(Busy):
+        slow.start()  # its body arrived, but the places were taken meanwhile
+    slow.release()
     a.reserve_pixels(80)
     with pytest.raises(Busy) as e:
         b.reserve_pixels(30)
@@ -95,9 +102,10 @@ def test_door_bounds_requests_bytes_and_pixels():
     assert (door.requests, door.bytes, door.pixels) == (0, 0, 0)
     # alone, a request larger than a budget still runs (each image is within max_pixels)
     big = door.admit(5000)
+    big.start()
     big.reserve_pixels(500)
     big.release()
-    assert (door.requests, door.bytes, door.pixels) == (0, 0, 0)
+    assert (door.requests, door.reading, door.bytes, door.pixels) == (0, 0, 0, 0)
 
 
 def _call(mw, scope, receive):
@@ -123,6 +131,7 @@ def _scope(length: int | None = None):
 def test_the_door_answers_503_before_reading_the_body(max_requests, held_bytes, length, reason):
     door = Door(max_requests=max_requests, max_bytes=1000, max_pixels=100)
     tickets = [door.admit(held_bytes)]
+    tickets[0].start()
     metrics = ServeMetrics()
 
     async def app(scope, receive, send):  # pragma: no cover - must not run
@@ -143,7 +152,7 @@ def test_the_door_answers_503_before_reading_the_body(max_requests, held_bytes, 
 
 def test_the_door_lets_gets_through_at_any_load():
     door = Door(max_requests=1, max_bytes=1000, max_pixels=100)
-    door.admit(0)
+    door.admit(0).start()
     ran = []
 
     async def app(scope, receive, send):
@@ -204,6 +213,7 @@ def test_pixels_in_flight_are_bounded(standin_onnx):
     with client_for(settings, loader=gate.loader) as c:
         svc = c.app.state.service
         ticket = svc.door.admit(0)
+        ticket.start()
         ticket.reserve_pixels(100_000)  # another request decoding
         r = c.post("/detect", files=_png())
         assert r.status_code == 503 and r.json()["error"] == "busy" and "megapixels" in r.json()["detail"]
