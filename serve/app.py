@@ -317,7 +317,7 @@ class Service:
         self.known_paths: set[str] = set()
         self._warm_task: asyncio.Task | None = None
         self.door = Door(
-            settings.max_in_flight,
+            settings.max_in_flight or 4 * (settings.max_batch or 4),  # set again once the model's max batch is known
             settings.max_bytes_in_flight,
             settings.max_pixels_in_flight,
             max_retry_after_s=settings.max_retry_after_s,
@@ -381,6 +381,8 @@ class Service:
         self.model = model = await anyio.to_thread.run_sync(self.loader, s)
         max_batch = s.max_batch or default_max_batch(model)
         max_batch = min(max_batch, model.max_batch or max_batch)
+        # enough requests in flight to fill the next batches while one runs, and no more: the rest get 503
+        self.door.max_requests = s.max_in_flight or 4 * max_batch
         self.batcher = Batcher(
             lambda pixels: model.infer(to_input(pixels)),  # images queue as uint8, 4x smaller
             max_batch=max_batch,
@@ -811,6 +813,7 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[Settings],
             "input_size": m.input_size,
             "classes": m.class_names,
             "max_batch": svc.batcher.max_batch,
+            "max_in_flight": svc.door.max_requests,
             "version": __version__,
         }
 

@@ -48,7 +48,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch backend: cpu, cuda, cuda:N (default auto)")
     p.add_argument("--input-size", type=int, help="letterbox size (default: from the model)")
     p.add_argument("--cache-dir", type=Path, help="where a checkpoint's ONNX export is cached")
-    p.add_argument("--max-in-flight", type=int, help="requests admitted at once; beyond, 503 + Retry-After (32)")
+    p.add_argument(
+        "--max-in-flight", type=int, help="requests admitted at once; beyond, 503 + Retry-After (4 x max batch)"
+    )
     p.add_argument("--max-bytes-in-flight", type=int, help="body bytes of the admitted requests (160 MiB)")
     p.add_argument("--max-pixels-in-flight", type=int, help="image pixels admitted for decoding (512 M)")
     p.add_argument("--header-timeout-s", type=float, help="request headers must arrive within this (30 s)")

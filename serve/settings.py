@@ -85,8 +85,11 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(60.0, gt=0, description="a request waiting longer for its results gets 504")
 
     # admission control and timeouts (the door: past a bound, 503 with Retry-After at once)
-    max_in_flight: int = Field(
-        32, ge=1, le=100_000, description="requests with a body (POST) admitted and not yet answered, at most"
+    max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="requests with a body (POST) admitted and not yet answered, at most (default: 4 x max batch)",
     )
     max_bytes_in_flight: int = Field(
         160 * 1024 * 1024, ge=1024, description="body bytes of the admitted requests, at most (from Content-Length)"
