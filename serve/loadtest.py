@@ -465,8 +465,10 @@ async def _overload(url: str, payloads: list[bytes], concurrency: int, seconds: 
             t = time.perf_counter()
             try:
                 status, _ = await asyncio.wait_for(conn.request(payloads[i % len(payloads)]), 120)
-            except Exception:
+            except Exception as e:
                 counts["errors"] += 1
+                kinds = counts.setdefault("error_kinds", {})
+                kinds[type(e).__name__] = kinds.get(type(e).__name__, 0) + 1
                 await conn.close()
                 await asyncio.sleep(0.1)
                 continue
@@ -761,6 +763,7 @@ def scenario_limits(url: str) -> dict:
         "counted_reading": delta("attn_export_client_disconnects_total", 'stage="reading"'),
         "counted_as_400": delta("attn_export_http_requests_total", 'status="400"'),
         "answered_200": delta("attn_export_http_requests_total", 'route="/detect",status="200"'),
+        "answered_503": delta("attn_export_http_requests_total", 'route="/detect",status="503"'),
     }
     print(f"  limits: {out}", file=sys.stderr)
     return out
@@ -771,14 +774,14 @@ def abuse_report(results: dict) -> str:
     lines = []
     if "overload" in results:
         lines += [
-            "| clients | 200s | 200/s | p50 ms | p99 ms | 503s | median Retry-After s | healthz p95 / max ms "
-            "| readyz p95 / max ms | max backlog | postprocess work / wait ms |",
-            "|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|",
+            "| clients | 200s | 200/s | p50 ms | p99 ms | 503s | other / errors | median Retry-After s "
+            "| healthz p95 / max ms | readyz p95 / max ms | max backlog | postprocess work / wait ms |",
+            "|---:|---:|---:|---:|---:|---:|---|---:|---|---|---:|---|",
         ]
         for r in results["overload"]:
             lines.append(
                 f"| {r['clients']} | {r['ok']} | {r['ok_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} "
-                f"| {r['busy']} | {r['retry_after_median_s']:.0f} "
+                f"| {r['busy']} | {r['other']} / {r['errors']} | {r['retry_after_median_s']:.0f} "
                 f"| {r['healthz_p95_ms']:.1f} / {r['healthz_max_ms']:.0f} "
                 f"| {r['readyz_p95_ms']:.1f} / {r['readyz_max_ms']:.0f} | {r['max_backlog']:.0f} "
                 f"| {r['postprocess_work_mean_ms']:.1f} / {r['postprocess_wait_mean_ms']:.1f} |"
@@ -819,7 +822,7 @@ def abuse_report(results: dict) -> str:
         lines.append(
             f"\nDisconnects: {d['sent_waiting']} clients left while waiting, {d['sent_reading']} mid-body; counted "
             f"{d['counted_waiting']:.0f} and {d['counted_reading']:.0f} as disconnects, {d['counted_as_400']:.0f} as "
-            f"HTTP 400."
+            f"HTTP 400 ({d['answered_503']:.0f} were answered 503 at the door before they left)."
         )
     return "\n".join(lines)
 
