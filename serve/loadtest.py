@@ -216,6 +216,9 @@ class _Connection:
         self.headers: dict[str, str] = {}  # of the last response
 
     async def request(self, payload: bytes) -> tuple[int, bytes]:
+        """One request; on a kept-alive connection that the server closed meanwhile (its keep-alive timeout),
+        once more on a new one, as HTTP clients do."""
+        reused = self.writer is not None
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         try:
@@ -223,6 +226,11 @@ class _Connection:
             await self.writer.drain()
             self.headers = {}
             status, body, keep = await _read_response(self.reader, self.headers)
+        except ConnectionError:
+            await self.close()
+            if reused:
+                return await self.request(payload)
+            raise
         except BaseException:
             await self.close()
             raise
