@@ -59,9 +59,9 @@ def test_abuse_scenarios_run_and_report(standin_onnx, tmp_path, capsys):
     limits = report["limits"]
     assert limits["twenty_images"].startswith("413 too_many_images")
     d = limits["disconnects"]
-    # 20 at once pass the 16 places of the door: the rest were answered 503 before they left
-    assert d["counted_waiting"] + d["answered_503"] == 20 and d["counted_waiting"] >= 16
-    assert (d["counted_reading"], d["counted_as_400"], d["answered_200"]) == (10, 0, 0)
+    # each is counted once, by what happened (the stand-in may answer one within the 20 ms its client waits)
+    assert d["counted_waiting"] + d["answered_200"] == 12 and d["counted_waiting"] >= 8
+    assert (d["counted_reading"], d["counted_as_400"], d["answered_503"]) == (10, 0, 0)
     assert all(r["detections_8bit"] == r["detections_16bit"] for r in limits["png16"])
     (level,) = report["overload"]
     assert level["clients"] == 4 and level["ok"] > 0 and level["errors"] == 0 and level["healthz_n"] > 0
