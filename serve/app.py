@@ -335,7 +335,8 @@ class Service:
         return (await self.run_cpu_timed(fn, *args))[0]
 
     async def run_cpu_timed(self, fn, *args) -> tuple[Any, float, float]:
-        """``(fn(*args), seconds waiting for a pool thread, seconds working)`` on the CPU pool."""
+        """``(fn(*args), seconds waiting for a pool thread, seconds working)`` on the CPU pool (the
+        ``cpu_pool_backlog`` gauge counts the tasks queued or running there)."""
         t_submit = time.perf_counter()
         times = [t_submit, t_submit]
         self._pool_waiting += 1

@@ -71,7 +71,7 @@ class ServeMetrics:
             namespace=ns, registry=r,
         )  # fmt: skip
         self.pool_backlog = Gauge(
-            "cpu_pool_backlog", "tasks waiting for a thread of the decode/NMS pool", namespace=ns, registry=r
+            "cpu_pool_backlog", "tasks queued or running on the decode/NMS pool", namespace=ns, registry=r
         )
         self.batch_size = Histogram(
             "batch_size", "images per inference call", buckets=BATCH_BUCKETS, namespace=ns, registry=r
