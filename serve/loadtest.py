@@ -1001,7 +1001,7 @@ def _main(args: argparse.Namespace) -> int:
             check_loopback(args.url)
             url = args.url
         else:
-            url = stack.enter_context(start_server(settings))
+            url = stack.enter_context(start_server(settings, args.server_arg))
         import httpx
 
         info = httpx.get(f"{url}/readyz", timeout=10).json()

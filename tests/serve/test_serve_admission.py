@@ -392,3 +392,50 @@ def test_timings_separate_waiting_from_working(client):
     assert parts <= t["total_ms"] * 1.05 + 1.0
     names = [p.split(";")[0].strip() for p in r.headers["server-timing"].split(",")]
     assert names == ["decode", "decode_wait", "queue", "inference", "postprocess_wait", "postprocess", "total"]
+
+
+def test_a_slow_body_holds_no_request_place(standin_onnx):
+    """With one place at the door, a client still sending its body does not keep others out."""
+    from attn_export.serve.app import create_app
+
+    settings = make_settings(standin_onnx, warmup=False, max_in_flight=1, body_timeout_s=20.0)
+    with LiveServer(create_app(settings)) as server:
+        slow = _raw(server.port)
+        slow.sendall(b"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n\r\nab")
+        time.sleep(0.2)
+        text = httpx.get(f"{server.url}/metrics").text
+        assert (
+            _metric(text, "attn_export_reading_requests") == 1 and _metric(text, "attn_export_admitted_requests") == 0
+        )
+        img = make_image((320, 320), [cell_square(1, 4, 4)])
+        r = httpx.post(f"{server.url}/detect", files=_png(img), timeout=30)
+        assert r.status_code == 200 and r.json()["images"][0]["detections"][0]["class_id"] == 1
+        slow.close()
+
+
+def test_header_timeout_on_h11_too(standin_onnx):
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from attn_export.serve.app import create_app
+
+    app = create_app(make_settings(standin_onnx, warmup=False))
+    cut = []
+    with LiveServer(app, http=protocol_with_header_timeout(0.5, cut.append, base=H11Protocol)) as server:
+        assert httpx.get(f"{server.url}/healthz").status_code == 200  # a whole request in time is served
+        idle, partial = _raw(server.port), _raw(server.port)
+        partial.sendall(b"GET /healthz HTTP/1.1\r\nHo")
+        assert _read_all(idle) == b""
+        assert _read_all(partial).startswith(b"HTTP/1.1 408")
+    assert sorted(cut) == ["headers", "idle"]
+
+
+def test_cli_options_reach_the_settings():
+    from attn_export.serve.cli import parser, settings_from_args, settings_to_env
+
+    args = ["m.onnx", "--max-in-flight", "3", "--max-bytes-in-flight", "5000", "--max-pixels-in-flight", "7"]
+    args += ["--header-timeout-s", "2.5", "--body-timeout-s", "4"]
+    s = settings_from_args(parser().parse_args(args))
+    assert (s.max_in_flight, s.max_bytes_in_flight, s.max_pixels_in_flight) == (3, 5000, 7)
+    assert (s.header_timeout_s, s.body_timeout_s) == (2.5, 4.0)
+    env = settings_to_env(s)  # what worker processes read (the header timeout among them)
+    assert env["ATTN_EXPORT_HEADER_TIMEOUT_S"] == "2.5" and env["ATTN_EXPORT_MAX_IN_FLIGHT"] == "3"
