@@ -5,11 +5,15 @@ Endpoints: ``POST /detect`` (images in, boxes out: JSON, or a PNG with the boxes
 shutting down), ``GET /metrics`` (Prometheus), ``GET /`` (a page to try it), ``/docs`` and
 ``/openapi.json``.
 
-A request's path: the limits middleware checks the API key and buffers the body up to
-``max_body_bytes`` (413 beyond it, before any parsing); the images are decoded and letterboxed on the
-service's CPU pool (:mod:`attn_export.serve.imaging`); the :class:`~attn_export.serve.batching.Batcher`
-runs them with the images of other requests in one inference call on its own thread; NMS and the
-mapping back to original pixels run on the CPU pool again. The event loop only moves bytes.
+A request's path: the limits middleware counts it and checks the API key; the door
+(:mod:`attn_export.serve.admission`) admits it within the bounds on requests and bytes in flight (else
+503 with Retry-After, before the body is read), then reads the body up to ``max_body_bytes`` (413
+beyond it, before any parsing) within ``body_timeout_s`` (408 beyond); the form is parsed, the image
+headers are read (their pixels count against the pixels in flight) and the images are decoded and
+letterboxed on the service's CPU pool (:mod:`attn_export.serve.imaging`); the
+:class:`~attn_export.serve.batching.Batcher` runs them with the images of other requests in one
+inference call on its own thread; NMS, the mapping back to original pixels and the JSON run on the CPU
+pool again. The event loop only moves bytes, so the probes stay fast at any load.
 
 Errors are JSON ``{"error": KIND, "detail": MESSAGE, "status": CODE}``, 4xx for anything a client sent.
 """
@@ -19,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import functools
 import hmac
 import logging
 import os
@@ -37,12 +40,29 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from attn_export import __version__
+from attn_export.serve.admission import (
+    SCOPE_DISCONNECTED,
+    SCOPE_TICKET,
+    AdmissionMiddleware,
+    Busy,
+    Door,
+    Ticket,
+    release_memory,
+)
 from attn_export.serve.batching import Batcher, BatcherClosed, QueueFull
-from attn_export.serve.imaging import ACCEPTED, MIME_TYPES, Decoded, InputError, decode, draw, to_input
+from attn_export.serve.imaging import (
+    ACCEPTED,
+    MIME_TYPES,
+    Decoded,
+    InputError,
+    decode_image,
+    draw,
+    open_image,
+    to_input,
+)
 from attn_export.serve.loader import ModelError, ServedModel, load
 from attn_export.serve.metrics import ServeMetrics
 from attn_export.serve.settings import Settings
@@ -51,7 +71,6 @@ log = logging.getLogger("attn_export.serve")
 
 API_KEY_HEADER = "X-API-Key"
 PROTECTED_PATHS = ("/detect",)
-BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
 # ------------------------------------------------------------------------------------------ schemas
@@ -93,10 +112,12 @@ class Params(BaseModel):
 
 
 class Timings(BaseModel):
-    decode_ms: float
-    queue_ms: float
+    decode_ms: float = Field(description="work: parsing the body, decoding and letterboxing the images")
+    decode_wait_ms: float = Field(0.0, description="waiting for a thread of the CPU pool before decoding")
+    queue_ms: float = Field(description="waiting for the batch to start (the longest of the images)")
     inference_ms: float
-    postprocess_ms: float
+    postprocess_wait_ms: float = Field(0.0, description="waiting for a thread of the CPU pool before NMS")
+    postprocess_ms: float = Field(description="work: NMS, the mapping back to original pixels, the answer")
     total_ms: float
 
 
@@ -135,9 +156,10 @@ MULTIPART_BODY = {
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in {
-        400: "bad input: empty body, no image, an image that does not decode, too many images",
+        400: "bad input: empty body, no image, an image that does not decode, a malformed form",
         401: "missing or wrong X-API-Key (when the server has one)",
-        413: "body or image too large (bytes, pixels)",
+        408: "the body did not arrive within body_timeout_s",
+        413: "body or image too large (bytes, pixels), or too many images",
         415: "unsupported Content-Type or image type",
         422: "a query parameter out of range",
         503: "not ready, shutting down or too busy (Retry-After)",
@@ -154,6 +176,7 @@ _KINDS = {
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
+    408: "request_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "invalid_parameter",
@@ -181,10 +204,10 @@ def _describe_validation(errors: list[dict]) -> str:
 
 # ------------------------------------------------------------------------------------------ middleware
 class LimitsMiddleware:
-    """Pure ASGI: request metrics, the API key of protected paths, and the body-size limit.
+    """Pure ASGI, outermost: request metrics and the API key of protected paths (checked before the door).
 
-    The body of a POST is read here in full, up to ``max_body_bytes``: a larger one gets 413 before
-    anything parses it (the rest is read and dropped up to a cap, so the client sees the answer).
+    A request whose client went away before its answer (the door marks it) is counted as a disconnect,
+    not by the status it never received.
     """
 
     def __init__(self, app, service: Service) -> None:
@@ -207,11 +230,11 @@ class LimitsMiddleware:
 
         metrics.in_flight.inc()
         try:
-            early = await self._check(scope, receive)
-            if isinstance(early, Response):
+            early = self._check(scope)
+            if early is not None:
                 await early(scope, receive, send_wrapper)
             else:
-                await self.app(scope, early or receive, send_wrapper)
+                await self.app(scope, receive, send_wrapper)
         finally:
             metrics.in_flight.dec()
             route = scope.get("route")
@@ -220,58 +243,19 @@ class LimitsMiddleware:
                 label = "/static"
             elif label not in svc.known_paths:
                 label = "other"
-            metrics.requests.labels(label, scope["method"], str(status_holder[0])).inc()
-            metrics.latency.labels(label).observe(time.perf_counter() - t0)
+            if not scope.get(SCOPE_DISCONNECTED):
+                metrics.requests.labels(label, scope["method"], str(status_holder[0])).inc()
+                metrics.latency.labels(label).observe(time.perf_counter() - t0)
 
-    async def _check(self, scope, receive):
-        svc = self.service
-        settings = svc.settings
-        path = scope["path"]
-        if settings.api_key is not None and path in PROTECTED_PATHS:
+    def _check(self, scope) -> Response | None:
+        settings = self.service.settings
+        if settings.api_key is not None and scope["path"] in PROTECTED_PATHS:
             given = _header(scope, b"x-api-key")
             if given is None or not hmac.compare_digest(given.encode(), settings.api_key.get_secret_value().encode()):
-                svc.metrics.rejected.labels("api_key").inc()
+                self.service.metrics.rejected.labels("api_key").inc()
                 what = "missing" if given is None else "wrong"
                 return error_response(401, f"{what} API key: send it in the {API_KEY_HEADER} header")
-        if scope["method"] not in BODY_METHODS:
-            return None
-        limit = settings.max_body_bytes
-        declared = _header(scope, b"content-length")
-        too_large = declared is not None and declared.isdigit() and int(declared) > limit
-        chunks, total = [], 0
-        cap = max(4 * limit, 64 << 20)  # read and drop up to this much of an oversized body
-        if not too_large or int(declared) <= cap:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return error_response(400, "the client closed the connection before sending the body")
-                body = message.get("body", b"")
-                total += len(body)
-                if total > limit:
-                    too_large = True
-                    if total > cap:
-                        break
-                else:
-                    chunks.append(body)
-                if not message.get("more_body", False):
-                    break
-        if too_large:
-            svc.metrics.rejected.labels("body_size").inc()
-            size = f"{int(declared):,} bytes" if declared and declared.isdigit() else f"over {limit:,} bytes"
-            return error_response(
-                413, f"the request body is {size}; this server takes at most {limit:,} bytes", "payload_too_large"
-            )
-        body = b"".join(chunks)
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return replay
+        return None
 
 
 def _header(scope, name: bytes) -> str | None:
@@ -332,6 +316,15 @@ class Service:
         self.shutting_down = False
         self.known_paths: set[str] = set()
         self._warm_task: asyncio.Task | None = None
+        self.door = Door(
+            settings.max_in_flight or 4 * (settings.max_batch or 4),  # set again once the model's max batch is known
+            settings.max_bytes_in_flight,
+            settings.max_pixels_in_flight,
+            max_retry_after_s=settings.max_retry_after_s,
+        )
+        self._pool_waiting = 0
+        self._last_release = 0.0
+        self._releasing = False
 
     @property
     def ready(self) -> bool:
@@ -339,7 +332,46 @@ class Service:
 
     async def run_cpu(self, fn, *args):
         """``fn(*args)`` on the service's CPU pool, awaited without blocking the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
+        return (await self.run_cpu_timed(fn, *args))[0]
+
+    async def run_cpu_timed(self, fn, *args) -> tuple[Any, float, float]:
+        """``(fn(*args), seconds waiting for a pool thread, seconds working)`` on the CPU pool (the
+        ``cpu_pool_backlog`` gauge counts the tasks queued or running there)."""
+        t_submit = time.perf_counter()
+        times = [t_submit, t_submit]
+        self._pool_waiting += 1
+        self.metrics.pool_backlog.set(self._pool_waiting)
+
+        def job():
+            times[0] = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                times[1] = time.perf_counter()
+
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self.pool, job)
+        finally:
+            self._pool_waiting -= 1
+            self.metrics.pool_backlog.set(self._pool_waiting)
+        return result, times[0] - t_submit, times[1] - times[0]
+
+    def on_idle(self) -> None:
+        """The door has nothing in flight: hand freed memory back to the system (at most once a second)."""
+        now = time.monotonic()
+        if not self.settings.release_memory or self._releasing or now - self._last_release < 1.0:
+            return
+        self._releasing = True
+        self._last_release = now
+
+        def trim():
+            try:
+                if release_memory():
+                    self.metrics.memory_releases.inc()
+            finally:
+                self._releasing = False
+
+        threading.Thread(target=trim, name="attn-export-trim", daemon=True).start()
 
     async def start(self) -> None:
         s = self.settings
@@ -350,6 +382,8 @@ class Service:
         self.model = model = await anyio.to_thread.run_sync(self.loader, s)
         max_batch = s.max_batch or default_max_batch(model)
         max_batch = min(max_batch, model.max_batch or max_batch)
+        # enough requests in flight to fill the next batches while one runs, and no more: the rest get 503
+        self.door.max_requests = s.max_in_flight or 4 * max_batch
         self.batcher = Batcher(
             lambda pixels: model.infer(to_input(pixels)),  # images queue as uint8, 4x smaller
             max_batch=max_batch,
@@ -409,23 +443,94 @@ def _params(settings: Settings, conf, iou, max_det) -> Params:
     )
 
 
-async def _read_images(request: Request, settings: Settings) -> list[tuple[str | None, bytes]]:
+def _parse_form(
+    body: bytes, content_type: str, max_images: int, max_fields: int = 64
+) -> list[tuple[str | None, bytes]]:
+    """The file parts of a ``multipart/form-data`` body, in order, as ``(filename, bytes)``.
+
+    Parsed from the buffered body with python-multipart's parser (no temporary files, one copy of each
+    image); a file part is one with a ``filename`` in its Content-Disposition. More than ``max_images``
+    files is a 413 ``too_many_images`` as soon as the next one starts; a malformed body a 400.
+    """
+    from python_multipart.exceptions import MultipartParseError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise InputError(400, "bad_request", "malformed multipart body: no boundary in the Content-Type header")
+    files: list[tuple[str | None, bytes]] = []
+    fields: list[str] = []
+    state: dict[str, Any] = {"field": b"", "value": b"", "headers": {}, "chunks": None, "name": None}
+
+    def on_part_begin():
+        state["headers"] = {}
+
+    def on_header_field(data, start, end):
+        state["field"] += data[start:end]
+
+    def on_header_value(data, start, end):
+        state["value"] += data[start:end]
+
+    def on_header_end():
+        state["headers"][state["field"].lower()] = state["value"]
+        state["field"] = state["value"] = b""
+
+    def on_headers_finished():
+        _, disp = parse_options_header(state["headers"].get(b"content-disposition", b""))
+        name = disp.get(b"name", b"").decode("utf-8", "replace")
+        if b"filename" in disp:
+            if len(files) >= max_images:
+                raise InputError(413, "too_many_images", f"too many images: at most {max_images} per request")
+            files.append((disp[b"filename"].decode("utf-8", "replace"), b""))
+            state["chunks"] = []
+        else:
+            if len(fields) >= max_fields:
+                raise InputError(400, "bad_request", f"too many form fields: at most {max_fields}")
+            fields.append(name)
+            state["chunks"] = None
+
+    def on_part_data(data, start, end):
+        if state["chunks"] is not None:
+            state["chunks"].append(data[start:end])
+
+    def on_part_end():
+        if state["chunks"] is not None:
+            files[-1] = (files[-1][0], b"".join(state["chunks"]))
+            state["chunks"] = None
+
+    def on_end():
+        state["ended"] = True
+
+    callbacks = {
+        "on_end": on_end,
+        "on_part_begin": on_part_begin,
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_headers_finished": on_headers_finished,
+        "on_part_data": on_part_data,
+        "on_part_end": on_part_end,
+    }
+    parser = MultipartParser(boundary, callbacks)
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as e:
+        raise InputError(400, "bad_request", f"malformed multipart body: {e}") from e
+    if not state.get("ended"):
+        raise InputError(400, "bad_request", "malformed multipart body: it ends before its closing boundary")
+    if not files:
+        extra = f" (the form has only text fields: {', '.join(fields)})" if fields else ""
+        raise InputError(400, "no_image", f"no image in the form{extra}: send files in the field 'images'")
+    return files
+
+
+def _request_images(body: bytes, content_type: str | None, settings: Settings) -> list[tuple[str | None, bytes]]:
     """The request's images as ``(filename, bytes)``: multipart files, or a raw image body."""
-    ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    ctype = (content_type or "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        form = await request.form(max_files=settings.max_images + 1, max_fields=64)
-        try:
-            files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-            fields = [k for k, v in form.multi_items() if not isinstance(v, UploadFile)]
-            if not files:
-                extra = f" (the form has only text fields: {', '.join(fields)})" if fields else ""
-                raise InputError(400, "no_image", f"no image in the form{extra}: send files in the field 'images'")
-            if len(files) > settings.max_images:
-                raise InputError(413, "too_many_images", f"too many images: at most {settings.max_images} per request")
-            return [(f.filename, await f.read()) for f in files]
-        finally:
-            await form.close()
-    body = await request.body()
+        return _parse_form(body, content_type or "", settings.max_images)
     if not body:
         raise InputError(
             400, "empty_body", f"the request body is empty: send multipart/form-data with image files ({ACCEPTED})"
@@ -440,21 +545,52 @@ async def _read_images(request: Request, settings: Settings) -> list[tuple[str |
     )
 
 
-def _decode_all(
-    images: list[tuple[str | None, bytes]], settings: Settings, size: int, keep_full: bool
-) -> tuple[list[Decoded], list[float]]:
-    decoded, times = [], []
+def _who(i: int, name: str | None, count: int) -> str | None:
+    if count > 1 or name:
+        return f"image {i}" + (f" ({name!r})" if name else "")
+    return None
+
+
+def _prepare(
+    body: bytes,
+    content_type: str | None,
+    settings: Settings,
+    size: int,
+    want_png: bool,
+    ticket: Ticket | None,
+    stage_metric,
+) -> tuple[list[tuple[str | None, bytes]], list[Decoded], list[float]]:
+    """On the CPU pool: parse the body, read every image header (their pixels are reserved on the door's
+    budget: :class:`Busy` past it), then decode and letterbox the images one after another."""
+    t0 = time.perf_counter()
+    images = _request_images(body, content_type, settings)
+    if want_png and len(images) != 1:
+        raise InputError(400, "png_needs_one_image", f"format=png draws one image; this request has {len(images)}")
+    opened = []
     for i, (name, data) in enumerate(images):
-        t0 = time.perf_counter()
         try:
-            decoded.append(decode(data, size, settings.max_pixels, settings.max_side, keep_full=keep_full))
+            opened.append(open_image(data, settings.max_pixels, settings.max_side))
         except InputError as e:
-            if len(images) > 1 or name:
-                who = f"image {i}" + (f" ({name!r})" if name else "")
-                raise InputError(e.status, e.kind, f"{who}: {e.message}") from e
-            raise
-        times.append(time.perf_counter() - t0)
-    return decoded, times
+            who = _who(i, name, len(images))
+            raise (InputError(e.status, e.kind, f"{who}: {e.message}") if who else e) from e
+    stage_metric.labels("parse").observe(time.perf_counter() - t0)
+    if ticket is not None:
+        ticket.reserve_pixels(sum(img.size[0] * img.size[1] for img in opened))
+    decoded, times = [], []
+    try:
+        for i, img in enumerate(opened):
+            t = time.perf_counter()
+            try:
+                decoded.append(decode_image(img, size, keep_full=want_png))
+            except InputError as e:
+                who = _who(i, images[i][0], len(images))
+                raise (InputError(e.status, e.kind, f"{who}: {e.message}") if who else e) from e
+            opened[i] = None  # its pixels go with it
+            times.append(time.perf_counter() - t)
+    finally:
+        if ticket is not None:
+            ticket.release_pixels()
+    return [(name, b"") for name, _ in images], decoded, times
 
 
 def create_app(settings: Settings | None = None, *, loader: Callable[[Settings], ServedModel] | None = None) -> FastAPI:
@@ -481,6 +617,15 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[Settings],
         root_path=settings.root_path,
     )
     app.state.service = svc
+    # the door (innermost of the two: a request without its API key takes no place), then metrics and the key
+    app.add_middleware(
+        AdmissionMiddleware,
+        door=svc.door,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+        metrics=svc.metrics,
+        on_idle=svc.on_idle,
+    )
     app.add_middleware(LimitsMiddleware, service=svc)
 
     # -- errors ------------------------------------------------------------------------------------
@@ -501,7 +646,13 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[Settings],
     @app.exception_handler(QueueFull)
     async def _queue_full(request: Request, exc: QueueFull):
         svc.metrics.queue_full.inc()
-        return error_response(503, str(exc), "busy", headers={"Retry-After": "1"})
+        svc.metrics.shed.labels("queue").inc()
+        return error_response(503, str(exc), "busy", headers={"Retry-After": str(svc.door.retry_after())})
+
+    @app.exception_handler(Busy)
+    async def _busy(request: Request, exc: Busy):
+        svc.metrics.shed.labels(exc.reason).inc()
+        return error_response(503, exc.message, "busy", headers={"Retry-After": str(exc.retry_after)})
 
     @app.exception_handler(BatcherClosed)
     async def _closed(request: Request, exc: BatcherClosed):
@@ -543,85 +694,102 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[Settings],
         model = svc.model
         params = _params(settings, conf, iou, max_det)
         want_png = format == "png" or (format is None and _prefers_png(request.headers.get("accept")))
-        images = await _read_images(request, settings)
-        if want_png and len(images) != 1:
-            raise InputError(400, "png_needs_one_image", f"format=png draws one image; this request has {len(images)}")
-        decoded, decode_s = await svc.run_cpu(_decode_all, images, settings, model.input_size, want_png)
+        body = await request.body()  # read by the door already: this is the buffered body, not a copy
+        ticket = request.scope.get(SCOPE_TICKET)
+        (names, decoded, decode_s), decode_wait, prepare_s = await svc.run_cpu_timed(
+            _prepare, body, request.headers.get("content-type"), settings, model.input_size, want_png, ticket,
+            svc.metrics.stage,
+        )  # fmt: skip
+        del body
+        svc.metrics.wait.labels("decode").observe(decode_wait)
         for s in decode_s:
             svc.metrics.stage.labels("decode").observe(s)
         batch = np.stack([d.pixels for d in decoded])
+        for d in decoded:
+            d.pixels = None  # the batch holds them now
         try:
             results = await asyncio.wait_for(svc.batcher.submit(batch), settings.request_timeout_s)
         except asyncio.TimeoutError:
             return error_response(504, f"no result within {settings.request_timeout_s:g} s", "timeout")
-        t_post = time.perf_counter()
+        del batch
+        queue_s = max(r.queued_s for r in results)
+        svc.metrics.wait.labels("inference").observe(queue_s)
+        names_of = model.class_names
 
-        def finish():
+        def finish(timing: dict[str, float], t_submit: float):
             from attn_export.detect.postprocess import postprocess
 
+            t_start = time.perf_counter()
             preds = np.stack([r.output for r in results])
             dets = postprocess(preds, conf=params.conf, iou=params.iou, max_det=params.max_det)
             out = []
             for d, (boxes, scores, cls) in zip(decoded, dets, strict=True):
                 out.append((d.to_original(boxes), scores, cls))
-            png = None
             if want_png:
                 boxes, scores, cls = out[0]
-                png = draw(decoded[0].full, boxes, scores, [model.class_names[int(c)] for c in cls], cls)
-            return out, png
+                png = draw(decoded[0].full, boxes, scores, [names_of[int(c)] for c in cls], cls)
+                return png, len(out[0][1]), 0, time.perf_counter() - t_start
+            post_s = time.perf_counter() - t_start
+            timing = timing | {
+                "postprocess_wait": t_start - t_submit,
+                "postprocess": post_s,
+                "total": time.perf_counter() - t0,
+            }
+            answer = DetectResponse(
+                model=model.name,
+                backend=model.backend,
+                input_size=model.input_size,
+                params=params,
+                images=[
+                    ImageResult(
+                        index=i,
+                        filename=names[i][0],
+                        width=d.width,
+                        height=d.height,
+                        format=d.format,
+                        batch_size=r.batch_size,
+                        detections=[
+                            Detection(
+                                box=[round(float(v), 2) for v in b],
+                                score=round(float(sc), 5),
+                                class_id=int(c),
+                                class_name=names_of[int(c)],
+                            )
+                            for b, sc, c in zip(boxes, scores, cls, strict=True)
+                        ],
+                        timings=ImageTimings(
+                            decode_ms=decode_s[i] * 1000,
+                            queue_ms=r.queued_s * 1000,
+                            inference_ms=r.infer_s * 1000,
+                            postprocess_ms=post_s * 1000,
+                        ),
+                    )
+                    for i, (d, r, (boxes, scores, cls)) in enumerate(zip(decoded, results, out, strict=True))
+                ],
+                timings=Timings(**{f"{k}_ms": v * 1000 for k, v in timing.items()}),
+            )
+            return answer.model_dump_json().encode(), sum(len(sc) for _, sc, _ in out), post_s, timing["total"]
 
-        out, png = await svc.run_cpu(finish)
-        post_s = time.perf_counter() - t_post
-        svc.metrics.stage.labels("postprocess").observe(post_s)
-        svc.metrics.images.inc(len(decoded))
-        svc.metrics.detections.inc(sum(len(s) for _, s, _ in out))
-        total_s = time.perf_counter() - t0
         timing = {
-            "decode": sum(decode_s),
-            "queue": max(r.queued_s for r in results),
+            "decode": prepare_s,
+            "decode_wait": decode_wait,
+            "queue": queue_s,
             "inference": max(r.infer_s for r in results),
-            "postprocess": post_s,
-            "total": total_s,
         }
-        server_timing = ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in timing.items())
-        if png is not None:
-            headers = {"Server-Timing": server_timing, "X-Detections": str(len(out[0][1]))}
-            return Response(png, media_type="image/png", headers=headers)
-        names = model.class_names
-        body = DetectResponse(
-            model=model.name,
-            backend=model.backend,
-            input_size=model.input_size,
-            params=params,
-            images=[
-                ImageResult(
-                    index=i,
-                    filename=images[i][0],
-                    width=d.width,
-                    height=d.height,
-                    format=d.format,
-                    batch_size=r.batch_size,
-                    detections=[
-                        Detection(
-                            box=[round(float(v), 2) for v in b],
-                            score=round(float(s), 5),
-                            class_id=int(c),
-                            class_name=names[int(c)],
-                        )
-                        for b, s, c in zip(boxes, scores, cls, strict=True)
-                    ],
-                    timings=ImageTimings(
-                        decode_ms=decode_s[i] * 1000,
-                        queue_ms=r.queued_s * 1000,
-                        inference_ms=r.infer_s * 1000,
-                        postprocess_ms=post_s * 1000,
-                    ),
-                )
-                for i, (d, r, (boxes, scores, cls)) in enumerate(zip(decoded, results, out, strict=True))
-            ],
-            timings=Timings(**{f"{k}_ms": v * 1000 for k, v in timing.items()}),
+        (content, n_dets, post_s, _), post_wait, post_work = await svc.run_cpu_timed(
+            finish, timing, time.perf_counter()
         )
-        return JSONResponse(body.model_dump(), headers={"Server-Timing": server_timing})
+        timing |= {"postprocess_wait": post_wait, "postprocess": post_s or post_work}
+        svc.metrics.wait.labels("postprocess").observe(post_wait)
+        svc.metrics.stage.labels("postprocess").observe(post_s or post_work)
+        svc.metrics.images.inc(len(decoded))
+        svc.metrics.detections.inc(n_dets)
+        timing["total"] = time.perf_counter() - t0
+        server_timing = ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in timing.items())
+        if want_png:
+            headers = {"Server-Timing": server_timing, "X-Detections": str(n_dets)}
+            return Response(content, media_type="image/png", headers=headers)
+        return Response(content, media_type="application/json", headers={"Server-Timing": server_timing})
 
     @app.get("/healthz", summary="Liveness: the process answers")
     async def healthz() -> dict:
@@ -646,6 +814,7 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[Settings],
             "input_size": m.input_size,
             "classes": m.class_names,
             "max_batch": svc.batcher.max_batch,
+            "max_in_flight": svc.door.max_requests,
             "version": __version__,
         }
 
@@ -653,6 +822,11 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[Settings],
     async def metrics() -> Response:
         if svc.batcher is not None:
             svc.metrics.queue_depth.set(svc.batcher.depth)
+        door = svc.door
+        svc.metrics.admitted.set(door.requests)
+        svc.metrics.reading.set(door.reading)
+        svc.metrics.bytes_in_flight.set(door.bytes)
+        svc.metrics.pixels_in_flight.set(door.pixels)
         return Response(svc.metrics.render(), media_type=svc.metrics.content_type)
 
     @app.get("/", include_in_schema=False)
@@ -668,8 +842,16 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[Settings],
 
 
 def app_from_env() -> FastAPI:
-    """The app with settings from ``ATTN_EXPORT_*`` (``uvicorn --factory`` and ``--workers N`` use it)."""
-    return create_app(Settings())
+    """The app with settings from ``ATTN_EXPORT_*`` (``uvicorn --factory`` and ``--workers N`` use it).
+
+    It is the process's one app, so the header timeouts of this process's connections count in its metrics.
+    """
+    from attn_export.serve.admission import set_timeout_hook
+
+    app = create_app(Settings())
+    closed = app.state.service.metrics.connections_closed
+    set_timeout_hook(lambda reason: closed.labels(reason).inc())
+    return app
 
 
 __all__ = ["ModelError", "Settings", "app_from_env", "create_app"]

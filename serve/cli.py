@@ -55,6 +55,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--input-size", type=int, help="letterbox size (default: from the model)")
     p.add_argument("--cache-dir", type=Path, help="where a checkpoint's ONNX export is cached")
+    p.add_argument(
+        "--max-in-flight", type=int, help="requests admitted at once; beyond, 503 + Retry-After (4 x max batch)"
+    )
+    p.add_argument("--max-bytes-in-flight", type=int, help="body bytes of the admitted requests (160 MiB)")
+    p.add_argument("--max-pixels-in-flight", type=int, help="image pixels admitted for decoding (512 M)")
+    p.add_argument("--header-timeout-s", type=float, help="request headers must arrive within this (30 s)")
+    p.add_argument("--body-timeout-s", type=float, help="a request body must arrive within this (30 s)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None, help="skip the warm-up")
     p.add_argument("--no-access-log", dest="access_log", action="store_false", default=None, help="no access log")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"))
@@ -110,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         "access_log": settings.access_log,
         "timeout_graceful_shutdown": int(settings.graceful_timeout_s),
         "server_header": False,
+        "timeout_keep_alive": settings.keep_alive_timeout_s,
+        "limit_concurrency": settings.max_connections,
     }
     try:
         return _run(settings, run_options)
@@ -123,20 +132,24 @@ def main(argv: list[str] | None = None) -> int:
 def _run(settings: Settings, run_options: dict) -> int:
     import uvicorn
 
+    from attn_export.serve.admission import protocol_with_header_timeout
     from attn_export.serve.app import create_app
     from attn_export.serve.loader import export_cached, load, model_kind
 
     if settings.workers == 1:
         model = load(settings)
         app = create_app(settings, loader=lambda _settings: model)
-        uvicorn.run(app, **run_options)
+        closed = app.state.service.metrics.connections_closed
+        http = protocol_with_header_timeout(settings.header_timeout_s, lambda reason: closed.labels(reason).inc())
+        uvicorn.run(app, http=http, **run_options)
         return 0
     model = settings.model
     on_ort = settings.backend == "onnxruntime"
     if on_ort and model is not None and model.is_file() and model_kind(model) == "checkpoint":
         export_cached(model, settings.cache_dir, settings.max_batch or 8)  # once, before the workers start
     os.environ.update(settings_to_env(settings))
-    uvicorn.run("attn_export.serve.app:app_from_env", factory=True, workers=settings.workers, **run_options)
+    http = "attn_export.serve.admission:HeaderTimeoutProtocol"  # reads ATTN_EXPORT_HEADER_TIMEOUT_S
+    uvicorn.run("attn_export.serve.app:app_from_env", factory=True, workers=settings.workers, http=http, **run_options)
     return 0
 
 

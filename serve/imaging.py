@@ -153,11 +153,49 @@ def _open(data: bytes, max_pixels: int, max_side: int) -> Image.Image:
     return img
 
 
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any decoded mode -> 8-bit RGB, faithfully: 16- and 32-bit greys are scaled to 0..255 (Pillow's own
+    conversion clips them), and transparency is composited over the letterbox grey, the model's "nothing
+    here" (converting to RGB would show whatever colour the transparent pixels happen to hold)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(img)
+        if mode.startswith("I;16"):
+            arr = arr.astype(np.uint32)
+            grey = ((arr * 255 + 32767) // 65535).astype(np.uint8)  # 65535 -> 255, rounded
+        else:  # 32-bit integers or floats: stretch the range that is there
+            arr = arr.astype(np.float64)
+            lo, hi = float(arr.min()), float(arr.max())
+            grey = (
+                np.zeros(arr.shape, np.uint8)
+                if hi <= lo
+                else np.rint((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+            )
+        return Image.fromarray(grey, "L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (PAD_VALUE, PAD_VALUE, PAD_VALUE, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK (Pillow undoes Adobe's inverted CMYK), YCbCr
+
+
+def open_image(data: bytes, max_pixels: int = 40_000_000, max_side: int = 20_000) -> Image.Image:
+    """The image's header read (type, size) and checked against the limits; no pixel is decoded yet."""
+    return _open(data, max_pixels, max_side)
+
+
 def decode(
     data: bytes, size: int = 320, max_pixels: int = 40_000_000, max_side: int = 20_000, keep_full: bool = False
 ) -> Decoded:
     """Decode and letterbox one image; :class:`InputError` on anything the service refuses."""
-    img = _open(data, max_pixels, max_side)
+    return decode_image(_open(data, max_pixels, max_side), size, keep_full)
+
+
+def decode_image(img: Image.Image, size: int = 320, keep_full: bool = False) -> Decoded:
+    """Decode an image opened by :func:`open_image` and letterbox it."""
     fmt = img.format or "?"
     w0, h0 = img.size
     try:
@@ -167,8 +205,7 @@ def decode(
             img.draft("RGB", (max(1, math.ceil(2 * s * w0)), max(1, math.ceil(2 * s * h0))))
         img.load()
         img = ImageOps.exif_transpose(img) or img
-        if img.mode != "RGB":
-            img = img.convert("RGBA").convert("RGB") if "transparency" in img.info else img.convert("RGB")
+        img = _to_rgb(img)
     except Exception as e:  # truncated or corrupt data: Pillow raises OSError, SyntaxError, ValueError...
         raise InputError(400, "undecodable_image", f"cannot decode the {fmt} image: {e}") from e
     # the original size in the displayed orientation (EXIF orientations 5-8 swap the axes)
@@ -179,6 +216,9 @@ def decode(
     k = int(1 / (2 * s)) if s < 0.5 else 1
     small = img.reduce(k) if k >= 2 else img
     arr = np.asarray(small, dtype=np.uint8)
+    if full is None:
+        img.close()  # the decoded pixels go now, not when the garbage collector gets to them
+    del small
     pixels, scale, pad = letterbox_u8(arr, size)
     return Decoded(pixels, width, height, fmt, scale, pad, arr.shape[:2], full)
 

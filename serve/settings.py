@@ -86,6 +86,30 @@ class Settings(BaseSettings):
     max_side: int = Field(20_000, ge=1, description="longest image side to decode")
     max_images: int = Field(16, ge=1, le=1024, description="most images in one request")
     request_timeout_s: float = Field(60.0, gt=0, description="a request waiting longer for its results gets 504")
+
+    # admission control and timeouts (the door: past a bound, 503 with Retry-After at once)
+    max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="requests with a body (POST) admitted and not yet answered, at most (default: 4 x max batch)",
+    )
+    max_bytes_in_flight: int = Field(
+        160 * 1024 * 1024, ge=1024, description="body bytes of the admitted requests, at most (from Content-Length)"
+    )
+    max_pixels_in_flight: int = Field(
+        512_000_000, ge=1, description="image pixels (from their headers) admitted for decoding at once, at most"
+    )
+    max_retry_after_s: int = Field(60, ge=1, le=3600, description="the longest Retry-After the server suggests")
+    header_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="a connection whose request headers take longer is closed (408)"
+    )
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request body taking longer to arrive gets 408")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, le=3600, description="an idle kept-alive connection is closed")
+    max_connections: int = Field(
+        1024, ge=1, description="open connections at most (uvicorn's limit_concurrency: beyond, 503 to everything)"
+    )
+    release_memory: bool = Field(True, description="hand freed heap memory back to the system when idle (glibc)")
     graceful_timeout_s: float = Field(30.0, ge=0, description="shutdown: how long requests in flight may finish")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = True

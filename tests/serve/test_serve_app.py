@@ -35,6 +35,7 @@ def test_readyz_reports_the_model(client, standin_onnx):
     assert body["backend"] == "onnxruntime" and body["provider"] == "CPUExecutionProvider"
     assert body["classes"] == CLASSES and body["input_size"] == 320
     assert body["max_batch"] == 4  # the default on a CPU
+    assert body["max_in_flight"] == 16  # 4 batches' worth by default
     assert body["path"] == str(standin_onnx)
 
 

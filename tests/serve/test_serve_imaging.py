@@ -102,3 +102,93 @@ def test_draw_returns_a_png_with_the_boxes():
     out = Image.open(io.BytesIO(png)).convert("RGB")
     assert out.size == (100, 80) and out.getpixel((10, 40)) == (245, 130, 48)
     assert img.getpixel((10, 40)) == (0, 0, 0)  # the original is untouched
+
+
+# ------------------------------------------------------------------------------------------ faithful decoding
+def _png16(arr: np.ndarray, color_type: int) -> bytes:
+    """A 16-bit PNG written by hand (grey 0, RGB 2, grey+alpha 4, RGBA 6), independent of Pillow's encoder."""
+    import struct
+    import zlib
+
+    h, w = arr.shape[:2]
+    raw = b"".join(b"\0" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def _unpadded(d, h: int, w: int) -> np.ndarray:
+    """The image part of a letterbox that did not resize (HWC uint8)."""
+    px, py = d.pad
+    return d.pixels[:, py : py + h, px : px + w].transpose(1, 2, 0)
+
+
+@pytest.mark.parametrize("color_type", [0, 2, 4, 6])
+def test_16_bit_pngs_are_scaled_not_clipped(color_type):
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}[color_type]
+    rng = np.random.default_rng(color_type)
+    arr = rng.integers(0, 65536, (40, 64, channels)).astype(np.uint16)
+    d = decode(_png16(arr.squeeze(-1) if channels == 1 else arr, color_type), 64)
+    got = _unpadded(d, 40, 64).astype(np.float64)
+    v = arr.astype(np.float64) / 65535.0 * 255.0  # float64 reference
+    colour = v[..., :3] if channels >= 3 else np.repeat(v[..., :1], 3, -1)
+    if channels in (2, 4):  # over the letterbox grey
+        alpha = v[..., -1:] / 255.0
+        colour = colour * alpha + 114.0 * (1 - alpha)
+    # one 8-bit step per stage (colour, alpha, blend), not 255s
+    assert np.abs(got - colour).max() <= (2.5 if channels in (2, 4) else 1.0)
+    assert (got == 255).mean() < 0.02
+
+
+def test_palette_with_transparency_is_composited_over_the_letterbox_grey():
+    img = Image.new("P", (32, 16))
+    img.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    img.paste(1, (16, 0, 32, 16))  # right half index 1 (blue); left half index 0 (red, transparent)
+    d = decode(_encode(img, "PNG", transparency=0), 32)
+    got = _unpadded(d, 16, 32)
+    assert (got[:, :16] == 114).all() and (got[:, 16:] == [0, 0, 255]).all()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_alpha_is_composited_over_the_letterbox_grey(mode):
+    rng = np.random.default_rng(3)
+    chans = 4 if mode == "RGBA" else 2
+    arr = rng.integers(0, 256, (20, 30, chans)).astype(np.uint8)
+    d = decode(_encode(Image.fromarray(arr, mode), "PNG"), 30)
+    got = _unpadded(d, 20, 30).astype(np.float64)
+    a = arr[..., -1:].astype(np.float64) / 255.0
+    colour = arr[..., :3] if mode == "RGBA" else np.repeat(arr[..., :1], 3, -1)
+    ref = colour * a + 114.0 * (1 - a)
+    assert np.abs(got - ref).max() <= 1.0
+
+
+def test_cmyk_jpeg_keeps_its_colours():
+    rgb = Image.new("RGB", (48, 32), (200, 30, 30))
+    rgb.paste((20, 160, 60), (24, 0, 48, 32))
+    d = decode(_encode(rgb.convert("CMYK"), "JPEG", quality=95), 48)
+    got = _unpadded(d, 32, 48).astype(int)
+    assert np.abs(got[8:24, 4:20] - [200, 30, 30]).max() <= 12
+    assert np.abs(got[8:24, 28:44] - [20, 160, 60]).max() <= 12
+
+
+@pytest.mark.parametrize("orientation", [2, 3, 4, 5, 6, 7, 8])
+def test_every_exif_orientation(orientation):
+    shown = np.random.default_rng(orientation).integers(0, 256, (24, 40, 3)).astype(np.uint8)
+    # what a camera stores for each orientation, so that the display is ``shown`` (EXIF 2.32, by numpy)
+    stored = {
+        2: shown[:, ::-1],
+        3: shown[::-1, ::-1],
+        4: shown[::-1],
+        5: shown.transpose(1, 0, 2),
+        6: np.rot90(shown, 1),
+        7: shown[::-1, ::-1].transpose(1, 0, 2),
+        8: np.rot90(shown, -1),
+    }[orientation]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    d = decode(_encode(Image.fromarray(np.ascontiguousarray(stored)), "PNG", exif=exif), 40)
+    assert (d.width, d.height) == (40, 24)
+    np.testing.assert_array_equal(_unpadded(d, 24, 40), shown)
