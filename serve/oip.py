@@ -32,6 +32,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from attn_export import __version__
+from attn_export.serve.admission import SCOPE_TICKET, Busy
 from attn_export.serve.batching import BatcherClosed, QueueFull
 from attn_export.serve.contract import (
     INPUT,
@@ -47,7 +48,7 @@ from attn_export.serve.contract import (
     pack,
     request_params,
 )
-from attn_export.serve.imaging import InputError, decode
+from attn_export.serve.imaging import InputError, decode_image, open_image
 
 SERVER_NAME = "attn-export"
 EXTENSIONS = ["binary_tensor_data", "parameters", "model_configuration", "model_repository"]
@@ -346,14 +347,34 @@ def oip_router(svc) -> APIRouter:
             raise ProtocolError(400, str(e)) from e
         outputs = requested_outputs(req)
 
+        ticket = request.scope.get(SCOPE_TICKET)  # the door's (serve/admission.py): pixels in flight
+
         def decode_all() -> list:
-            out = []
+            # headers first, so the pixels are reserved on the door's budget before anything is decoded
+            opened = []
             for i, data in enumerate(images):
                 try:
-                    out.append(decode(data, m.input_size, settings.max_pixels, settings.max_side))
+                    opened.append(open_image(data, settings.max_pixels, settings.max_side))
                 except InputError as e:
                     who = f"image {i}: " if len(images) > 1 else ""
                     raise ProtocolError(e.status, f"{who}{e.message}") from e
+            if ticket is not None:
+                try:
+                    ticket.reserve_pixels(sum(img.size[0] * img.size[1] for img in opened))
+                except Busy as e:
+                    raise ProtocolError(503, e.message, {"Retry-After": str(e.retry_after)}) from e
+            out = []
+            try:
+                for i, img in enumerate(opened):
+                    try:
+                        out.append(decode_image(img, m.input_size))
+                    except InputError as e:
+                        who = f"image {i}: " if len(images) > 1 else ""
+                        raise ProtocolError(e.status, f"{who}{e.message}") from e
+                    opened[i] = None  # its pixels go with it
+            finally:
+                if ticket is not None:
+                    ticket.release_pixels()
             return out
 
         decoded = await svc.run_cpu(decode_all)

@@ -224,6 +224,32 @@ def test_pixels_in_flight_are_bounded(standin_onnx):
         assert svc.door.pixels == 0 and svc.door.requests == 0
 
 
+def test_v2_infer_goes_through_the_same_pixel_budget(standin_onnx):
+    """/v2 infer (serve/oip.py) reserves its images' pixels on the door like /detect: 503 in the protocol's
+    form with Retry-After past the budget, and nothing left reserved afterwards."""
+    import base64
+
+    gate = Gate()
+    settings = make_settings(standin_onnx, warmup=False, max_pixels_in_flight=150_000, max_wait_ms=0.0)
+    with client_for(settings, loader=gate.loader) as c:
+        svc = c.app.state.service
+        name = svc.model.name
+        data = base64.b64encode(make_image()).decode()
+        body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 1], "data": [data]}]}
+        ticket = svc.door.admit(0)
+        ticket.start()
+        ticket.reserve_pixels(100_000)  # another request decoding
+        r = c.post(f"/v2/models/{name}/infer", json=body)
+        assert r.status_code == 503 and "megapixels" in r.json()["error"]
+        assert int(r.headers["retry-after"]) >= 1
+        ticket.release()
+        gate.open.set()
+        r = c.post(f"/v2/models/{name}/infer", json=body)
+        assert r.status_code == 200, r.text
+        assert {o["name"] for o in r.json()["outputs"]} >= {"num_detections", "detection_boxes"}
+        assert svc.door.pixels == 0 and svc.door.requests == 0
+
+
 def _raw(port: int) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
     return s
