@@ -22,9 +22,12 @@ grid of ``B * heads * n_pblk * n_cblk`` programs, ``n_pblk = cdiv(H*W, BLOCK_P)`
 one ``(sample, head)`` and a block of ``BLOCK_C`` channels of that head (the attention weights it loads
 serve all of them), and walks the phase-major list of pixel blocks (each phase cut into blocks of
 ``BLOCK_P`` of its own pixels) with a grid stride of ``n_pblk``: a program does one block, or two where
-the phases' rounding adds blocks. Per block it loops over the valid taps ``t`` and, per tap, the ``k*k``
-taps ``t2``: one per-pixel attention row times a gathered ``BLOCK_C x BLOCK_P`` tile of v. The v tile
-plus its halo is the program's whole footprint, so the ``k*k`` re-reads of it hit the cache.
+the phases' rounding adds blocks. Per block it visits the valid taps ``t`` and their ``k*k``
+taps ``t2``, grouped by the source offset they read: per offset, the attention weights of every
+``(t, t2)`` reading it are summed per pixel (once for all the block's channels), then one
+``BLOCK_C x BLOCK_P`` tile of v is read and multiplied in. At stride 1 that is ``(2k-1)^2`` reads and
+multiply-adds of v per output instead of ``k^4`` (25 against 81 for k=3). The v tile plus its halo is
+the program's whole footprint, so the re-reads of it at neighbouring offsets hit the cache.
 Accumulates in fp32; loads and stores in the input dtype.
 """
 
@@ -78,27 +81,35 @@ def _phase_block(
     c_row = c_offs.to(tl.int64)[:, None] * hw
     cm = c_mask[:, None]
 
+    # Sum by source offset, not by tap pair: window row i = qy + d0 - ta reads v row
+    # i*s + a2 - p = s*qy + u - p with u = s*(d0 - ta) + a2. Per offset (u, w) the attention weights of
+    # every (tap, t2) that reads it are summed into one per-pixel coefficient (shared by the block's
+    # channels), then v is read once: (2k-1)^2 reads of v per output at stride 1 instead of k^4.
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
-    for ta in range(0, n_ta):
-        a = a0 + ta * STRIDE
-        i = qy + (d0 - ta)
-        i_ok = q_mask & (i >= 0) & (i < GH)
-        for tb in range(0, n_tb):
-            bb = b0 + tb * STRIDE
-            j = qx + (e0 - tb)
-            ok = i_ok & (j >= 0) & (j < GW)
-            # attention row (n, t, :) of every pixel's window; n is clamped so masked lanes stay in range.
-            n = tl.where(ok, i * GW + j, 0).to(tl.int64)
-            a_row = a_base + n * (KK * KK) + (a * K + bb) * KK
-            for a2 in range(K):
-                yy = i * STRIDE + (a2 - PAD)
-                row_ok = ok & (yy >= 0) & (yy < H)
-                for b2 in range(K):
-                    xx = j * STRIDE + (b2 - PAD)
-                    src_ok = row_ok & (xx >= 0) & (xx < W)
-                    wt = tl.load(a_row + (a2 * K + b2), mask=src_ok, other=0.0).to(tl.float32)
-                    vv = tl.load(v_base + c_row + (yy * W + xx)[None, :], mask=cm & src_ok[None, :], other=0.0)
-                    acc += vv.to(tl.float32) * wt[None, :]
+    for u in range(STRIDE * (d0 - n_ta + 1), STRIDE * d0 + K):
+        yy = STRIDE * qy + (u - PAD)
+        y_ok = q_mask & (yy >= 0) & (yy < H)
+        for wv in range(STRIDE * (e0 - n_tb + 1), STRIDE * e0 + K):
+            xx = STRIDE * qx + (wv - PAD)
+            src_ok = y_ok & (xx >= 0) & (xx < W)
+            coef = tl.zeros((BLOCK_P,), dtype=tl.float32)
+            for ta in range(0, n_ta):
+                a2 = u - STRIDE * (d0 - ta)
+                if (a2 >= 0) & (a2 < K):  # a scalar test: the same for every pixel of the block
+                    i = qy + (d0 - ta)
+                    i_ok = src_ok & (i >= 0) & (i < GH)
+                    for tb in range(0, n_tb):
+                        b2 = wv - STRIDE * (e0 - tb)
+                        if (b2 >= 0) & (b2 < K):
+                            j = qx + (e0 - tb)
+                            ok = i_ok & (j >= 0) & (j < GW)
+                            # n is clamped so masked lanes stay in range
+                            n = tl.where(ok, i * GW + j, 0).to(tl.int64)
+                            t = (a0 + ta * STRIDE) * K + (b0 + tb * STRIDE)
+                            wt = tl.load(a_base + n * (KK * KK) + (t * KK + a2 * K + b2), mask=ok, other=0.0)
+                            coef += wt.to(tl.float32)
+            vv = tl.load(v_base + c_row + (yy * W + xx)[None, :], mask=cm & src_ok[None, :], other=0.0)
+            acc += vv.to(tl.float32) * coef[None, :]
 
     y = ry + STRIDE * qy
     x = rx + STRIDE * qx

@@ -6,9 +6,9 @@ indices lean on a negative numerator behaves differently from what its Python re
 a kernel test only sees the shapes it runs. Here the outlook kernel's whole schedule (grid, grid-stride
 walk over the phase blocks, the phase scan, per-lane pixel and window indices, masks) is replayed
 with ``torch.div(rounding_mode="trunc")`` and ``torch.fmod`` for every ``//`` and ``%``, for many
-shapes, strides and paddings, and the set of (output pixel, window, tap) contributions it makes must
-equal the one a naive loop over windows and taps makes, with every output pixel stored exactly once.
-No GPU and no Triton needed; fast.
+shapes, strides and paddings: the products ``attn[n, t, t2] * v[src]`` it adds into each output pixel
+must be exactly those of a naive loop over windows and taps, and every output pixel must be stored
+once. No GPU and no Triton needed; fast.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ def _out_size(size, k, s, p):
 def kernel_schedule(h, w, k, p, s, block_p, n_pblk=None, phase_offset=None):
     """Replay ``_outlook_aggregate_fwd``'s index arithmetic for one (sample, head, channel block).
 
-    Returns ``(contributions, stores)``: Counters of ``(y, x, n, t)`` (output pixel, window, tap) and of
-    stored pixels ``(y, x)``. ``phase_offset`` replaces the kernel's ``a0`` formula (a negative
-    control: a wrong formula must be caught).
+    Returns ``(contributions, stores)``: Counters of ``(y, x, n, t, t2, yy, xx)`` (output pixel, window,
+    tap, inner tap, source pixel of v) and of stored pixels ``(y, x)``. ``phase_offset`` replaces the
+    kernel's ``a0`` formula (a negative control: a wrong formula must be caught).
     """
     gh, gw = _out_size(h, k, s, p), _out_size(w, k, s, p)
     n_pblk = n_pblk if n_pblk is not None else -(-(h * w) // block_p)
@@ -78,30 +78,44 @@ def kernel_schedule(h, w, k, p, s, block_p, n_pblk=None, phase_offset=None):
             q_mask = q < ny * nx
             qy, qx = cdiv_c(q, nx), cmod_c(q, nx)
             y, x = ry + s * qy, rx + s * qx
-            for ta in range(n_ta):
-                a = a0 + ta * s
-                i = qy + (d0 - ta)
-                i_ok = q_mask & (i >= 0) & (i < gh)
-                for tb in range(n_tb):
-                    bb = b0 + tb * s
-                    j = qx + (e0 - tb)
-                    ok = i_ok & (j >= 0) & (j < gw)
-                    n = torch.where(ok, i * gw + j, 0)
-                    for lane in ok.nonzero().flatten().tolist():
-                        contributions[int(y[lane]), int(x[lane]), int(n[lane]), a * k + bb] += 1
+            for u in range(s * (d0 - n_ta + 1), s * d0 + k):
+                yy = s * qy + (u - p)
+                y_ok = q_mask & (yy >= 0) & (yy < h)
+                for wv in range(s * (e0 - n_tb + 1), s * e0 + k):
+                    xx = s * qx + (wv - p)
+                    src_ok = y_ok & (xx >= 0) & (xx < w)
+                    for ta in range(n_ta):
+                        a2 = u - s * (d0 - ta)
+                        if not (0 <= a2 < k):
+                            continue
+                        i = qy + (d0 - ta)
+                        i_ok = src_ok & (i >= 0) & (i < gh)
+                        for tb in range(n_tb):
+                            b2 = wv - s * (e0 - tb)
+                            if not (0 <= b2 < k):
+                                continue
+                            j = qx + (e0 - tb)
+                            ok = i_ok & (j >= 0) & (j < gw)
+                            n = torch.where(ok, i * gw + j, 0)
+                            t = (a0 + ta * s) * k + (b0 + tb * s)
+                            for lane in ok.nonzero().flatten().tolist():
+                                key = (int(y[lane]), int(x[lane]), int(n[lane]), t, a2 * k + b2)
+                                contributions[(*key, int(yy[lane]), int(xx[lane]))] += 1
             for lane in q_mask.nonzero().flatten().tolist():
                 stores[int(y[lane]), int(x[lane])] += 1
     return contributions, stores
 
 
 def naive_contributions(h, w, k, p, s):
-    """Every (window, tap) that lands inside the image, by the definition of the fold."""
+    """Every product ``attn[n, t, t2] * v[src]`` of the fold whose output pixel and source pixel are both
+    inside the image (the others add zero), by the definition of unfold-matmul-fold."""
     gh, gw = _out_size(h, k, s, p), _out_size(w, k, s, p)
     out = Counter()
-    for i, j, a, b in itertools.product(range(gh), range(gw), range(k), range(k)):
+    for i, j, a, b, a2, b2 in itertools.product(range(gh), range(gw), *[range(k)] * 4):
         y, x = i * s + a - p, j * s + b - p
-        if 0 <= y < h and 0 <= x < w:
-            out[y, x, i * gw + j, a * k + b] += 1
+        yy, xx = i * s + a2 - p, j * s + b2 - p
+        if 0 <= y < h and 0 <= x < w and 0 <= yy < h and 0 <= xx < w:
+            out[y, x, i * gw + j, a * k + b, a2 * k + b2, yy, xx] += 1
     return out
 
 
