@@ -194,6 +194,14 @@ def dynamic_conv2d_triton_fixed(
 
 
 # ------------------------------------------------------------------------------ autotuned implicit GEMM
+def _prune(configs, named_args, **kwargs) -> list:
+    """Drop tiles far larger than the problem (a group's output channels, the output pixels)."""
+    n_cap = max(16, triton.next_power_of_2(int(named_args["COUT_G"])))
+    m_cap = max(32, triton.next_power_of_2(int(named_args["HO"]) * int(named_args["WO"])))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_M"] <= m_cap]
+    return kept or configs[-1:]
+
+
 def _igemm_configs() -> list:
     """Tile shapes tried by the autotuner (the interpreter gets one small one)."""
     if triton.knobs.runtime.interpret:
@@ -204,7 +212,6 @@ def _igemm_configs() -> list:
         (128, 64, 32, 4, 4),
         (64, 128, 32, 4, 4),
         (64, 64, 32, 4, 4),
-        (128, 128, 64, 8, 3),
         (64, 32, 32, 4, 4),  # small groups (few output channels per group)
         (32, 16, 16, 2, 4),  # depthwise-like groups
     ]
@@ -301,6 +308,7 @@ def _igemm():
         _igemm_kernel = triton.autotune(
             configs=_igemm_configs(),
             key=["CIN_G", "COUT_G", "HO", "WO", "KH", "KW", "SH", "SW", "DOT_PRECISION"],
+            prune_configs_by={"early_config_prune": _prune},
         )(_dynamic_conv2d_igemm)
     return _igemm_kernel
 
