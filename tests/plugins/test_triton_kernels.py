@@ -284,6 +284,20 @@ def test_dynamic_conv2d_precision_follows_torch_unless_told(monkeypatch, dtype, 
     assert [c["DOT_PRECISION"] for c in calls] == [expected]
 
 
+def test_igemm_autotune_prunes_tiles_far_larger_than_the_problem():
+    def cfg(m, n):
+        return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 32})
+
+    configs = [cfg(128, 128), cfg(128, 64), cfg(64, 32), cfg(32, 16)]
+    big = dconv_tk._prune(configs, {"COUT_G": 256, "HO": 28, "WO": 28})
+    assert big == configs
+    small = dconv_tk._prune(configs, {"COUT_G": 6, "HO": 5, "WO": 5})  # 6 channels per group, 25 pixels
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in small] == [(32, 16)]
+    assert dconv_tk._prune(configs[:2], {"COUT_G": 1, "HO": 1, "WO": 1}) == configs[1:2]  # never empty
+    if INTERPRET:  # one small tile in the interpreter, so CI stays fast
+        assert len(dconv_tk._igemm_configs()) == 1
+
+
 def test_tf32_allowed_reads_torchs_switch():
     matmul = torch.backends.cuda.matmul
     before = matmul.allow_tf32
