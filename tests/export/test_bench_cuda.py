@@ -166,3 +166,35 @@ def test_reference_kernels_switch_is_scoped():
     with bc.reference_kernels():
         assert plugins.use_triton(torch.zeros(1)) is False
     assert plugins._triton_available is before
+
+
+def test_the_block_section_adapts_the_official_weights_and_gates_every_variant():
+    timer = CountingTimer()
+    names = ["involution", "odconv", "outlook", "skconv"]
+    rows = bc.run_blocks(
+        names, ["fp32"], "cpu", timer, bc.Deadline(600), batch=2, channels=32, size=9, compile_dtypes=()
+    )
+    assert [(r.name, r.variant) for r in rows] == [
+        (n, v) for n in names for v in ("official eager", "ours, CUDA op kernels", "ours, torch reference kernels")
+    ]
+    assert all(r.status == "ok" for r in rows), [(r.name, r.variant, r.note) for r in rows]
+    assert timer.calls == len(rows)
+    # ours carries the official weights: its output is the official one (SKConv excepted: another function)
+    assert all(r.rel_err < 1e-4 for r in rows if r.name != "skconv")
+
+
+def test_the_detector_section_measures_images_per_second_and_names_what_is_missing(tmp_path):
+    from pathlib import Path
+
+    ckpt = Path(__file__).resolve().parents[2] / "models" / "shapes_detector.pt"
+    if not ckpt.exists():
+        pytest.skip("the shipped detector is not in this checkout")
+    timer = CountingTimer(ms=4.0)
+    rows = bc.run_detector(ckpt, "cpu", timer, bc.Deadline(600), batches=(1,), compiled=False)
+    eager = [r for r in rows if r.variant == "torch eager"]
+    assert len(eager) == 1 and eager[0].status == "ok"
+    assert eager[0].metric == "images/s" and eager[0].value == pytest.approx(250.0)
+    ort = [r for r in rows if r.variant == "onnxruntime CUDA"]
+    assert len(ort) == 1 and ort[0].status in ("ok", "unavailable")
+    missing = bc.run_detector(tmp_path / "nope.pt", "cpu", timer, bc.Deadline(600), batches=(1,), compiled=False)
+    assert [r.status for r in missing] == ["error"] and "no such file" in missing[0].note
