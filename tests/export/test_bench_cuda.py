@@ -190,11 +190,57 @@ def test_the_detector_section_measures_images_per_second_and_names_what_is_missi
     if not ckpt.exists():
         pytest.skip("the shipped detector is not in this checkout")
     timer = CountingTimer(ms=4.0)
-    rows = bc.run_detector(ckpt, "cpu", timer, bc.Deadline(600), batches=(1,), compiled=False)
+    rows = bc.run_detector(ckpt, "cpu", timer, bc.Deadline(600), batches=(1,), modes=("eager", "ort"))
     eager = [r for r in rows if r.variant == "torch eager"]
     assert len(eager) == 1 and eager[0].status == "ok"
     assert eager[0].metric == "images/s" and eager[0].value == pytest.approx(250.0)
     ort = [r for r in rows if r.variant == "onnxruntime CUDA"]
     assert len(ort) == 1 and ort[0].status in ("ok", "unavailable")
-    missing = bc.run_detector(tmp_path / "nope.pt", "cpu", timer, bc.Deadline(600), batches=(1,), compiled=False)
+    missing = bc.run_detector(tmp_path / "nope.pt", "cpu", timer, bc.Deadline(600), batches=(1,))
     assert [r.status for r in missing] == ["error"] and "no such file" in missing[0].note
+
+
+def test_rows_of_two_passes_are_grouped_for_the_table():
+    rows = [
+        bc.Row("ops", "b", "official eager", "fp32"),
+        bc.Row("ops", "b", "ours, Triton", "fp32"),
+        bc.Row("ops", "b", "official eager", "fp16"),
+        bc.Row("blocks", "gsop", "official eager", "fp32"),
+        bc.Row("peaks", "copy", "dst.copy_(src)", "fp32"),
+        bc.Row("ops", "b", "torch.compile(official)", "fp32"),  # pass 2
+        bc.Row("ops", "b", "torch.compile(official)", "fp16"),
+    ]
+    got = [(r.section, r.dtype, r.variant) for r in bc.ordered(rows)]
+    assert got == [
+        ("peaks", "fp32", "dst.copy_(src)"),
+        ("ops", "fp32", "official eager"),
+        ("ops", "fp32", "torch.compile(official)"),
+        ("ops", "fp32", "ours, Triton"),
+        ("ops", "fp16", "official eager"),
+        ("ops", "fp16", "torch.compile(official)"),
+        ("blocks", "fp32", "official eager"),
+    ]
+
+
+def test_the_command_end_to_end_with_its_device_and_timer_stood_in(monkeypatch, tmp_path, capsys):
+    """main() as on a GPU, on the CPU: two passes, the table, the JSON file, exit 0; a wrong kernel: exit 1."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(bc, "DEVICE", "cpu")
+    monkeypatch.setattr(bc, "cuda_problem", lambda: None)
+    monkeypatch.setattr(bc, "cuda_timer", lambda: CountingTimer())
+    monkeypatch.setattr(bc, "device_name", lambda: "stand-in")
+    monkeypatch.setattr(bc, "issue_op_cases", lambda: TINY[:1])
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # no inductor build in a unit test
+    out = tmp_path / "bench.json"
+    assert bc.main(["--sections", "ops", "--dtypes", "fp32", "--json-out", str(out), "-q"]) == 0
+    table = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    variants = [r["variant"] for r in data["rows"]]
+    assert variants == ["official eager", "torch.compile(official)", "ours, torch reference", "ours, Triton"]
+    assert all(r["status"] == "ok" for r in data["rows"]) and data["env"]["device"] == "stand-in"
+    assert "## ops" in table and "involution tiny" in table
+
+    real = bc.ours_op
+    monkeypatch.setattr(bc, "ours_op", lambda case, triton, tf32: lambda *a: real(case, False, tf32)(*a) + 1)
+    assert bc.main(["--sections", "ops", "--dtypes", "fp32", "-q"]) == 1
+    assert "wrong" in capsys.readouterr().err
