@@ -379,11 +379,17 @@ def official_op(case: OpCase) -> Callable:
     return outlook
 
 
-def ours_op(case: OpCase, triton: bool, tf32: bool) -> Callable:
-    """Our plain-torch reference, or our Triton kernel (dynamic conv: the autotuned implicit GEMM)."""
+def ours_op(case: OpCase, triton: bool | str, tf32: bool) -> Callable:
+    """Our plain-torch reference, or our Triton kernel (dynamic conv: the autotuned implicit GEMM;
+    involution with ``triton="rows"``: the row-reuse candidate)."""
     k, s, p = case.k, case.stride, case.k // 2
     if case.op == "involution":
         from attn_export.plugins.involution import op as inv
+
+        if triton == "rows":
+            from attn_export.plugins.involution.triton_kernel import involution2d_triton_rows
+
+            return lambda x, wt: involution2d_triton_rows(x, wt, k, s, p, 1)
 
         if triton:
             from attn_export.plugins.involution.triton_kernel import involution2d_triton
@@ -451,6 +457,8 @@ def run_ops(
                 variants.append(("ours, torch reference", ours_op(case, triton=False, tf32=tf32)))
                 if triton:
                     variants.append(("ours, Triton", ours_op(case, triton=True, tf32=tf32)))
+                if triton and case.op == "involution":  # a candidate kernel, timed beside the default one
+                    variants.append(("ours, Triton row reuse (candidate)", ours_op(case, triton="rows", tf32=tf32)))
             if not variants:
                 continue
             for variant, fn in variants:
@@ -673,6 +681,7 @@ VARIANT_ORDER = (
     "torch.compile(official)",
     "ours, torch reference",
     "ours, Triton",
+    "ours, Triton row reuse (candidate)",
     "ours, CUDA op kernels",
     "ours, torch reference kernels",
     "torch eager",

@@ -99,9 +99,12 @@ def test_the_op_section_runs_every_variant_and_gates_it():
     pytest.importorskip("triton")
     timer = CountingTimer()
     rows = bc.run_ops(TINY, ["fp32"], "cpu", timer, bc.Deadline(600), PEAKS, compile_dtypes=())
-    assert [(r.name, r.variant) for r in rows] == [
-        (c.label, v) for c in TINY for v in ("official eager", "ours, torch reference", "ours, Triton")
-    ]
+    expected = []
+    for c in TINY:
+        expected += [(c.label, v) for v in ("official eager", "ours, torch reference", "ours, Triton")]
+        if c.op == "involution":
+            expected.append((c.label, "ours, Triton row reuse (candidate)"))
+    assert [(r.name, r.variant) for r in rows] == expected
     assert all(r.status == "ok" for r in rows), [(r.name, r.variant, r.note) for r in rows]
     assert timer.calls == len(rows)
     assert {r.metric for r in rows if r.name.startswith("dynamic_conv")} == {"TFLOP/s"}
@@ -115,7 +118,7 @@ def test_a_wrong_kernel_in_the_op_section_is_reported_and_not_timed(monkeypatch)
 
     def broken(case, triton, tf32):
         fn = real(case, triton, tf32)
-        return (lambda *a: fn(*a) * 1.01) if triton else fn
+        return (lambda *a: fn(*a) * 1.01) if triton is True else fn
 
     monkeypatch.setattr(bc, "ours_op", broken)
     timer = CountingTimer()
@@ -236,7 +239,13 @@ def test_the_command_end_to_end_with_its_device_and_timer_stood_in(monkeypatch, 
     table = capsys.readouterr().out
     data = json.loads(out.read_text())
     variants = [r["variant"] for r in data["rows"]]
-    assert variants == ["official eager", "torch.compile(official)", "ours, torch reference", "ours, Triton"]
+    assert variants == [
+        "official eager",
+        "torch.compile(official)",
+        "ours, torch reference",
+        "ours, Triton",
+        "ours, Triton row reuse (candidate)",
+    ]
     assert all(r["status"] == "ok" for r in data["rows"]) and data["env"]["device"] == "stand-in"
     assert "## ops" in table and "involution tiny" in table
 

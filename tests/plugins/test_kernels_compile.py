@@ -23,7 +23,7 @@ _SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from attn_export.plugins.dynamic_conv.triton_kernel import _dynamic_conv2d_igemm
-    from attn_export.plugins.involution.triton_kernel import _involution2d_fwd
+    from attn_export.plugins.involution.triton_kernel import _involution2d_fwd, _involution2d_rows
     from attn_export.plugins.outlook.triton_kernel import _outlook_aggregate_fwd
 
     target = GPUTarget("cuda", 90, 32)
@@ -34,7 +34,8 @@ _SCRIPT = textwrap.dedent(
         sig.update(dict.fromkeys(constexprs, "constexpr"))
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
         c = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
-        return {"wgmma": "wgmma" in c.asm["ptx"], "entry": ".entry" in c.asm["ptx"]}
+        ptx = c.asm["ptx"]
+        return {"wgmma": "wgmma" in ptx, "entry": ".entry" in ptx, "shfl": "shfl.sync" in ptx}
 
     out = {}
     # the TensorRT test compiles the plugin kernels in fp32/fp16 for sm_80; here bf16 and the GEMM
@@ -46,6 +47,10 @@ _SCRIPT = textwrap.dedent(
         _involution2d_fwd, ("x_ptr", "w_ptr", "out_ptr"),
         ("C", "H", "W", "Ho", "Wo", "G", "CG", "n_pblk", "n_cblk"), "bf16",
         {"STRIDE": 1, "PAD": 3, "DIL": 1, "K": 7, "BLOCK_C": 16, "BLOCK_P": 128})
+    out["involution-rows/bf16/k7"] = build(
+        _involution2d_rows, ("x_ptr", "w_ptr", "out_ptr"),
+        ("C", "H", "W", "Ho", "Wo", "G", "CG", "n_hblk", "n_cblk"), "bf16",
+        {"STRIDE": 1, "PAD": 3, "DIL": 1, "K": 7, "BLOCK_C": 16, "BLOCK_W": 64, "BLOCK_WIN": 64, "ROWS": 2})
     conv_ints = ("CIN", "H", "W", "COUT", "HO", "WO", "GROUPS", "CIN_G", "COUT_G")
     geom = dict(SH=2, SW=1, PH=1, PW=1, DH=1, DW=2, KH=3, KW=3)
     for dt in ("fp32", "fp16", "bf16"):
@@ -69,5 +74,6 @@ def test_every_kernel_compiles_for_sm90_and_the_gemm_uses_tensor_cores():
             pytest.skip("Triton's ptxas is not available here")
         pytest.fail(f"compilation failed:\n{proc.stderr[-4000:]}")
     result = json.loads(lines[0][len("RESULT") :])
-    assert len(result) == 5 and all(info["entry"] for info in result.values())
+    assert len(result) == 6 and all(info["entry"] for info in result.values())
+    assert result["involution-rows/bf16/k7"]["shfl"], "the row gather should stay inside a warp (shuffles)"
     assert all(result[f"igemm/{dt}"]["wgmma"] for dt in ("fp32", "fp16", "bf16")), result

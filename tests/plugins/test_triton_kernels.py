@@ -39,7 +39,7 @@ from attn_export.plugins.dynamic_conv.triton_kernel import (
     dynamic_conv2d_triton_fixed,
 )
 from attn_export.plugins.involution import op as inv_op
-from attn_export.plugins.involution.triton_kernel import involution2d_triton
+from attn_export.plugins.involution.triton_kernel import involution2d_triton, involution2d_triton_rows
 from attn_export.plugins.outlook import op as outlook_op
 from attn_export.plugins.outlook.triton_kernel import outlook_aggregate_triton
 
@@ -191,6 +191,35 @@ def test_involution2d_non_contiguous():
     x_cl = x.float().to(DEVICE).to(memory_format=torch.channels_last)
     w_t = weight.float().to(DEVICE).transpose(-1, -2).contiguous().transpose(-1, -2)
     _check(involution2d_triton(x_cl, w_t, 3, 2, 1, 1), expected, torch.float32)
+
+
+@needs_device
+@pytest.mark.parametrize(
+    "case", [*INVOLUTION_CASES[::2], INVOLUTION_CASES[5]], ids=lambda c: "B{}C{}G{}_{}x{}_k{}s{}p{}d{}".format(*c)
+)
+def test_involution2d_rows_candidate(case):
+    """The row-reuse kernel (whole rows per program, column taps gathered in registers)."""
+    k, s, p, d = case[5:]
+    x, weight = _involution_inputs(18, *case)
+    expected = inv_op.reference(x, weight, k, s, p, d)
+    out = involution2d_triton_rows(x.float().to(DEVICE), weight.float().to(DEVICE), k, s, p, d)
+    _check(out, expected, torch.float32)
+
+
+@needs_device
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_involution2d_rows_candidate_half_and_non_contiguous(dtype):
+    x, weight = _involution_inputs(19, 2, 8, 2, 9, 7, 3, 2, 1, 1)
+    x, weight = x.to(dtype), weight.to(dtype)
+    expected = inv_op.reference(x.double(), weight.double(), 3, 2, 1, 1)
+    x_cl = x.to(DEVICE).to(memory_format=torch.channels_last)
+    _check(involution2d_triton_rows(x_cl, weight.to(DEVICE), 3, 2, 1, 1), expected, dtype)
+
+
+def test_involution2d_rows_candidate_refuses_rows_it_cannot_hold():
+    x, weight = torch.zeros(1, 2, 3, 600), torch.zeros(1, 1, 9, 3, 600)
+    with pytest.raises(ValueError, match="exceed"):
+        involution2d_triton_rows(x, weight, 3, 1, 1, 1)
 
 
 # -------------------------------------------------------------------------------------------- dynamic conv
