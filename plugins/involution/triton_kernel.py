@@ -9,7 +9,13 @@ with ``t = a*k + bb`` and zeros outside the image. Work split: a 1-D grid; each 
 ``(sample, group)``, a block of ``BLOCK_C`` channels of that group and a block of ``BLOCK_P`` flattened
 output pixels, and loops over the ``k*k`` taps: per tap it loads one weight row (shared by all the
 block's channels) and gathers one ``BLOCK_C x BLOCK_P`` tile of x (masked for padding and ragged
-edges). Accumulates in fp32; stores in the input dtype.
+edges). Accumulates in fp32; stores in the input dtype. This is the kernel the op and the TensorRT
+plugin run (the plugin compiles ``_involution2d_fwd`` with its own launch plan).
+
+A candidate, :func:`involution2d_triton_rows`, keeps each padded input row in registers and takes the
+column taps from it with ``tl.gather`` (warp shuffles when compiled for sm_90), reading x ``k`` times
+per output row instead of ``k*k``. It is timed beside the default by ``attn-export bench --device
+cuda``; the op switches to it only once a GPU shows it faster.
 """
 
 from __future__ import annotations
