@@ -794,47 +794,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     timer = cuda_timer()
     rows: list[Row] = []
     peaks: dict = {}
+
+    def result() -> dict:
+        env = {
+            "device": device_name(),
+            "versions": _versions(),
+            "python": platform.python_version(),
+            "budget_s": args.budget_s,
+            "elapsed_s": round(time.perf_counter() - deadline.start, 1),
+            "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+            "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+            "rel_tol": REL_TOL,
+            "block_rel_tol": BLOCK_REL_TOL,
+        }
+        return build_result(ordered(rows), peaks, env)
+
+    def checkpoint() -> None:  # the JSON so far: a run killed from outside still leaves its figures
+        if args.json_out:
+            _write_json(args.json_out, result())
+
     if "peaks" in sections:
         say("peaks: copy bandwidth, matmul throughput")
         r, peaks = run_peaks(dev, timer, deadline)
         rows += r
+        checkpoint()
     from attn_export.export.bench import BLOCKS
 
     cases = issue_op_cases()
     # Pass 1: everything but torch.compile (cheap to start). Pass 2: the compiled variants, most wanted
     # first, while the budget lasts (each compile costs seconds to tens of seconds).
-    if "ops" in sections:
-        rows += run_ops(cases, dtypes, dev, timer, deadline, peaks, compile_dtypes=(), say=say)
-    if "blocks" in sections:
-        rows += run_blocks(BLOCKS, dtypes, dev, timer, deadline, compile_dtypes=(), say=say)
-    if "detector" in sections:
-        rows += run_detector(args.detector, dev, timer, deadline, modes=("eager", "ort"), say=say)
     first, rest = [d for d in dtypes if d == "fp32"], [d for d in dtypes if d != "fp32"]
-    if "ops" in sections and first:
-        rows += run_ops(cases, first, dev, timer, deadline, peaks, compile_dtypes=first, only_compiled=True, say=say)
-    if "detector" in sections:
-        rows += run_detector(args.detector, dev, timer, deadline, modes=("compiled",), say=say)
-    if "ops" in sections and rest:
-        rows += run_ops(cases, rest, dev, timer, deadline, peaks, compile_dtypes=rest, only_compiled=True, say=say)
-    if "blocks" in sections and first:
-        rows += run_blocks(BLOCKS, first, dev, timer, deadline, compile_dtypes=first, only_compiled=True, say=say)
+    steps: list[tuple[str, Callable[[], list[Row]]]] = [
+        ("ops", lambda: run_ops(cases, dtypes, dev, timer, deadline, peaks, compile_dtypes=(), say=say)),
+        ("blocks", lambda: run_blocks(BLOCKS, dtypes, dev, timer, deadline, compile_dtypes=(), say=say)),
+        ("detector", lambda: run_detector(args.detector, dev, timer, deadline, modes=("eager", "ort"), say=say)),
+        ("ops", lambda: run_ops(cases, first, dev, timer, deadline, peaks, first, only_compiled=True, say=say)),
+        ("detector", lambda: run_detector(args.detector, dev, timer, deadline, modes=("compiled",), say=say)),
+        ("ops", lambda: run_ops(cases, rest, dev, timer, deadline, peaks, rest, only_compiled=True, say=say)),
+        ("blocks", lambda: run_blocks(BLOCKS, first, dev, timer, deadline, first, only_compiled=True, say=say)),
+    ]
+    for section, step in steps:
+        if section in sections:
+            rows += step()
+            checkpoint()
     rows = ordered(rows)
-
-    env = {
-        "device": device_name(),
-        "versions": _versions(),
-        "python": platform.python_version(),
-        "budget_s": args.budget_s,
-        "elapsed_s": round(time.perf_counter() - deadline.start, 1),
-        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
-        "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
-        "rel_tol": REL_TOL,
-        "block_rel_tol": BLOCK_REL_TOL,
-    }
-    result = build_result(rows, peaks, env)
+    document = result()
     if args.json_out:
-        _write_json(args.json_out, result)
-    print(json.dumps(result, indent=2) if args.json else render(result))
+        _write_json(args.json_out, document)
+    print(json.dumps(document, indent=2) if args.json else render(document))
     bad_rows = failed(rows)
     for r in bad_rows:
         print(
