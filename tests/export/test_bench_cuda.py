@@ -253,3 +253,19 @@ def test_the_command_end_to_end_with_its_device_and_timer_stood_in(monkeypatch, 
     monkeypatch.setattr(bc, "ours_op", lambda case, triton, tf32: lambda *a: real(case, False, tf32)(*a) + 1)
     assert bc.main(["--sections", "ops", "--dtypes", "fp32", "-q"]) == 1
     assert "wrong" in capsys.readouterr().err
+
+
+def test_peaks_report_copy_bandwidth_and_matmul_throughput():
+    timer = CountingTimer(ms=0.5)
+    rows, peaks = bc.run_peaks("cpu", timer, bc.Deadline(600), copy_mib=1, n=64)
+    assert [(r.variant, r.dtype) for r in rows] == [
+        ("dst.copy_(src)", "fp32"),
+        ("torch.mm", "fp32"),
+        ("torch.mm", "tf32"),
+        ("torch.mm", "fp16"),
+        ("torch.mm", "bf16"),
+    ]
+    assert all(r.status == "ok" for r in rows), [(r.dtype, r.note) for r in rows]
+    assert peaks["copy_gbps"] == pytest.approx(2 * 2**20 / 0.5e-3 / 1e9)  # 1 MiB read + written in 0.5 ms
+    assert peaks["matmul_bf16_tflops"] == pytest.approx(2 * 64**3 / 0.5e-3 / 1e12)
+    assert set(peaks) == {"copy_gbps", *(f"matmul_{m}_tflops" for m in ("fp32", "tf32", "fp16", "bf16"))}
