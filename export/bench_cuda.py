@@ -775,7 +775,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     bad = [s for s in sections if s not in SECTIONS] + [d for d in dtypes if d not in DTYPES]
     if bad or args.device != "cuda" or args.budget_s <= 0:
-        what = f"unknown {bad}" if bad else f"--device {args.device}" if args.device != "cuda" else "--budget-s"
+        if bad:
+            what = f"unknown {bad}"
+        elif args.device != "cuda":
+            what = f"unknown --device {args.device!r}; choose cpu (the onnxruntime benchmark) or cuda"
+        else:
+            what = "--budget-s must be > 0"
         print(f"attn-export bench --device cuda: error: {what}", file=sys.stderr)
         return 2
     problem = cuda_problem()
