@@ -528,10 +528,23 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default 0)")
     p.add_argument("--json", action="store_true", help="write the results as JSON to stdout")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="cpu (this benchmark) or cuda: the GPU benchmark, `attn-export bench --device cuda --help`",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", default="cpu")
+    if device.parse_known_args(argv)[0].device != "cpu":  # the GPU benchmark: its own module and flags
+        from attn_export.export.bench_cuda import main as cuda_main
+
+        return cuda_main(argv)
     args = parser().parse_args(argv)
     names = [n.strip() for item in args.blocks for n in item.split(",") if n.strip()]
     unknown = [n for n in names if n not in BLOCKS]

@@ -88,14 +88,12 @@ def _(x, weight, stride, padding, dilation, groups):
 
 @dynamic_conv2d.register_kernel("cuda")
 def _(x, weight, stride, padding, dilation, groups):
-    from attn_export.plugins import use_triton
-
-    if not use_triton(x, weight):
-        return reference(x, weight, stride, padding, dilation, groups)
-    from attn_export.plugins.dynamic_conv.triton_kernel import dynamic_conv2d_triton
-
-    check_args(x, weight, stride, padding, dilation, groups)
-    return dynamic_conv2d_triton(x, weight, stride, padding, dilation, groups)
+    # The batch-folded grouped convolution (cuDNN) is the fastest correct path on CUDA: 0.27 ms at
+    # B32 C256 28x28 k3 on an H200 against 4.2 ms for the first Triton kernel (issue 10). The Triton
+    # implicit GEMM (``triton_kernel.py``) serves the TensorRT plugin, where there is no cuDNN call.
+    if len({x.device, weight.device}) > 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted({str(x.device), str(weight.device)})}")
+    return reference(x, weight, stride, padding, dilation, groups)
 
 
 def _setup_context(ctx, inputs, output):

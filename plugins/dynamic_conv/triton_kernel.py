@@ -1,15 +1,29 @@
-"""Triton forward kernel for ``attn_export::dynamic_conv2d``.
+"""Triton forward kernels for ``attn_export::dynamic_conv2d``.
 
-Computes a per-sample grouped convolution, ``out[b] = conv2d(x[b], weight[b], stride, padding,
-dilation, groups)`` with x (B, Cin, H, W) and weight (B, Cout, Cin/groups, kH, kW), as an implicit
-GEMM: for each sample and group, ``out[co, p] = sum_{tap, ci} W[co, ci, tap] * X[ci, pixel(p, tap)]``.
+Both compute a per-sample grouped convolution, ``out[b] = conv2d(x[b], weight[b], stride, padding,
+dilation, groups)`` with x (B, Cin, H, W) and weight (B, Cout, Cin/groups, kH, kW), as an implicit GEMM
+on tensor cores (``tl.dot``, fp32 accumulator): for each sample and group, with M = output pixels,
+N = output channels and K = input channels x taps::
 
-Work split: a 1-D grid; each program owns one ``(sample, group)``, a block of ``BLOCK_CO`` output
-channels of that group and a block of ``BLOCK_P`` flattened output pixels. It loops over the
-``kH x kW`` taps and, per tap, over chunks of ``BLOCK_CI`` input channels, multiplying a
-``BLOCK_CO x BLOCK_CI`` weight tile with a gathered ``BLOCK_CI x BLOCK_P`` input tile via ``tl.dot``
-(masked loads give the zero padding and the ragged edges). Accumulates in fp32 (fp32 inputs use IEEE
-fp32 products, not TF32); stores in the input dtype.
+    out[p, co] = sum_k X[p, k] * Wt[k, co],   X[p, (ci, r, s)] = x[ci, oh*sh + r*dh - ph, ow*sw + s*dw - pw]
+
+(zero outside the image; X is never materialised: each K step gathers its tile straight from x).
+
+- :func:`dynamic_conv2d_triton` (``_dynamic_conv2d_igemm``): the kernel to run. ``@triton.autotune``
+  over a handful of tile shapes keyed on the problem's shape and dtype; the K loop walks
+  ``k = ci*kH*kW + tap`` in the weight's own order, so a weight tile is a contiguous read per output
+  channel; fp32 inputs use TF32 tensor-core products when torch allows them
+  (``torch.backends.cuda.matmul.allow_tf32``) or when asked (``allow_tf32=True``), IEEE fp32 otherwise;
+  fp16 and bf16 load as they are. Under ``TRITON_INTERPRET=1`` one small tile shape is tried, so the
+  CPU tests stay fast.
+- ``_dynamic_conv2d_fwd`` with :func:`dynamic_conv2d_triton_fixed`: the fixed-tile kernel of the
+  TensorRT plugin (``plugins/dynamic_conv/trt_plugin.py`` compiles it ahead of time with its own launch
+  plan; its parameters are that plugin's contract). Loops over the taps and, per tap, over chunks of
+  ``BLOCK_CI`` input channels. fp32 uses IEEE products there (``DOT_PRECISION="ieee"``).
+
+The op's own CUDA kernel (``op.py``) does not use either: there the batch-folded cuDNN convolution is
+the fastest correct path (the issue's H200 measurement: 0.27 ms against 4.2 ms for the first Triton
+kernel).
 """
 
 from __future__ import annotations
@@ -110,7 +124,7 @@ def _block(n: int, lo: int, hi: int) -> int:
     return min(max(triton.next_power_of_2(n), lo), hi)
 
 
-def dynamic_conv2d_triton(
+def dynamic_conv2d_triton_fixed(
     x: torch.Tensor,
     weight: torch.Tensor,
     stride: Sequence[int],
@@ -118,10 +132,11 @@ def dynamic_conv2d_triton(
     dilation: Sequence[int],
     groups: int,
 ) -> torch.Tensor:
-    """Per-sample convolution with the Triton kernel; same arguments and result as ``op.reference``."""
+    """Per-sample convolution with the TensorRT plugin's fixed-tile kernel (its launch plan); as ``op.reference``."""
     if x.dtype not in _SUPPORTED or weight.dtype != x.dtype:
         raise TypeError(
-            f"dynamic_conv2d_triton: x and weight must share one of {_SUPPORTED}, got {x.dtype} and {weight.dtype}"
+            f"dynamic_conv2d_triton_fixed: x and weight must share one of {_SUPPORTED}, "
+            f"got {x.dtype} and {weight.dtype}"
         )
     x = x.contiguous()
     weight = weight.contiguous()
@@ -174,5 +189,201 @@ def dynamic_conv2d_triton(
         BLOCK_P=block_p,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,  # None: the backend default
         num_warps=4,
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------ autotuned implicit GEMM
+def _prune(configs, named_args, **kwargs) -> list:
+    """Drop tiles far larger than the problem (a group's output channels, the output pixels)."""
+    n_cap = max(16, triton.next_power_of_2(int(named_args["COUT_G"])))
+    m_cap = max(32, triton.next_power_of_2(int(named_args["HO"]) * int(named_args["WO"])))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_M"] <= m_cap]
+    return kept or configs[-1:]
+
+
+def _igemm_configs() -> list:
+    """Tile shapes tried by the autotuner (the interpreter gets one small one)."""
+    if triton.knobs.runtime.interpret:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
+    shapes = [
+        # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the matmul tutorial's shapes for Hopper
+        (128, 128, 32, 8, 3),
+        (128, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4),
+        (64, 64, 32, 4, 4),
+        (64, 32, 32, 4, 4),  # small groups (few output channels per group)
+        (32, 16, 16, 2, 4),  # depthwise-like groups
+    ]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+        for m, n, k, w, st in shapes
+    ]
+
+
+@triton.jit
+def _dynamic_conv2d_igemm(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    CIN,
+    H,
+    W,
+    COUT,
+    HO,
+    WO,
+    GROUPS,
+    CIN_G,
+    COUT_G,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    howo = HO * WO
+    n_m = tl.cdiv(howo, BLOCK_M)
+    n_n = tl.cdiv(COUT_G, BLOCK_N)
+    pid = tl.program_id(0)
+    # output-channel tiles fastest: neighbouring programs share one gathered input tile (L2 reuse)
+    tile_n = pid % n_n
+    rest = pid // n_n
+    tile_m = rest % n_m
+    bg = (rest // n_m).to(tl.int64)  # sample * GROUPS + group, int64 for the base offsets below
+    b = bg // GROUPS
+    g = bg % GROUPS
+
+    KHW: tl.constexpr = KH * KW
+    hw = H * W
+    ktot = CIN_G * KHW
+    m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = m < howo
+    n_mask = n < COUT_G
+    ih0 = (m // WO) * SH - PH  # m >= 0: these are exact
+    iw0 = (m % WO) * SW - PW
+
+    x_base = x_ptr + (b * CIN + g * CIN_G) * hw
+    w_base = w_ptr + (b * COUT + g * COUT_G) * ktot
+    o_base = out_ptr + (b * COUT + g * COUT_G) * howo
+    w_cols = n.to(tl.int64)[None, :] * ktot
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, ktot, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)  # k = ci*KH*KW + r*KW + s, the weight's own order
+        k_mask = k < ktot
+        ci = k // KHW
+        tap = k % KHW
+        r = tap // KW
+        s = tap % KW
+        ih = ih0[:, None] + (r * DH)[None, :]
+        iw = iw0[:, None] + (s * DW)[None, :]
+        a_ok = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_base + ci.to(tl.int64)[None, :] * hw + (ih * W + iw), mask=a_ok, other=0.0)
+        wt = tl.load(w_base + w_cols + k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if UPCAST:  # the interpreter's tl.dot mishandles bf16 (stored as uint16 there): take fp32 products
+            a = a.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(a, wt, acc, input_precision=DOT_PRECISION)
+
+    dst = o_base + n.to(tl.int64)[None, :] * howo + m[:, None]
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+_igemm_kernel = None
+
+
+def _igemm():
+    """The autotuned kernel, built on first use (the configs depend on TRITON_INTERPRET)."""
+    global _igemm_kernel
+    if _igemm_kernel is None:
+        _igemm_kernel = triton.autotune(
+            configs=_igemm_configs(),
+            key=["CIN_G", "COUT_G", "HO", "WO", "KH", "KW", "SH", "SW", "DOT_PRECISION"],
+            prune_configs_by={"early_config_prune": _prune},
+        )(_dynamic_conv2d_igemm)
+    return _igemm_kernel
+
+
+def tf32_allowed() -> bool:
+    """Whether torch lets fp32 matmuls use TF32 (``torch.backends.cuda.matmul.allow_tf32``)."""
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def dynamic_conv2d_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    *,
+    allow_tf32: bool | None = None,
+) -> torch.Tensor:
+    """Per-sample convolution with the autotuned implicit-GEMM kernel; same arguments and result as
+    ``op.reference``. ``allow_tf32`` (fp32 only): TF32 tensor-core products; None follows torch's
+    ``torch.backends.cuda.matmul.allow_tf32``."""
+    if x.dtype not in _SUPPORTED or weight.dtype != x.dtype:
+        raise TypeError(
+            f"dynamic_conv2d_triton: x and weight must share one of {_SUPPORTED}, got {x.dtype} and {weight.dtype}"
+        )
+    x = x.contiguous()
+    weight = weight.contiguous()
+    b, cin, h, w = x.shape
+    cout, cin_g, kh, kw = weight.shape[1:]
+    sh, sw = (int(v) for v in stride)
+    ph, pw = (int(v) for v in padding)
+    dh, dw = (int(v) for v in dilation)
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    out = torch.empty((b, cout, ho, wo), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    if cin_g == 0:  # an empty reduction
+        return out.zero_()
+    if x.dtype == torch.float32:
+        tf32 = tf32_allowed() if allow_tf32 is None else bool(allow_tf32)
+        precision = "tf32" if tf32 else "ieee"
+    else:
+        precision = None  # fp16/bf16: the backend's default (tensor cores, fp32 accumulator)
+    upcast = bool(triton.knobs.runtime.interpret) and x.dtype == torch.bfloat16
+    if upcast:
+        precision = "ieee"
+    cout_g = cout // groups
+
+    def grid(meta):
+        return (b * groups * triton.cdiv(ho * wo, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]),)
+
+    _igemm()[grid](
+        x,
+        weight,
+        out,
+        cin,
+        h,
+        w,
+        cout,
+        ho,
+        wo,
+        groups,
+        cin_g,
+        cout_g,
+        SH=sh,
+        SW=sw,
+        PH=ph,
+        PW=pw,
+        DH=dh,
+        DW=dw,
+        KH=kh,
+        KW=kw,
+        DOT_PRECISION=precision,
+        UPCAST=upcast,
     )
     return out

@@ -9,7 +9,13 @@ with ``t = a*k + bb`` and zeros outside the image. Work split: a 1-D grid; each 
 ``(sample, group)``, a block of ``BLOCK_C`` channels of that group and a block of ``BLOCK_P`` flattened
 output pixels, and loops over the ``k*k`` taps: per tap it loads one weight row (shared by all the
 block's channels) and gathers one ``BLOCK_C x BLOCK_P`` tile of x (masked for padding and ragged
-edges). Accumulates in fp32; stores in the input dtype.
+edges). Accumulates in fp32; stores in the input dtype. This is the kernel the op and the TensorRT
+plugin run (the plugin compiles ``_involution2d_fwd`` with its own launch plan).
+
+A candidate, :func:`involution2d_triton_rows`, keeps each padded input row in registers and takes the
+column taps from it with ``tl.gather`` (warp shuffles when compiled for sm_90), reading x ``k`` times
+per output row instead of ``k*k``. It is timed beside the default by ``attn-export bench --device
+cuda``; the op switches to it only once a GPU shows it faster.
 """
 
 from __future__ import annotations
@@ -129,6 +135,131 @@ def involution2d_triton(
         K=kernel_size,
         BLOCK_C=block_c,
         BLOCK_P=block_p,
+        num_warps=4,
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------ candidate: row reuse
+#: Widest padded input row the row-reuse kernel holds in registers (per channel).
+ROWS_MAX_WIDTH = 512
+
+
+@triton.jit
+def _involution2d_rows(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    C,
+    H,
+    W,
+    Ho,
+    Wo,
+    G,
+    CG,
+    n_hblk,
+    n_cblk,
+    STRIDE: tl.constexpr,
+    PAD: tl.constexpr,
+    DIL: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_WIN: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    """``ROWS`` whole output rows of ``BLOCK_C`` channels of one (sample, group) per program. For each
+    output row and tap row ``a`` it loads the padded input row once (``BLOCK_C x BLOCK_WIN``) and takes
+    the ``k`` column taps from it in registers (``tl.gather`` along the row: warp shuffles when compiled),
+    so x is read k times per output row instead of k*k times; the per-pixel weights are shared by the
+    channels."""
+    pid = tl.program_id(0)
+    c_blk = pid % n_cblk
+    rest = pid // n_cblk
+    h_blk = rest % n_hblk
+    bg = (rest // n_hblk).to(tl.int64)  # sample * G + group, int64 for the base offsets below
+    b = bg // G
+    g = bg % G
+
+    hw = H * W
+    howo = Ho * Wo
+    c_offs = c_blk * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = (c_offs < CG)[:, None]
+    c_row = c_offs.to(tl.int64)[:, None]
+    x_base = x_ptr + (b * C + g * CG) * hw + c_row * hw
+    o_base = out_ptr + (b * C + g * CG) * howo + c_row * howo
+    w_base = w_ptr + bg * (K * K) * howo
+    ow = tl.arange(0, BLOCK_W)
+    ow_ok = ow < Wo
+    iw = tl.arange(0, BLOCK_WIN) - PAD  # column j of the padded row is input column j - PAD
+    col_ok = (iw >= 0) & (iw < W)
+
+    for r in range(0, ROWS):
+        oh = h_blk * ROWS + r
+        if oh < Ho:
+            acc = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)
+            for a in tl.static_range(K):
+                ih = oh * STRIDE + a * DIL - PAD
+                ok = col_ok & (iw * 0 + ih >= 0) & (iw * 0 + ih < H)  # (a vector: the interpreter wants one)
+                xrow = tl.load(x_base + ih * W + iw[None, :], mask=cm & ok[None, :], other=0.0).to(tl.float32)
+                for bb in tl.static_range(K):
+                    idx = tl.where(ow_ok, ow * STRIDE + bb * DIL, 0)
+                    xv = tl.gather(xrow, tl.broadcast_to(idx[None, :], (BLOCK_C, BLOCK_W)), axis=1)
+                    w_row = w_base + (a * K + bb) * howo + oh * Wo
+                    wt = tl.load(w_row + ow, mask=ow_ok, other=0.0).to(tl.float32)
+                    acc += xv * wt[None, :]
+            tl.store(o_base + oh * Wo + ow[None, :], acc.to(out_ptr.dtype.element_ty), mask=cm & ow_ok[None, :])
+
+
+def involution2d_triton_rows(
+    x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int, padding: int, dilation: int
+) -> torch.Tensor:
+    """Involution forward with the row-reuse kernel (a candidate, timed beside the default one by
+    ``attn-export bench --device cuda``; not yet what the op runs). Same arguments and result as
+    ``op.reference``; a padded input row wider than :data:`ROWS_MAX_WIDTH` is a ``ValueError``."""
+    if x.dtype not in _SUPPORTED or weight.dtype != x.dtype:
+        raise TypeError(
+            f"involution2d_triton_rows: x and weight must share one of {_SUPPORTED}, got {x.dtype} and {weight.dtype}"
+        )
+    x = x.contiguous()
+    weight = weight.contiguous()
+    b, c, h, w = x.shape
+    g = weight.shape[1]
+    ho, wo = weight.shape[-2:]
+    cg = c // g
+    block_win = triton.next_power_of_2(w + 2 * padding)
+    if block_win > ROWS_MAX_WIDTH:
+        raise ValueError(f"involution2d_triton_rows: padded rows of {w + 2 * padding} exceed {ROWS_MAX_WIDTH}")
+    out = torch.empty((b, c, ho, wo), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    block_w = triton.next_power_of_2(wo)
+    block_c = min(triton.next_power_of_2(cg), max(4096 // block_win, 1), 64)
+    rows = 2
+    n_hblk = triton.cdiv(ho, rows)
+    n_cblk = triton.cdiv(cg, block_c)
+    grid = (b * g * n_hblk * n_cblk,)
+    _involution2d_rows[grid](
+        x,
+        weight,
+        out,
+        c,
+        h,
+        w,
+        ho,
+        wo,
+        g,
+        cg,
+        n_hblk,
+        n_cblk,
+        STRIDE=stride,
+        PAD=padding,
+        DIL=dilation,
+        K=kernel_size,
+        BLOCK_C=block_c,
+        BLOCK_W=block_w,
+        BLOCK_WIN=block_win,
+        ROWS=rows,
         num_warps=4,
     )
     return out

@@ -3,15 +3,32 @@
 Computes ``out = fold(attn @ unfold(v))`` for v (B, C, H, W) and attn (B, heads, h*w, k*k, k*k), channel
 ``c`` belonging to head ``c // (C / heads)``, as a gather over OUTPUT pixels (no atomics): output pixel
 ``(y, x)`` receives, from every tap ``t = (a, b)`` whose window centre ``n = (i, j)`` satisfies
-``i*s + a - p == y`` and ``j*s + b - p == x`` (skipped unless divisible and inside the ``h x w`` grid)::
+``i*s + a - p == y`` and ``j*s + b - p == x`` (inside the ``h x w`` grid)::
 
     out[c, y, x] += sum_t2 attn[b, head, n, t, t2] * v[c, i*s + a2 - p, j*s + b2 - p]
 
-with ``t2 = a2*k + b2`` and zero padding. Work split: a 1-D grid; each program owns one
-``(sample, head)``, a block of ``BLOCK_C`` channels of that head and a block of ``BLOCK_P`` flattened
-output pixels; it loops over the ``k*k`` taps ``t`` and, per tap, the ``k*k`` taps ``t2``, each step one
-per-pixel attention row (shared by the block's channels) times a gathered ``BLOCK_C x BLOCK_P`` tile of
-v. Accumulates in fp32; stores in the input dtype.
+with ``t2 = a2*k + b2`` and zero padding.
+
+Stride phases. Which taps reach an output pixel depends only on its phase ``(y % s, x % s)``: tap row
+``a`` reaches row ``y = ry + s*qy`` iff ``a = (ry + p) mod s`` (mod ``s``), from window row
+``i = qy + (ry + p - a) / s`` (an exact division). So the output is split into its ``s x s`` phases and
+each block of pixels lies in one phase: every pixel of a program has the same tap set, found with
+scalar arithmetic on non-negative numbers, and the only per-pixel tests left are bounds tests
+(``0 <= i < h``, inside the image). The first kernel tested the divisibility ``(y + p - a) % s == 0``
+per pixel, and compiled on CUDA it gave wrong sums at stride 2 in fp32 (see the issue note).
+
+Work split (the TensorRT plugin's launch plan, which compiles this same kernel ahead of time): a 1-D
+grid of ``B * heads * n_pblk * n_cblk`` programs, ``n_pblk = cdiv(H*W, BLOCK_P)``; each program owns
+one ``(sample, head)`` and a block of ``BLOCK_C`` channels of that head (the attention weights it loads
+serve all of them), and walks the phase-major list of pixel blocks (each phase cut into blocks of
+``BLOCK_P`` of its own pixels) with a grid stride of ``n_pblk``: a program does one block, or two where
+the phases' rounding adds blocks. Per block it visits the valid taps ``t`` and their ``k*k``
+taps ``t2``, grouped by the source offset they read: per offset, the attention weights of every
+``(t, t2)`` reading it are summed per pixel (once for all the block's channels), then one
+``BLOCK_C x BLOCK_P`` tile of v is read and multiplied in. At stride 1 that is ``(2k-1)^2`` reads and
+multiply-adds of v per output instead of ``k^4`` (25 against 81 for k=3). The v tile plus its halo is
+the program's whole footprint, so the re-reads of it at neighbouring offsets hit the cache.
+Accumulates in fp32; loads and stores in the input dtype.
 """
 
 from __future__ import annotations
@@ -21,6 +38,83 @@ import triton
 import triton.language as tl
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _phase_block(
+    v_base,
+    a_base,
+    o_base,
+    c_offs,
+    c_mask,
+    H,
+    W,
+    GH,
+    GW,
+    ph,
+    local,
+    K: tl.constexpr,
+    PAD: tl.constexpr,
+    STRIDE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """One block of ``BLOCK_P`` pixels of phase ``ph`` (all scalars here are non-negative)."""
+    KK: tl.constexpr = K * K
+    ry = ph // STRIDE
+    rx = ph % STRIDE
+    ny = (H - ry + STRIDE - 1) // STRIDE  # rows y = ry + s*qy inside the image
+    nx = (W - rx + STRIDE - 1) // STRIDE
+    # Valid tap rows a = a0 + s*ta; window row i = qy + d0 - ta. Same for columns.
+    a0 = (ry + PAD) % STRIDE
+    d0 = (ry + PAD - a0) // STRIDE
+    n_ta = (K - a0 + STRIDE - 1) // STRIDE
+    b0 = (rx + PAD) % STRIDE
+    e0 = (rx + PAD - b0) // STRIDE
+    n_tb = (K - b0 + STRIDE - 1) // STRIDE
+
+    q = local * BLOCK_P + tl.arange(0, BLOCK_P)
+    q_mask = q < ny * nx
+    qy = q // nx
+    qx = q % nx
+    hw = H * W
+    c_row = c_offs.to(tl.int64)[:, None] * hw
+    cm = c_mask[:, None]
+
+    # Sum by source offset, not by tap pair: window row i = qy + d0 - ta reads v row
+    # i*s + a2 - p = s*qy + u - p with u = s*(d0 - ta) + a2. Per offset (u, w) the attention weights of
+    # every (tap, t2) that reads it are summed into one per-pixel coefficient (shared by the block's
+    # channels), then v is read once: (2k-1)^2 reads of v per output at stride 1 instead of k^4.
+    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    for u in range(STRIDE * (d0 - n_ta + 1), STRIDE * d0 + K):
+        yy = STRIDE * qy + (u - PAD)
+        y_ok = q_mask & (yy >= 0) & (yy < H)
+        for wv in range(STRIDE * (e0 - n_tb + 1), STRIDE * e0 + K):
+            xx = STRIDE * qx + (wv - PAD)
+            src_ok = y_ok & (xx >= 0) & (xx < W)
+            coef = tl.zeros((BLOCK_P,), dtype=tl.float32)
+            for ta in range(0, n_ta):
+                a2 = u - STRIDE * (d0 - ta)
+                if (a2 >= 0) & (a2 < K):  # a scalar test: the same for every pixel of the block
+                    i = qy + (d0 - ta)
+                    i_ok = src_ok & (i >= 0) & (i < GH)
+                    for tb in range(0, n_tb):
+                        b2 = wv - STRIDE * (e0 - tb)
+                        if (b2 >= 0) & (b2 < K):
+                            j = qx + (e0 - tb)
+                            ok = i_ok & (j >= 0) & (j < GW)
+                            # n is clamped so masked lanes stay in range
+                            n = tl.where(ok, i * GW + j, 0).to(tl.int64)
+                            t = (a0 + ta * STRIDE) * K + (b0 + tb * STRIDE)
+                            wt = tl.load(a_base + n * (KK * KK) + (t * KK + a2 * K + b2), mask=ok, other=0.0)
+                            coef += wt.to(tl.float32)
+            vv = tl.load(v_base + c_row + (yy * W + xx)[None, :], mask=cm & src_ok[None, :], other=0.0)
+            acc += vv.to(tl.float32) * coef[None, :]
+
+    y = ry + STRIDE * qy
+    x = rx + STRIDE * qx
+    dst = o_base + c_row + (y * W + x)[None, :]
+    tl.store(dst, acc.to(o_base.dtype.element_ty), mask=cm & q_mask[None, :])
 
 
 @triton.jit
@@ -54,45 +148,32 @@ def _outlook_aggregate_fwd(
     KK: tl.constexpr = K * K
     hw = H * W
     c_offs = c_blk * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_offs = p_blk * BLOCK_P + tl.arange(0, BLOCK_P)
     c_mask = c_offs < CH
-    p_mask = p_offs < hw
-    y = p_offs // W
-    x = p_offs % W
-
     # v and out share a layout: first channel of this (sample, head). attn: this (sample, head)'s matrices.
     v_base = v_ptr + (b * C + m * CH) * hw
     o_base = out_ptr + (b * C + m * CH) * hw
     a_base = attn_ptr + bh * (GH * GW) * (KK * KK)
-    c_row = c_offs.to(tl.int64)[:, None] * hw
-    cm = c_mask[:, None]
 
-    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
-    for a in tl.static_range(K):
-        # window row i with i*s + a - p == y; C-style % and // are only exact for a non-negative numerator.
-        num_i = y + PAD - a
-        i = num_i // STRIDE
-        i_ok = (num_i >= 0) & (num_i % STRIDE == 0) & (i < GH)
-        for bb in tl.static_range(K):
-            num_j = x + PAD - bb
-            j = num_j // STRIDE
-            ok = p_mask & i_ok & (num_j >= 0) & (num_j % STRIDE == 0) & (j < GW)
-            # attention row (n, t, :) of every pixel's window; n is clamped so masked lanes stay in range.
-            n = tl.where(ok, i * GW + j, 0).to(tl.int64)
-            a_row = a_base + n * (KK * KK) + (a * K + bb) * KK
-            for a2 in range(K):
-                yy = i * STRIDE + a2 - PAD
-                row_ok = ok & (yy >= 0) & (yy < H)
-                for b2 in range(K):
-                    xx = j * STRIDE + b2 - PAD
-                    src_ok = row_ok & (xx >= 0) & (xx < W)
-                    wt = tl.load(a_row + (a2 * K + b2), mask=src_ok, other=0.0).to(tl.float32)
-                    vv = tl.load(v_base + c_row + (yy * W + xx)[None, :], mask=cm & src_ok[None, :], other=0.0).to(
-                        tl.float32
-                    )
-                    acc += vv * wt[None, :]
-
-    tl.store(o_base + c_row + p_offs[None, :], acc.to(out_ptr.dtype.element_ty), mask=cm & p_mask[None, :])
+    # Blocks of the phases, phase-major: phase ph = ry*s + rx has cdiv(ny*nx, BLOCK_P) blocks.
+    total = 0
+    for ph in range(0, STRIDE * STRIDE):
+        ny = (H - ph // STRIDE + STRIDE - 1) // STRIDE
+        nx = (W - ph % STRIDE + STRIDE - 1) // STRIDE
+        total += (ny * nx + BLOCK_P - 1) // BLOCK_P
+    for blk in range(p_blk, total, n_pblk):
+        # find blk's phase and its block index inside that phase (a scan over the s*s phases)
+        start = 0
+        sel = 0
+        local = 0
+        for ph in range(0, STRIDE * STRIDE):
+            ny = (H - ph // STRIDE + STRIDE - 1) // STRIDE
+            nx = (W - ph % STRIDE + STRIDE - 1) // STRIDE
+            nb = (ny * nx + BLOCK_P - 1) // BLOCK_P
+            hit = (blk >= start) & (blk < start + nb)
+            sel = tl.where(hit, ph, sel)
+            local = tl.where(hit, blk - start, local)
+            start += nb
+        _phase_block(v_base, a_base, o_base, c_offs, c_mask, H, W, GH, GW, sel, local, K, PAD, STRIDE, BLOCK_C, BLOCK_P)
 
 
 def outlook_aggregate_triton(

@@ -273,7 +273,7 @@ def test_dynamic_conv_launch_plan_is_the_triton_launchers(monkeypatch, case):
         monkeypatch,
         "attn_export.plugins.dynamic_conv.triton_kernel",
         "_dynamic_conv2d_fwd",
-        lambda m: m.dynamic_conv2d_triton(x, w, s, p, d, g),
+        lambda m: m.dynamic_conv2d_triton_fixed(x, w, s, p, d, g),
     )
     ho, wo = dconv_trt.output_shape(xs, ws, s, p, d, g)[2:]
     blocks = dconv_trt.blocks(ws[1] // g, ws[2], ho * wo)
