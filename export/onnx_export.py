@@ -271,8 +271,9 @@ def _library_file(filename: str) -> bool:
     )
 
 
-def user_frame(e: BaseException) -> tuple[str, int, str, str] | None:
-    """The innermost frame of the user's code in ``e``'s chain: ``(file, line, function, source)``."""
+def user_frame(e: BaseException) -> tuple[str, int, str, str, object] | None:
+    """The innermost frame of the user's code in ``e``'s chain: ``(file, line, function, source, self)``,
+    where ``self`` is the frame's ``self`` (the module whose method it is) or None."""
     import linecache
     import traceback
 
@@ -284,16 +285,17 @@ def user_frame(e: BaseException) -> tuple[str, int, str, str] | None:
         if id(c) in seen:
             continue
         seen.add(id(c))
-        for f in traceback.extract_tb(c.__traceback__):
-            if not _library_file(f.filename):
-                found = (f.filename, f.lineno or 0, f.name, (f.line or "").strip())
+        for frame, lineno in traceback.walk_tb(c.__traceback__):
+            code = frame.f_code
+            if not _library_file(code.co_filename):
+                found = (code.co_filename, lineno, code.co_name, "", frame.f_locals.get("self"))
         if found is None:  # torch.export names the call in its message
             m = _RAISED_AT.search(_ANSI.sub("", str(c)))
             if m:
-                found = (m.group(1), int(m.group(2)), m.group(3), m.group(4).strip())
+                found = (m.group(1), int(m.group(2)), m.group(3), m.group(4).strip(), None)
         chain += [x for x in (c.__cause__, c.__context__) if x is not None]
     if found and not found[3]:
-        found = (*found[:3], linecache.getline(found[0], found[1]).strip())
+        found = (*found[:3], linecache.getline(found[0], found[1]).strip(), found[4])
     return found
 
 
@@ -308,20 +310,25 @@ def _is_data_dependent(e: BaseException) -> bool:
     return False
 
 
-def explain_export_failure(e: BaseException) -> str | None:
-    """A one-line explanation of a failure whose cause is in the user's code, or None."""
+def explain_export_failure(e: BaseException, model: nn.Module | None = None) -> str | None:
+    """A one-line explanation of a failure whose cause is in the user's code, or None: the file, line
+    and source of the user's frame, and the module it belongs to when it is one of ``model``'s."""
     where = user_frame(e)
     if not where:
         return None
-    file, line, func, code = where
+    file, line, func, code, owner = where
     at = f"{file}:{line} in {func}: `{code}`" if code else f"{file}:{line} in {func}"
+    paths = {id(m): p for p, m in model.named_modules()} if model is not None else {}
+    if id(owner) in paths:
+        path = paths[id(owner)]
+        at = f"module '{path or '<model>'}' ({type(owner).__name__}) at {at}"
     if _is_data_dependent(e):
         return (
-            f"export failed at {at}: the model branches on a tensor's value (data-dependent control flow), "
+            f"export failed in {at}: the model branches on a tensor's value (data-dependent control flow), "
             "which a graph cannot hold; compute both sides and select with torch.where, use torch.cond, "
             "or move the decision out of the model"
         )
-    return f"export failed at {at}: {_first_line(e)}"
+    return f"export failed in {at}: {_first_line(e)}"
 
 
 def locate_failure(model: nn.Module, sample: torch.Tensor, table: dict, opset: int) -> tuple[str, str] | None:
@@ -636,7 +643,7 @@ def export_onnx(
         except Exception as e:
             probe.remove()
             if _is_data_dependent(e):
-                explained = explain_export_failure(e)
+                explained = explain_export_failure(e, model)
                 if explained:
                     raise ExportError(explained) from e
             try:
@@ -644,7 +651,7 @@ def export_onnx(
             except Exception:  # the search is a courtesy; the first failure is what matters
                 where = None
             at = user_frame(e)
-            loc = f" at {at[0]}:{at[1]}" + (f" (`{at[3]}`)" if at[3] else "") if at else ""
+            loc = (f" at {at[0]}:{at[1]}" + (f" (`{at[3]}`)" if at[3] else "")) if at else ""
             if where:
                 path, reason = where
                 kind = type(model.get_submodule(path)).__name__
