@@ -615,8 +615,8 @@ def export_onnx(
         # without returning self.
         model.eval()
         model.float()
-    trace_batch = max(2, batch[1])  # 0/1 are specialised by torch.export; trace with a batch of 2 or more
-    sample = torch.randn((trace_batch, *input_shape), generator=torch.Generator().manual_seed(0))
+        trace_batch = max(2, batch[1])  # 0/1 are specialised by torch.export; trace with a batch of 2 or more
+        sample = torch.randn((trace_batch, *input_shape), generator=torch.Generator().manual_seed(0))
 
     with stage("adapt"):
         try:
@@ -694,13 +694,15 @@ def export_onnx(
 
     if result.report is not None and not result.report.passed:
         kept = output.with_name(output.stem + ".unverified.onnx")
-        _write_atomically(shipped, kept)
+        with stage("write"):
+            _write_atomically(shipped, kept)
         stage.say("write", f"verification failed; the graph is kept at {kept} for inspection, not at {output}")
         return result
-    for key, value in (metadata or {}).items():  # e.g. the checkpoint's class names, for the service
-        if value is not None:
-            entry = shipped.metadata_props.add()
-            entry.key, entry.value = str(key), value if isinstance(value, str) else json.dumps(value)
-    result.size_bytes = _write_atomically(shipped, output)
+    with stage("write"):
+        for key, value in (metadata or {}).items():  # e.g. the checkpoint's class names, for the service
+            if value is not None:
+                entry = shipped.metadata_props.add()
+                entry.key, entry.value = str(key), value if isinstance(value, str) else json.dumps(value)
+        result.size_bytes = _write_atomically(shipped, output)
     result.path = output
     return result
