@@ -260,15 +260,19 @@ _RAISED_AT = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.+)')
 
 
 def _library_file(filename: str) -> bool:
-    """Frames that are not the user's: torch, onnxscript, this package's export machinery, generated code."""
-    path = filename.replace(os.sep, "/")
-    here = os.path.dirname(os.path.abspath(__file__)).replace(os.sep, "/")
-    return (
-        filename.startswith("<")
-        or path.startswith(here + "/")
-        or any(f"/{pkg}/" in path for pkg in ("torch", "onnxscript", "onnx", "contextlib.py", "functools.py"))
-        or path.endswith(("/contextlib.py", "/functools.py"))
-    )
+    """Frames that are not the user's: torch, onnx, onnxscript, the standard library, this package's
+    export machinery, generated code."""
+    if filename.startswith("<"):
+        return True
+    import onnx
+    import onnxscript
+
+    dirs = [os.path.dirname(os.path.abspath(m.__file__)) for m in (torch, onnx, onnxscript)]
+    dirs.append(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.abspath(filename)
+    stdlib = os.path.dirname(os.path.abspath(contextlib.__file__))
+    in_stdlib = path.startswith(stdlib + os.sep) and not any(p in path for p in ("site-packages", "dist-packages"))
+    return in_stdlib or any(path.startswith(d + os.sep) for d in dirs)
 
 
 def user_frame(e: BaseException) -> tuple[str, int, str, str, object] | None:
