@@ -3,6 +3,16 @@
 Module adapters are small registered functions keyed by what they recognise (class name and
 parameter layout, as the official repositories define them). Each swap is checked to be exact in
 eager mode, in float64, on the input the module really receives in the model, before it is kept.
+:func:`adapt` reports every candidate module (one an adapter picked by its class name or an attribute
+the official code uses): adapted, or left, and why. The model itself may be the foreign block (an
+official ``ODConv2d`` saved bare); :func:`adapt` then returns its replacement.
+
+GSoP's official channel attention is not a module but the ``chan_att`` method of the GSoP ResNet
+``Bottleneck``: that Bottleneck is kept, its attention layers move into an attn-export
+``GSoPAttention`` child, and its ``chan_att`` calls that child.
+
+Never chain on what ``train()``/``eval()`` return: mmcv/mmdet-style models override ``train()``
+without returning ``self``.
 
 Function-level rewrites (``F.fold`` and ``F.unfold`` as strided slices, the batch-folded grouped
 ``F.conv2d`` as a per-sample convolution) apply inside
