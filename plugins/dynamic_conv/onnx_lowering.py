@@ -48,8 +48,12 @@ batch size measured, so there is no per-batch choice to make. Folding the attent
 (and combining the candidate kernels with one MatMul) took 15-25% off the whole block. What remains
 is onnxruntime's im2col + SGEMM convolution for a kernel that is an input (the constant-weight NCHWc
 kernels do not apply): at one thread it takes about as long as PyTorch's whole module, so the
-exported ODConv is at parity with eager (``attn-export bench --blocks odconv --threads 1``: 0.91x,
-1.05x, 1.00x at batch 1, 4, 16), not at the 0.5x goal.
+exported ODConv is at parity with eager (``attn-export bench --blocks odconv --threads 1 --batch N``:
+0.94x, 0.92x, 1.03x at batch 1, 4, 16, load average 2.4-2.8; 0.91x, 1.05x, 1.00x in an earlier run
+at load 5-7), not at the 0.5x goal. With 2 threads on that shared machine PyTorch eager's OpenMP
+threads stalled (35-180 ms per call), which made the ratios (0.04x-0.38x) meaningless. A direct
+``Conv`` at batch 1 (an ``If`` on the batch) would save Scan's per-call overhead there, about 15% of
+the op alone; not done.
 """
 
 from __future__ import annotations
