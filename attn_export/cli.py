@@ -20,12 +20,24 @@ SUBCOMMANDS = ("demo", "bench", "serve", "data", "train", "evaluate", "triton")
 log = logging.getLogger("attn_export")
 
 
-def _setup_logging(quiet: bool) -> None:
+def _setup_logging(quiet: bool, verbose: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers[:] = [handler]
-    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     log.propagate = False
+
+
+def _unexpected(stage: str, e: BaseException) -> int:
+    """An error nobody planned for: one line naming the stage (the traceback with -v), exit 2."""
+    lines = [t.strip() for t in str(e).splitlines() if t.strip()]
+    log.debug("unexpected error in stage %s", stage, exc_info=e)
+    print(
+        f"attn-export: error: {stage}: unexpected {type(e).__name__}: {lines[0][:300] if lines else ''} "
+        "(rerun with -v for the traceback)",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def _progress(stage: str, message: str) -> None:
@@ -77,6 +89,12 @@ def export_parser() -> argparse.ArgumentParser:
         "--trust-checkpoint", action="store_true", help="allow loading a pickled model, which runs code from the file"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors and the result")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug output: what torch printed while exporting (e.g. its FX graph dumps on a failure) and tracebacks",
+    )
     p.add_argument("--version", action="version", version=f"attn-export {__version__}")
     return p
 
@@ -107,6 +125,7 @@ def run_export(args: argparse.Namespace) -> int:
     from attn_export.export.onnx_export import parse_batch
 
     t0 = time.perf_counter()
+    stage = "arguments"
     try:
         if args.target is None:
             args.target = "trt" if args.trt else "ort"
@@ -115,12 +134,14 @@ def run_export(args: argparse.Namespace) -> int:
         batch = parse_batch(args.batch)
         output = args.output or args.model.with_suffix(".onnx")
         log.info(_versions())
+        stage = "load"
         with _timed("load") as done:
             loaded = load_model(args.model, trust_checkpoint=args.trust_checkpoint)
             shape = parse_shape(args.input_shape) if args.input_shape else loaded.input_shape
             if not shape:
                 raise ExportError(f"{args.model}: the checkpoint holds no input shape; pass --input-shape C,H,W")
             done(f"{args.model} ({loaded.source}, {loaded.arch}), input (batch, {', '.join(map(str, shape))})")
+        stage = "export"  # export_onnx names its own stages
         result = export_onnx(
             loaded.model,
             output,
@@ -136,8 +157,11 @@ def run_export(args: argparse.Namespace) -> int:
             metadata={"classes": loaded.meta.get("classes")},
         )
     except ExportError as e:
+        log.debug("traceback", exc_info=e)
         print(f"attn-export: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        return _unexpected(stage, e)
     if result.report is not None:
         print(result.report.table())
     if args.report:
@@ -324,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(rest)
     args = export_parser().parse_args(argv)
-    _setup_logging(args.quiet)
+    _setup_logging(args.quiet, args.verbose)
     return run_export(args)
 
 

@@ -143,7 +143,7 @@ class ShapesDetector(nn.Module):
             ConvBNAct(c4, c5, 3, 2),
             OutlookLayer(c5, num_heads=4),
             DSBlock(c5),
-            GSoPBlock(c5, mid_channels=32),
+            GSoPBlock(c5, mid_channels=32, row_relu=True),  # trained with the ReLU after the row conv
         )
         # FPN (top-down) and PAN (bottom-up)
         self.lat5 = ConvBNAct(c5, neck, 1)

@@ -17,6 +17,9 @@ Differences from the official code:
 - the per-sample convolution is the :func:`attn_export.plugins.dynamic_conv2d` op instead of a
   convolution with the batch folded into the groups (``groups = groups * B``), which freezes the
   batch size into an exported graph and breaks dynamic-batch export; the numbers are the same;
+- the kernel attention combines the candidate kernels with one matrix product, and the channel and
+  filter attentions multiply the per-sample kernel instead of the input and the output where the
+  kernel is the smaller tensor (the convolution is linear in both; equal up to rounding);
 - ``min_channel`` is an argument (the official ``ODConv2d`` does not pass it to its attention);
 - norm/activation layers are passed in; the temperature is a buffer-free float, as upstream;
 - parameter names follow the official layout (``attention.fc``, ``attention.bn``,
@@ -154,18 +157,38 @@ class ODConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(type(self).__name__, x, "(B, C, H, W)", self.in_planes, 1)
         channel, filt, spatial, kernel = self.attention(x)
-        x = x * channel
         conv = dict(stride=[self.stride] * 2, padding=[self.padding] * 2, dilation=[self.dilation] * 2)
         if self.kernel_size == 1 and self.kernel_num == 1:
             # The same kernel for every sample: a plain convolution.
-            out = F.conv2d(x, self.weight[0], None, groups=self.groups, **conv)
+            out = F.conv2d(x * channel, self.weight[0], None, groups=self.groups, **conv)
+            return out if filt is None else out * filt
+        b, g, k = x.shape[0], self.groups, self.kernel_size
+        n, cout, cin_g = self.kernel_num, self.out_planes, self.in_planes // g
+        # The kernel attention: one matrix product over the candidate kernels.
+        flat = self.weight.reshape(n, -1)
+        w = flat.expand(b, -1) if kernel is None else kernel.reshape(b, n) @ flat  # B, Cout*Cin/g*k*k
+        # The spatial, channel and filter attentions scale the per-sample kernel: the convolution is
+        # linear in its input channels and its output channels, so x * channel and out * filter fold
+        # into one product with the kernel, wherever the kernel is the smaller tensor (it is per sample
+        # Cout*Cin/g*k*k values against Cin*H*W for the input and Cout*Ho*Wo for the output).
+        ho = (x.shape[2] + 2 * self.padding - self.dilation * (k - 1) - 1) // self.stride + 1
+        wo = (x.shape[3] + 2 * self.padding - self.dilation * (k - 1) - 1) // self.stride + 1
+        size = cout * cin_g * k * k
+        fold_in, fold_out = size < self.in_planes * x.shape[2] * x.shape[3], size < cout * ho * wo
+        scale = None if spatial is None else spatial.reshape(b, 1, 1, 1, k * k)
+        if fold_in:
+            c = channel.reshape(b, g, 1, cin_g, 1)
+            scale = c if scale is None else scale * c
         else:
-            w = self.weight.unsqueeze(0)  # 1, n, Cout, Cin/g, k, k
-            if spatial is not None:
-                w = w * spatial.unsqueeze(1)
-            w = (w * kernel).sum(1) if kernel is not None else w.squeeze(1).expand(x.shape[0], -1, -1, -1, -1)
-            out = dynamic_conv2d(x, w, groups=self.groups, **conv)
-        return out if filt is None else out * filt
+            x = x * channel
+        if fold_out and filt is not None:
+            f = filt.reshape(b, g, cout // g, 1, 1)
+            scale = f if scale is None else scale * f
+        w = w.reshape(b, g, cout // g, cin_g, k * k)
+        if scale is not None:
+            w = w * scale
+        out = dynamic_conv2d(x, w.reshape(b, cout, cin_g, k, k), groups=g, **conv)
+        return out if filt is None or fold_out else out * filt
 
     def extra_repr(self) -> str:
         return (

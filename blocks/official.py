@@ -9,7 +9,9 @@ names, parameter names and forward semantics), written afresh, not copied:
   convolution groups, ``groups * batch_size``);
 - ``OutlookAttention``: sail-sg/volo, ``models/volo.py`` (``nn.Unfold`` and ``F.fold``);
 - ``GSoP``: the ``chan_att`` branch of ZilinGao/Global-Second-order-Pooling-Convnet as a standalone
-  module, with the ``MPNCOV.CovpoolLayer`` centring-matrix covariance;
+  module, with the ``MPNCOV.CovpoolLayer`` centring-matrix covariance; ``Bottleneck``: that
+  repository's GSoP ResNet bottleneck (``torchvision/models/resnet.py``), where the attention is the
+  ``chan_att`` METHOD beside ``conv1``..``conv3``, with a stride-2 ``conv_for_DR`` when ``planes <= 64``;
 - ``SKConv``: the widely used SKNet PyTorch port (growing kernels, ``Linear`` ``fc`` and ``fcs``).
 
 They serve two purposes: (1) they are the foreign modules that the adapters of
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Attention", "GSoP", "ODConv2d", "OutlookAttention", "SKConv", "involution"]
+__all__ = ["Attention", "Bottleneck", "GSoP", "ODConv2d", "OutlookAttention", "SKConv", "involution"]
 
 
 # --- d-li14/involution ---------------------------------------------------------------------------------
@@ -313,37 +315,93 @@ def CovpoolLayer(x: torch.Tensor) -> torch.Tensor:  # the MPNCOV name
     return x.bmm(i_hat).bmm(x.transpose(1, 2))
 
 
+def _chan_att(self, out: torch.Tensor) -> torch.Tensor:
+    """The official ``chan_att`` order: relu_normal -> conv_for_DR -> bn_for_DR -> relu -> covariance ->
+    row_bn -> row_conv_group -> fc_adapt_channels -> sigmoid (no activation after the row conv)."""
+    out = self.relu_normal(out)
+    out = self.conv_for_DR(out)
+    out = self.bn_for_DR(out)
+    out = self.relu(out)
+    out = CovpoolLayer(out)  # B, d, d
+    out = out.view(out.size(0), out.size(1), out.size(2), 1).contiguous()
+    out = self.row_bn(out)
+    out = self.row_conv_group(out)  # B, 4d, 1, 1
+    out = self.fc_adapt_channels(out)  # B, C, 1, 1
+    return self.sigmoid(out)
+
+
+def _gsop_parts(module: nn.Module, channels: int, dim: int, stride: int) -> None:
+    module.ch_dim = dim
+    module.conv_for_DR = nn.Conv2d(channels, dim, kernel_size=1, stride=stride, bias=True)
+    module.bn_for_DR = nn.BatchNorm2d(dim)
+    module.row_bn = nn.BatchNorm2d(dim)
+    # the row-wise convolution is a grouped convolution
+    module.row_conv_group = nn.Conv2d(dim, 4 * dim, kernel_size=(dim, 1), groups=dim, bias=True)
+    module.fc_adapt_channels = nn.Conv2d(4 * dim, channels, kernel_size=1, groups=1, bias=True)
+    module.sigmoid = nn.Sigmoid()
+
+
 class GSoP(nn.Module):
     """The official GSoP channel attention (``chan_att`` of the GSoP ResNet bottleneck) as a module."""
 
     def __init__(self, in_channels: int, dim: int) -> None:
         super().__init__()
-        self.ch_dim = dim
         self.relu = nn.ReLU(inplace=True)
         self.relu_normal = nn.ReLU(inplace=False)
-        self.conv_for_DR = nn.Conv2d(in_channels, dim, kernel_size=1, stride=1, bias=True)
-        self.bn_for_DR = nn.BatchNorm2d(dim)
-        self.row_bn = nn.BatchNorm2d(dim)
-        # the row-wise convolution is a grouped convolution
-        self.row_conv_group = nn.Conv2d(dim, 4 * dim, kernel_size=(dim, 1), groups=dim, bias=True)
-        self.fc_adapt_channels = nn.Conv2d(4 * dim, in_channels, kernel_size=1, groups=1, bias=True)
-        self.sigmoid = nn.Sigmoid()
+        _gsop_parts(self, in_channels, dim, 1)
 
-    def chan_att(self, out: torch.Tensor) -> torch.Tensor:
-        out = self.relu_normal(out)
-        out = self.conv_for_DR(out)
-        out = self.bn_for_DR(out)
-        out = self.relu(out)
-        out = CovpoolLayer(out)  # B, d, d
-        out = out.view(out.size(0), out.size(1), out.size(2), 1).contiguous()
-        out = self.row_bn(out)
-        out = self.row_conv_group(out)  # B, 4d, 1, 1
-        out = self.relu(out)
-        out = self.fc_adapt_channels(out)  # B, C, 1, 1
-        return self.sigmoid(out)
+    chan_att = _chan_att
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.chan_att(x)
+
+
+class Bottleneck(nn.Module):
+    """The GSoP ResNet bottleneck: conv1/bn1 .. conv3/bn3, then (``attention='1'``) ``out * chan_att(out)``,
+    the residual and a ReLU. ``conv_for_DR`` has stride 2 when ``planes <= 64``, as upstream."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        attention: str = "0",
+        att_dim: int = 128,
+    ) -> None:
+        super().__init__()
+        self.dimDR = att_dim
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.relu_normal = nn.ReLU(inplace=False)
+        if attention == "1":
+            _gsop_parts(self, planes * self.expansion, att_dim, 1 if planes > 64 else 2)
+        self.downsample = downsample
+        self.stride = stride
+        self.attention = attention
+
+    chan_att = _chan_att
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            residual = self.downsample(x)
+        if self.attention == "1":  # channel attention, the GSoP default mode
+            pre_att = out
+            att = self.chan_att(out)
+            out = pre_att * att
+        out += residual
+        return self.relu(out)
 
 
 # --- SKNet, the widely used PyTorch port -------------------------------------------------------------------

@@ -3,6 +3,16 @@
 Module adapters are small registered functions keyed by what they recognise (class name and
 parameter layout, as the official repositories define them). Each swap is checked to be exact in
 eager mode, in float64, on the input the module really receives in the model, before it is kept.
+:func:`adapt` reports every candidate module (one an adapter picked by its class name or an attribute
+the official code uses): adapted, or left, and why. The model itself may be the foreign block (an
+official ``ODConv2d`` saved bare); :func:`adapt` then returns its replacement.
+
+GSoP's official channel attention is not a module but the ``chan_att`` method of the GSoP ResNet
+``Bottleneck``: that Bottleneck is kept, its attention layers move into an attn-export
+``GSoPAttention`` child, and its ``chan_att`` calls that child.
+
+Never chain on what ``train()``/``eval()`` return: mmcv/mmdet-style models override ``train()``
+without returning ``self``.
 
 Function-level rewrites (``F.fold`` and ``F.unfold`` as strided slices, the batch-folded grouped
 ``F.conv2d`` as a per-sample convolution) apply inside
@@ -15,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -29,32 +40,40 @@ log = logging.getLogger("attn_export")
 
 @dataclass
 class Adapter:
-    """Recognises a foreign module and builds our equivalent with the same weights."""
+    """Recognises a foreign module and builds our equivalent with the same weights.
+
+    ``considers(m)`` picks the candidates (a class name or attribute the official code uses): every
+    candidate appears in the adaptation report. ``fits(m)`` says why a candidate does not have the
+    official layout (``""`` when it has). ``convert(m)`` builds the replacement, or a list of
+    replacements to try in order (the first one that is exact in float64 is kept).
+    """
 
     name: str
-    matches: Callable[[nn.Module], bool]
-    convert: Callable[[nn.Module], nn.Module]
+    considers: Callable[[nn.Module], bool]
+    fits: Callable[[nn.Module], str]
+    convert: Callable[[nn.Module], nn.Module | list[nn.Module]]
 
 
 @dataclass
 class AdaptRecord:
-    """What happened to one recognised module."""
+    """What happened to one candidate module, and why."""
 
     path: str
     foreign: str
     action: str  # "adapted" or "left"
     reason: str = ""
     max_abs_error: float | None = None
+    adapter: str = ""
 
 
 ADAPTERS: list[Adapter] = []
 
 
-def register_adapter(name: str, matches: Callable[[nn.Module], bool]):
-    """Decorator: register ``convert`` for modules that ``matches``."""
+def register_adapter(name: str, considers: Callable[[nn.Module], bool], fits: Callable[[nn.Module], str]):
+    """Decorator: register ``convert`` for the candidates that ``considers`` picks and ``fits``."""
 
     def wrap(convert: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module], nn.Module]:
-        ADAPTERS.append(Adapter(name, matches, convert))
+        ADAPTERS.append(Adapter(name, considers, fits, convert))
         return convert
 
     return wrap
@@ -64,26 +83,37 @@ def _has(m: nn.Module, *names: str) -> bool:
     return all(hasattr(m, n) for n in names)
 
 
+def _missing(m: nn.Module, *names: str) -> list[str]:
+    return [n for n in names if not hasattr(m, n)]
+
+
 def _ours(m: nn.Module) -> bool:
     from attn_export.export.onnx_export import block_types
 
     return isinstance(m, block_types())
 
 
+def _named(*names: str, lower: bool = False) -> Callable[[nn.Module], bool]:
+    def considers(m: nn.Module) -> bool:
+        name = type(m).__name__
+        return not _ours(m) and (name.lower() if lower else name) in names
+
+    return considers
+
+
 # --- ODConv (OSVAI/ODConv, modules/odconv.py) ------------------------------------------------------
-def _is_odconv(m: nn.Module) -> bool:
+def _odconv_fits(m: nn.Module) -> str:
     w = getattr(m, "weight", None)
-    return (
-        not _ours(m)
-        and type(m).__name__ == "ODConv2d"
-        and isinstance(getattr(m, "attention", None), nn.Module)
-        and isinstance(w, torch.Tensor)
-        and w.dim() == 5
-        and _has(m.attention, "fc", "bn", "channel_fc")
-    )
+    if not (isinstance(w, torch.Tensor) and w.dim() == 5):
+        return "no 5-D weight (kernel_num, out, in/groups, k, k): not the OSVAI layout"
+    att = getattr(m, "attention", None)
+    if not isinstance(att, nn.Module):
+        return "no 'attention' submodule: not the OSVAI layout"
+    missing = _missing(att, "fc", "bn", "channel_fc")
+    return f"its attention lacks {', '.join(missing)}: not the OSVAI layout" if missing else ""
 
 
-@register_adapter("ODConv2d (OSVAI)", _is_odconv)
+@register_adapter("ODConv2d (OSVAI)", _named("ODConv2d"), _odconv_fits)
 def _convert_odconv(m: nn.Module) -> nn.Module:
     from attn_export.blocks.odconv import ODConv2d
 
@@ -109,15 +139,12 @@ def _convert_odconv(m: nn.Module) -> nn.Module:
 
 
 # --- Involution (d-li14/involution, involution_naive.py) -----------------------------------------
-def _is_involution(m: nn.Module) -> bool:
-    return (
-        not _ours(m)
-        and type(m).__name__.lower() == "involution"
-        and _has(m, "conv1", "conv2", "kernel_size", "stride", "group_channels")
-    )
+def _involution_fits(m: nn.Module) -> str:
+    missing = _missing(m, "conv1", "conv2", "kernel_size", "stride", "group_channels")
+    return f"lacks {', '.join(missing)}: not the d-li14 involution_naive layout" if missing else ""
 
 
-@register_adapter("involution (d-li14)", _is_involution)
+@register_adapter("involution (d-li14)", _named("involution", lower=True), _involution_fits)
 def _convert_involution(m: nn.Module) -> nn.Module:
     from attn_export.blocks.involution import Involution2d
 
@@ -136,16 +163,15 @@ def _convert_involution(m: nn.Module) -> nn.Module:
 
 
 # --- Outlook attention (sail-sg/volo, models/volo.py) ---------------------------------------------
-def _is_outlook(m: nn.Module) -> bool:
-    return (
-        not _ours(m)
-        and type(m).__name__ == "OutlookAttention"
-        and all(isinstance(getattr(m, n, None), nn.Linear) for n in ("v", "attn", "proj"))
-        and _has(m, "num_heads", "kernel_size", "padding", "stride")
-    )
+def _outlook_fits(m: nn.Module) -> str:
+    not_linear = [n for n in ("v", "attn", "proj") if not isinstance(getattr(m, n, None), nn.Linear)]
+    if not_linear:
+        return f"{', '.join(not_linear)} not nn.Linear: not the VOLO layout"
+    missing = _missing(m, "num_heads", "kernel_size", "padding", "stride")
+    return f"lacks {', '.join(missing)}: not the VOLO layout" if missing else ""
 
 
-@register_adapter("OutlookAttention (VOLO)", _is_outlook)
+@register_adapter("OutlookAttention (VOLO)", _named("OutlookAttention"), _outlook_fits)
 def _convert_outlook(m: nn.Module) -> nn.Module:
     from attn_export.blocks.outlook import OutlookAttention
 
@@ -165,38 +191,86 @@ def _convert_outlook(m: nn.Module) -> nn.Module:
     return new
 
 
-# --- GSoP (ZilinGao/Global-Second-order-Pooling-Convnet chan_att, as a module) --------------------
+# --- GSoP (ZilinGao/Global-Second-order-Pooling-Convnet, torchvision/models/resnet.py) --------------
+# The official channel attention is the ``chan_att`` METHOD of the GSoP ResNet ``Bottleneck``
+# (``attention='1'``), whose parts sit beside conv1..conv3; ports also hold it in a module of its own.
 _GSOP_PARTS = ("conv_for_DR", "bn_for_DR", "row_bn", "row_conv_group", "fc_adapt_channels")
+#: The child that holds our block in an adapted module whose ``chan_att`` method is routed through it.
+GSOP_CHILD = "gsop_att"
 
 
-def _is_gsop(m: nn.Module) -> bool:
-    if _ours(m) or not _has(m, *_GSOP_PARTS):
-        return False
-    # Only a module that is the attention alone: no convolutions besides the GSoP parts.
-    extra = [n for n, c in m.named_children() if n not in _GSOP_PARTS and any(True for _ in c.parameters())]
-    return not extra
+def _gsop_considers(m: nn.Module) -> bool:
+    return not _ours(m) and (any(hasattr(m, n) for n in _GSOP_PARTS) or callable(getattr(m, "chan_att", None)))
 
 
-@register_adapter("GSoP channel attention", _is_gsop)
-def _convert_gsop(m: nn.Module) -> nn.Module:
-    from attn_export.blocks.gsop import GSoPBlock
+def _gsop_extra_children(m: nn.Module) -> list[str]:
+    return [n for n, c in m.named_children() if n not in _GSOP_PARTS and any(True for _ in c.parameters())]
 
-    new = GSoPBlock(m.conv_for_DR.in_channels, m.conv_for_DR.out_channels, pre_act=hasattr(m, "relu_normal"))
-    new.load_state_dict(m.state_dict())
-    return new
+
+def _gsop_fits(m: nn.Module) -> str:
+    missing = _missing(m, *_GSOP_PARTS)
+    if missing:
+        if callable(getattr(m, "chan_att", None)) and len(missing) == len(_GSOP_PARTS):
+            what = f" (attention={m.attention!r})" if isinstance(getattr(m, "attention", None), str) else ""
+            return f"has a chan_att method but no channel-attention layers{what}: nothing to adapt"
+        return f"lacks {', '.join(missing)}: not the GSoP channel-attention layout"
+    dr = m.conv_for_DR
+    if not isinstance(dr, nn.Conv2d) or dr.kernel_size != (1, 1) or dr.padding != (0, 0) or dr.groups != 1:
+        return "conv_for_DR is not a 1x1 convolution without padding: not the official layout"
+    if dr.stride[0] != dr.stride[1]:
+        return f"conv_for_DR has a non-square stride {dr.stride}"
+    if _gsop_extra_children(m) and not callable(getattr(m, "chan_att", None)):
+        return (
+            "holds the GSoP layers beside other layers but has no chan_att method, so where the attention "
+            "is applied is unknown"
+        )
+    return ""
+
+
+def _gsop_variants(m: nn.Module, kind) -> list[nn.Module]:
+    """Our block with ``m``'s weights: the official function first (no ReLU after the row conv), then with one."""
+    dr = m.conv_for_DR
+    pre = [hasattr(m, "relu_normal"), not hasattr(m, "relu_normal")]
+    out = []
+    for pre_act in pre:
+        for row_relu in (False, True):
+            new = kind(dr.in_channels, dr.out_channels, pre_act=pre_act, dr_stride=dr.stride[0], row_relu=row_relu)
+            new.load_state_dict({k: v for k, v in m.state_dict().items() if k.split(".")[0] in _GSOP_PARTS})
+            out.append(new)
+    return out
+
+
+def _routed_chan_att(self: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """``chan_att`` of an adapted module: the channel weights from its attn-export block."""
+    return getattr(self, GSOP_CHILD)(out)
+
+
+@register_adapter("GSoP channel attention (ZilinGao)", _gsop_considers, _gsop_fits)
+def _convert_gsop(m: nn.Module) -> list[nn.Module]:
+    from attn_export.blocks.gsop import GSoPAttention, GSoPBlock
+
+    if not _gsop_extra_children(m):  # the attention alone, in a module of its own
+        return _gsop_variants(m, GSoPBlock)
+    # The official Bottleneck: keep it, route its chan_att method through our block.
+    routed = []
+    for block in _gsop_variants(m, GSoPAttention):
+        new = copy.deepcopy(m)
+        for name in _GSOP_PARTS:
+            delattr(new, name)
+        setattr(new, GSOP_CHILD, block)
+        new.chan_att = types.MethodType(_routed_chan_att, new)
+        routed.append(new)
+    return routed
 
 
 # --- SKConv (SKNet-style, e.g. the widely used PyTorch port with convs/fc/fcs) --------------------
-def _is_sk_linear(m: nn.Module) -> bool:
-    return (
-        not _ours(m)
-        and type(m).__name__ in ("SKConv", "SKAttention")
-        and isinstance(getattr(m, "fcs", None), nn.ModuleList)
-        and isinstance(getattr(m, "fc", None), nn.Linear)
-    )
+def _sk_fits(m: nn.Module) -> str:
+    if isinstance(getattr(m, "fcs", None), nn.ModuleList) and isinstance(getattr(m, "fc", None), nn.Linear):
+        return ""
+    return "no Linear 'fc' and ModuleList 'fcs': not the common SKNet port"
 
 
-@register_adapter("SKConv (SKNet-style, Linear fc)", _is_sk_linear)
+@register_adapter("SKConv (SKNet-style, Linear fc)", _named("SKConv", "SKAttention"), _sk_fits)
 def _convert_sk_linear(m: nn.Module) -> nn.Module:
     raise NotImplementedError(
         "its branches (growing kernels with bias instead of dilated 3x3, a Linear fuse layer without BN) "
@@ -205,6 +279,10 @@ def _convert_sk_linear(m: nn.Module) -> nn.Module:
 
 
 # --- applying adapters -------------------------------------------------------------------------------
+def _clone_args(args: tuple) -> tuple:
+    return tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
 def _capture_inputs(model: nn.Module, paths: list[str], sample: torch.Tensor) -> dict[str, tuple]:
     mods = dict(model.named_modules())
     seen: dict[str, tuple] = {}
@@ -212,7 +290,8 @@ def _capture_inputs(model: nn.Module, paths: list[str], sample: torch.Tensor) ->
     for p in paths:
 
         def hook(mod, args, p=p):
-            seen.setdefault(p, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+            if p not in seen:  # a copy: the model may change the tensor in place later
+                seen[p] = _clone_args(args)
 
         handles.append(mods[p].register_forward_pre_hook(hook))
     try:
@@ -224,57 +303,111 @@ def _capture_inputs(model: nn.Module, paths: list[str], sample: torch.Tensor) ->
     return seen
 
 
-def _max_error(a: nn.Module, b: nn.Module, args: tuple) -> float:
-    a64, b64 = copy.deepcopy(a).double(), copy.deepcopy(b).double()
-    args64 = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in args)
-    with torch.no_grad():
-        ra, rb = a64(*args64), b64(*args64)
-    return float((ra - rb).abs().max())
+def _eval_copy64(m: nn.Module) -> nn.Module:
+    m64 = copy.deepcopy(m)
+    m64.double()
+    m64.eval()  # never chain on train()/eval(): some models override train() without returning self
+    return m64
+
+
+def _max_error(a: nn.Module, b: nn.Module, args: tuple) -> tuple[float, float]:
+    """The max abs difference of ``a`` and ``b`` in float64 on ``args``, and the max abs of ``a``'s output."""
+    a64, b64 = _eval_copy64(a), _eval_copy64(b)
+
+    def run(m: nn.Module) -> list[torch.Tensor]:
+        args64 = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in args)
+        with torch.no_grad():
+            return torch.utils._pytree.tree_leaves(m(*_clone_args(args64)))
+
+    ra, rb = run(a64), run(b64)
+    if len(ra) != len(rb) or any(x.shape != y.shape for x, y in zip(ra, rb, strict=True)):
+        return float("inf"), 0.0
+    err = max((float((x - y).abs().max()) for x, y in zip(ra, rb, strict=True) if x.numel()), default=0.0)
+    return err, max((float(x.abs().max()) for x in ra if x.numel()), default=0.0)
+
+
+def _describe(new: nn.Module) -> str:
+    block = getattr(new, GSOP_CHILD, None)
+    if block is not None and not _ours(new):
+        return f"chan_att method routed through {type(block).__name__}({block.extra_repr()}) at '{GSOP_CHILD}'"
+    return f"-> {type(new).__name__}({new.extra_repr()})" if new.extra_repr() else f"-> {type(new).__name__}"
+
+
+def adapt(model: nn.Module, sample: torch.Tensor, atol: float = 1e-6) -> tuple[nn.Module, list[AdaptRecord]]:
+    """Swap recognised foreign modules of ``model`` for ours, keeping only swaps exact in float64.
+
+    A swap is exact when the float64 outputs differ by at most ``atol`` times the larger of 1 and the
+    output's magnitude (float64 rounding grows with it, e.g. in the covariance of large activations).
+    Returns the adapted model (``model`` itself, changed in place, or the replacement when the model
+    itself is a foreign block) and one record per candidate module: what was done and why.
+    """
+    candidates: list[tuple[str, nn.Module, Adapter, str]] = []
+    fitting: list[str] = []
+    for path, mod in model.named_modules():
+        if any(path == p or path.startswith(p + ".") for p in fitting if p) or (fitting and fitting[0] == ""):
+            continue  # inside a module that is being adapted
+        for ad in ADAPTERS:
+            if ad.considers(mod):
+                why = ad.fits(mod)
+                candidates.append((path, mod, ad, why))
+                if not why:
+                    fitting.append(path)
+                break
+    if not candidates:
+        return model, []
+    inputs = _capture_inputs(model, fitting, sample) if fitting else {}
+    records = []
+    for path, mod, ad, why in candidates:
+        rec = AdaptRecord(path, type(mod).__name__, "left", adapter=ad.name)
+        records.append(rec)
+        if why:
+            rec.reason = why
+            continue
+        if path not in inputs:
+            rec.reason = "not called in the forward pass, so the swap cannot be checked"
+            continue
+        try:
+            made = ad.convert(mod)
+        except NotImplementedError as e:
+            rec.reason = str(e)
+            continue
+        except Exception as e:  # a layout we recognised but cannot map: keep the original, say why
+            rec.reason = f"cannot map its weights: {type(e).__name__}: {e}"
+            continue
+        best: tuple[float, float, nn.Module] | None = None
+        for new in made if isinstance(made, list) else [made]:
+            try:
+                err, scale = _max_error(mod, new, inputs[path])
+            except Exception as e:
+                rec.reason = f"the replacement does not run on the module's input: {type(e).__name__}: {e}"
+                continue
+            if best is None or err < best[0]:
+                best = (err, scale, new)
+            if err <= atol * max(1.0, scale):
+                break
+        if best is None:
+            continue
+        err, scale, new = best
+        rec.max_abs_error = err
+        if not err <= atol * max(1.0, scale):
+            rec.reason = f"swap not exact in float64 (max error {err:.2e}): its forward differs from the official one"
+            continue
+        new.train(mod.training)
+        if path:
+            parent_path, _, attr = path.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, attr, new)
+        else:
+            model = new
+        rec.action = "adapted"
+        rec.reason = f"{_describe(new)}; exact in float64 on its input in the model (max error {err:.1e})"
+    return model, records
 
 
 def adapt_model(model: nn.Module, sample: torch.Tensor, atol: float = 1e-6) -> list[AdaptRecord]:
-    """Swap recognised foreign modules of ``model`` (in place) for ours, keeping only exact swaps."""
-    found: list[tuple[str, nn.Module, Adapter]] = []
-    for path, mod in model.named_modules():
-        if any(path.startswith(p + ".") for p, _, _ in found):
-            continue  # inside a module already recognised
-        for ad in ADAPTERS:
-            if ad.matches(mod):
-                found.append((path, mod, ad))
-                break
-    if not found:
-        return []
-    inputs = _capture_inputs(model, [p for p, _, _ in found], sample)
-    records = []
-    for path, mod, ad in found:
-        name = type(mod).__name__
-        if path not in inputs:
-            records.append(AdaptRecord(path, name, "left", "not called in the forward pass"))
-            continue
-        try:
-            new = ad.convert(mod)
-        except NotImplementedError as e:
-            records.append(AdaptRecord(path, name, "left", str(e)))
-            continue
-        except Exception as e:  # a layout we recognised but cannot map: keep the original, say why
-            records.append(AdaptRecord(path, name, "left", f"cannot map its weights: {type(e).__name__}: {e}"))
-            continue
-        new.train(mod.training)
-        was = model.training
-        model.eval()
-        err = _max_error(mod.eval(), new.eval(), inputs[path])
-        model.train(was)
-        mod.train(was)
-        new.train(was)
-        if err > atol:
-            records.append(AdaptRecord(path, name, "left", f"swap not exact (max error {err:.2e})", err))
-            continue
-        parent_path, _, attr = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        if not path:
-            raise ValueError("the model itself is a foreign block; wrap it in a module to adapt it")
-        setattr(parent, attr, new)
-        records.append(AdaptRecord(path, name, "adapted", f"-> {type(new).__name__}", err))
+    """:func:`adapt` in place; ``model`` itself must not be a foreign block (wrap it in a module)."""
+    new, records = adapt(model, sample, atol)
+    if new is not model:
+        raise ValueError("the model itself is a foreign block; use adapt(), which returns its replacement")
     return records
 
 

@@ -273,7 +273,8 @@ def prepare(spec: Spec, batch: int, threads: int, tmp: Path, seed: int) -> dict[
     from attn_export.export.adapt import adapt_model
 
     torch.manual_seed(seed)
-    official = spec.official().eval()
+    official = spec.official()
+    official.eval()  # never chained: train()/eval() may return None in upstream code
     _randomize_norms(official, seed)
     rng = np.random.default_rng(seed)
     x_np = rng.standard_normal((batch, *spec.input_shape), dtype=np.float32)
@@ -283,14 +284,16 @@ def prepare(spec: Spec, batch: int, threads: int, tmp: Path, seed: int) -> dict[
 
     # ours: the official weights through the adapters (or our own block where no mapping exists)
     if spec.ours is None:
-        holder = nn.Sequential(copy.deepcopy(official)).eval()
+        holder = nn.Sequential(copy.deepcopy(official))
+        holder.eval()
         records = adapt_model(holder, x)
         ours = holder[0]
         if not records or records[0].action != "adapted":
             why = records[0].reason if records else "no adapter recognised it"
             raise RuntimeError(f"{spec.name}: the official module was not adapted: {why}")
     else:
-        ours = spec.ours(official).eval()
+        ours = spec.ours(official)
+        ours.eval()
         _randomize_norms(ours, seed + 1)
     with torch.inference_mode():
         ref_ours = ours(x).numpy()
@@ -317,7 +320,7 @@ def prepare(spec: Spec, batch: int, threads: int, tmp: Path, seed: int) -> dict[
         v["ours_ort"] = Variant(error=f"fails: {_short(e)}")
 
     path = tmp / f"{spec.name}.naive.onnx"
-    how, error = _naive_export(copy.deepcopy(official).eval(), x, path, batch)
+    how, error = _naive_export(copy.deepcopy(official), x, path, batch)  # a copy of the module in eval mode
     if error:
         v["naive_ort"] = Variant(error=f"fails: {error}")
     else:

@@ -576,7 +576,9 @@ def run_detector(
         loaded = load_model(path)
     except Exception as e:
         return [Row("detector", str(path), "load", "fp32", "error", note=_short(e))]
-    model = loaded.model.eval().to(device)
+    model = loaded.model
+    model.eval()  # never chain on eval() (mmcv-style train() returns None)
+    model = model.to(device)
     shape = tuple(loaded.input_shape or ())
     compiled_model = torch.compile(model, mode="reduce-overhead", dynamic=False) if "compiled" in modes else None
     ort_runner, ort_note = _ort_cuda(loaded, shape, max(batches)) if "ort" in modes else (None, "")

@@ -128,7 +128,8 @@ def _from_pickle(obj: Any, path: Path) -> LoadedModel:
             f"{path}: the file holds a {type(obj).__name__}, not an nn.Module (nor a dict with one under "
             "'ema' or 'model'); save the model itself, or use the attn-export checkpoint format"
         )
-    return LoadedModel(obj.float(), None, "pickle", type(obj).__name__)
+    obj.float()  # not chained: a model may override it (or train()/eval()) without returning self
+    return LoadedModel(obj, None, "pickle", type(obj).__name__)
 
 
 def _looks_like_torch_file(path: Path) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attn_export.export.adapt import AdaptRecord, adapt_model, function_rewrites
+from attn_export.export.adapt import AdaptRecord, adapt, function_rewrites
 from attn_export.export.errors import ExportError
 from attn_export.export.precision import prepare_for_inference
 from attn_export.export.verify import VerifyReport, compare_outputs
@@ -93,8 +94,15 @@ class _Stage:
 
     @contextlib.contextmanager
     def __call__(self, name: str):
+        """Time stage ``name``; anything unexpected in it becomes a one-line :class:`ExportError` naming it."""
         t0 = time.perf_counter()
-        yield
+        try:
+            yield
+        except ExportError:
+            raise
+        except Exception as e:
+            log.debug("%s: unexpected error", name, exc_info=True)
+            raise ExportError(f"{name}: unexpected {_first_line(e)} (rerun with -v for the traceback)") from e
         self.timings[name] = round(time.perf_counter() - t0, 3)
 
     def say(self, stage: str, msg: str) -> None:
@@ -165,6 +173,37 @@ def _dynamic_shapes(args: Sequence, batch: int, max_batch: int | None):
     return tuple({0: dim} if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch else None for a in args)
 
 
+@contextlib.contextmanager
+def _captured_output(what: str):
+    """Send what torch prints while exporting (FX graph dumps on failures: dozens of lines, often twice)
+    to the debug log (the CLI shows it with -v) instead of the terminal: file descriptors 1 and 2 and
+    Python's ``sys.stdout``/``sys.stderr`` go to a temporary file for the duration."""
+    import sys
+    import tempfile
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        saved = [os.dup(1), os.dup(2)]
+        text = io.StringIO()
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+                yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            sink.seek(0)
+            dumped = sink.read().decode(errors="replace") + text.getvalue()
+            if dumped.strip() and log.isEnabledFor(logging.DEBUG):
+                log.debug("%s: what torch printed:\n%s", what, dumped.rstrip())
+
+
 def _torch_onnx_export(module: nn.Module, args: tuple, table: dict, opset: int, output_names: list[str] | None):
     quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = quiet.level
@@ -172,7 +211,7 @@ def _torch_onnx_export(module: nn.Module, args: tuple, table: dict, opset: int, 
     batch = args[0].shape[0]
     dynamic = _dynamic_shapes(args, batch, None)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), _captured_output(f"torch.onnx.export of {type(module).__name__}"):
             warnings.simplefilter("ignore")
             prog = torch.onnx.export(
                 module,
@@ -215,6 +254,86 @@ def _first_line(e: BaseException) -> str:
             return after[0][:400]
     msg = text[0] if text else type(e).__name__
     return f"{type(e).__name__}: {msg[:400]}"
+
+
+_DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "data-dependent", "data dependent")
+_RAISED_AT = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.+)')
+
+
+def _library_file(filename: str) -> bool:
+    """Frames that are not the user's: torch, onnx, onnxscript, the standard library, this package's
+    export machinery, generated code."""
+    if filename.startswith("<"):
+        return True
+    import onnx
+    import onnxscript
+
+    dirs = [os.path.dirname(os.path.abspath(m.__file__)) for m in (torch, onnx, onnxscript)]
+    dirs.append(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.abspath(filename)
+    stdlib = os.path.dirname(os.path.abspath(contextlib.__file__))
+    in_stdlib = path.startswith(stdlib + os.sep) and not any(p in path for p in ("site-packages", "dist-packages"))
+    return in_stdlib or any(path.startswith(d + os.sep) for d in dirs)
+
+
+def user_frame(e: BaseException) -> tuple[str, int, str, str, object] | None:
+    """The innermost frame of the user's code in ``e``'s chain: ``(file, line, function, source, self)``,
+    where ``self`` is the frame's ``self`` (the module whose method it is) or None."""
+    import linecache
+    import traceback
+
+    found = None
+    seen: set[int] = set()
+    chain = [e]
+    while chain and len(seen) < 20:
+        c = chain.pop()
+        if id(c) in seen:
+            continue
+        seen.add(id(c))
+        for frame, lineno in traceback.walk_tb(c.__traceback__):
+            code = frame.f_code
+            if not _library_file(code.co_filename):
+                found = (code.co_filename, lineno, code.co_name, "", frame.f_locals.get("self"))
+        if found is None:  # torch.export names the call in its message
+            m = _RAISED_AT.search(_ANSI.sub("", str(c)))
+            if m:
+                found = (m.group(1), int(m.group(2)), m.group(3), m.group(4).strip(), None)
+        chain += [x for x in (c.__cause__, c.__context__) if x is not None]
+    if found and not found[3]:
+        found = (*found[:3], linecache.getline(found[0], found[1]).strip(), found[4])
+    return found
+
+
+def _is_data_dependent(e: BaseException) -> bool:
+    c: BaseException | None = e
+    for _ in range(20):
+        if c is None:
+            return False
+        if any(k in type(c).__name__ or k in str(c)[:2000] for k in _DATA_DEPENDENT):
+            return True
+        c = c.__cause__ or c.__context__
+    return False
+
+
+def explain_export_failure(e: BaseException, model: nn.Module | None = None) -> str | None:
+    """A one-line explanation of a failure whose cause is in the user's code, or None: the file, line
+    and source of the user's frame, and the module it belongs to when it is one of ``model``'s."""
+    where = user_frame(e)
+    if not where:
+        return None
+    file, line, func, code, owner = where
+    at = f"{file}:{line} in {func}: `{code}`" if code else f"{file}:{line} in {func}"
+    paths = {id(m): p for p, m in model.named_modules()} if model is not None else {}
+    if id(owner) in paths:
+        path = paths[id(owner)]
+        at = f"module '{path or '<model>'}' ({type(owner).__name__}) at {at}"
+    if _is_data_dependent(e):
+        return (
+            f"export failed in {at}: the model branches on a tensor's value (data-dependent control flow), "
+            "which a graph cannot hold; compute both sides and select with torch.where, use torch.cond, "
+            "or move the decision out of the model"
+        )
+    return f"export failed in {at}: {_first_line(e)}"
 
 
 def locate_failure(model: nn.Module, sample: torch.Tensor, table: dict, opset: int) -> tuple[str, str] | None:
@@ -453,6 +572,7 @@ def export_onnx(
     seed: int | None = None,
     progress: Callable[[str, str], None] | None = None,
     metadata: dict | None = None,
+    copy_model: bool = True,
 ) -> ExportResult:
     """Export ``model`` to ONNX at ``output`` with a dynamic batch axis, then verify it.
 
@@ -465,6 +585,12 @@ def export_onnx(
     folder is renamed into place). A graph that fails verification is kept beside it as
     ``<name>.unverified.onnx`` for inspection, and the result's ``ok`` is False. ``metadata`` entries
     are written as the graph's metadata properties (non-strings as JSON).
+
+    ``model`` is left as it is: the export works on a deep copy (switched to eval mode and float32,
+    its foreign blocks swapped for attn-export's). ``copy_model=False`` saves the copy for a model
+    that is not used afterwards (or that cannot be copied): that model is then changed in place, and
+    when the model itself is a foreign block, the replacement is only in the result's graph.
+    Problems raise :class:`ExportError` with a one-line message that names the stage.
     """
     from attn_export.plugins import TARGETS, onnx_translation_table
 
@@ -481,9 +607,21 @@ def export_onnx(
         raise ExportError(f"{output.parent}: the output folder does not exist")
     result = ExportResult(None, target, INPUT_NAME, input_shape, [], batch, opset)
     stage = _Stage(result.timings, progress)
-    model = model.eval().float()
-    trace_batch = max(2, batch[1])  # 0/1 are specialised by torch.export; trace with a batch of 2 or more
-    sample = torch.randn((trace_batch, *input_shape), generator=torch.Generator().manual_seed(0))
+    with stage("prepare"):
+        if copy_model:
+            try:
+                model = copy.deepcopy(model)
+            except Exception as e:
+                raise ExportError(
+                    f"prepare: the model cannot be deep-copied ({_first_line(e)}); export_onnx works on a copy so "
+                    "that your model stays as it is: pass copy_model=False to export it in place"
+                ) from e
+        # Never chain on what train()/eval() return: mmcv/mmdet-style backbones override train()
+        # without returning self.
+        model.eval()
+        model.float()
+        trace_batch = max(2, batch[1])  # 0/1 are specialised by torch.export; trace with a batch of 2 or more
+        sample = torch.randn((trace_batch, *input_shape), generator=torch.Generator().manual_seed(0))
 
     with stage("adapt"):
         try:
@@ -493,8 +631,10 @@ def export_onnx(
             raise ExportError(
                 f"the model does not run on an input of shape {tuple(sample.shape)}: {_first_line(e)}"
             ) from e
-        result.adapted = adapt_model(model, sample)
-        model = prepare_for_inference(model)  # a copy, BatchNorm folded: half precision starts from it
+        model, result.adapted = adapt(model, sample)
+        # BatchNorm folded into the convs (half precision starts from it); in place: the model is the
+        # export's own copy, or the caller asked for an in-place export (copy_model=False)
+        model = prepare_for_inference(model, inplace=True)
         result.blocks = find_blocks(model)
         n_out = len(torch.utils._pytree.tree_leaves(first))
         result.output_names = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
@@ -510,12 +650,21 @@ def export_onnx(
             proto = _torch_onnx_export(probe, (sample,), table, opset, None)
         except Exception as e:
             probe.remove()
-            where = locate_failure(model, sample, table, opset)
+            if _is_data_dependent(e):
+                explained = explain_export_failure(e, model)
+                if explained:
+                    raise ExportError(explained) from e
+            try:
+                where = locate_failure(model, sample, table, opset)
+            except Exception:  # the search is a courtesy; the first failure is what matters
+                where = None
+            at = user_frame(e)
+            loc = (f" at {at[0]}:{at[1]}" + (f" (`{at[3]}`)" if at[3] else "")) if at else ""
             if where:
                 path, reason = where
                 kind = type(model.get_submodule(path)).__name__
-                raise ExportError(f"export failed in module '{path}' ({kind}): {reason}") from e
-            raise ExportError(f"export failed: {_first_line(e)}") from e
+                raise ExportError(f"export failed in module '{path}' ({kind}){loc}: {reason}") from e
+            raise ExportError(f"export failed{loc}: {_first_line(e)}") from e
         probe.remove()
     stage.say("export", f"torch.onnx (dynamo) opset {opset}, target {target}, {len(proto.graph.node)} nodes")
 
@@ -553,13 +702,15 @@ def export_onnx(
 
     if result.report is not None and not result.report.passed:
         kept = output.with_name(output.stem + ".unverified.onnx")
-        _write_atomically(shipped, kept)
+        with stage("write"):
+            _write_atomically(shipped, kept)
         stage.say("write", f"verification failed; the graph is kept at {kept} for inspection, not at {output}")
         return result
-    for key, value in (metadata or {}).items():  # e.g. the checkpoint's class names, for the service
-        if value is not None:
-            entry = shipped.metadata_props.add()
-            entry.key, entry.value = str(key), value if isinstance(value, str) else json.dumps(value)
-    result.size_bytes = _write_atomically(shipped, output)
+    with stage("write"):
+        for key, value in (metadata or {}).items():  # e.g. the checkpoint's class names, for the service
+            if value is not None:
+                entry = shipped.metadata_props.add()
+                entry.key, entry.value = str(key), value if isinstance(value, str) else json.dumps(value)
+        result.size_bytes = _write_atomically(shipped, output)
     result.path = output
     return result

@@ -180,18 +180,24 @@ def overflowing_values(model: nn.Module, dtype: torch.dtype) -> list[str]:
     return out
 
 
-def prepare_for_inference(model: nn.Module, dtype: torch.dtype | None = None, fold: bool = True) -> nn.Module:
+def prepare_for_inference(
+    model: nn.Module, dtype: torch.dtype | None = None, fold: bool = True, inplace: bool = False
+) -> nn.Module:
     """An eval-mode copy of ``model`` with BatchNorm folded (or re-parametrised) and cast to ``dtype``.
 
     ``dtype`` ``None`` keeps the model's dtype (the fold only); ``torch.float16`` or
     ``torch.bfloat16`` casts parameters and buffers (the blocks keep their sensitive parts in fp32
     internally, see the module docstring). ``fold=False`` skips steps 1 and 2 (a plain cast, checked).
-    The caller's ``model`` is not modified. Raises ``ValueError`` naming the values that do not fit
-    in ``dtype`` even after folding (a weight beyond fp16's range: run that model in fp32 or bf16).
+    The caller's ``model`` is not modified, unless ``inplace=True`` (for a model that is already a
+    private copy, such as the one :func:`attn_export.export.export_onnx` works on). Raises ``ValueError``
+    naming the values that do not fit in ``dtype`` even after folding (a weight beyond fp16's range:
+    run that model in fp32 or bf16).
     """
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"prepare_for_inference: dtype must be a floating-point torch.dtype, got {dtype!r}")
-    model = copy.deepcopy(model).eval()
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()  # never chain on eval(): mmcv-style backbones override train() without returning self
     if fold:
         pairs = list(fold_pairs(model))
         for conv_path, bn_path in pairs:
@@ -209,5 +215,5 @@ def prepare_for_inference(model: nn.Module, dtype: torch.dtype | None = None, fo
                 f"BatchNorm: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; run this model in "
                 "float32 or bfloat16"
             )
-        model = model.to(dtype)
+        model.to(dtype)
     return model

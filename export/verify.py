@@ -19,13 +19,15 @@ class OutputCheck:
     name: str
     batch: int
     shape: list[int]
-    max_abs: float
-    max_rel: float
-    mean_abs: float
-    p99_abs: float
+    max_abs: float | None  # None where nothing could be compared (see ``problem``)
+    max_rel: float | None
+    mean_abs: float | None
+    p99_abs: float | None
     atol: float
     rtol: float
     passed: bool
+    problem: str = ""  # what went wrong besides the tolerance (e.g. a shape that differs), in words
+    graph_shape: list[int] | None = None  # the graph's shape, where it differs from PyTorch's (``shape``)
 
 
 @dataclass
@@ -43,6 +45,15 @@ class VerifyReport:
         return bool(self.outputs) and all(c.passed for c in self.outputs)
 
     @property
+    def problems(self) -> list[str]:
+        """Each distinct problem found (shape differences and missing outputs), in order."""
+        out: list[str] = []
+        for c in [*self.outputs, *self.blocks]:
+            if c.problem and c.problem not in out:
+                out.append(c.problem)
+        return out
+
+    @property
     def first_divergent_block(self) -> str | None:
         for c in self.blocks:
             if not c.passed:
@@ -56,6 +67,7 @@ class VerifyReport:
             "batches": self.batches,
             "passed": self.passed,
             "first_divergent_block": self.first_divergent_block,
+            "problems": self.problems,
             "outputs": [asdict(c) for c in self.outputs],
             "blocks": [asdict(c) for c in self.blocks],
         }
@@ -68,24 +80,45 @@ class VerifyReport:
             for c in checks:
                 label = f"{kind} {c.name}"
                 label = label if len(label) <= 34 else "…" + label[-33:]
-                lines.append(
-                    f"{label:<34} {c.batch:>5} {c.max_abs:>10.2e} {c.max_rel:>10.2e} {c.mean_abs:>10.2e} "
-                    f"{c.p99_abs:>10.2e}  {'ok' if c.passed else 'FAIL'}"
-                )
+                stats = " ".join(f"{_num(v):>10}" for v in (c.max_abs, c.max_rel, c.mean_abs, c.p99_abs))
+                verdict = "ok" if c.passed else ("FAIL (shape)" if c.graph_shape is not None else "FAIL")
+                lines.append(f"{label:<34} {c.batch:>5} {stats}  {verdict}")
         verdict = "PASSED" if self.passed else "FAILED"
         tol = f"atol={self.outputs[0].atol:g}, rtol={self.outputs[0].rtol:g}" if self.outputs else ""
         lines.append(f"verification {verdict} on {self.backend} ({tol}, seed {self.seed})")
         if self.first_divergent_block:
             lines.append(f"first block to diverge: {self.first_divergent_block}")
+        lines += [f"problem: {p}" for p in self.problems]
         return "\n".join(lines)
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2e}"
+
+
+def shape_problem(name: str, batch: int, ref_shape: tuple[int, ...], got_shape: tuple[int, ...]) -> str:
+    """Why PyTorch's and the graph's shapes differ, in words."""
+    said = f"{name}: at batch {batch} PyTorch gave shape {tuple(ref_shape)} while the graph gives {tuple(got_shape)}"
+    if batch == 1 and len(got_shape) == len(ref_shape) + 1 and got_shape[0] == 1 and tuple(got_shape[1:]) == ref_shape:
+        return (
+            f"{said}, because the model drops its batch axis at batch 1 (e.g. torch.squeeze(x) or x.squeeze() "
+            "without a dim removes every axis of size 1, the batch too); the graph keeps the batch axis at every "
+            "batch. Squeeze named dims (x.squeeze(-1), x.flatten(1)) so batch 1 is shaped like the others"
+        )
+    return f"{said}: the model's output shape depends on the batch in a way the graph does not follow"
 
 
 def compare_arrays(name: str, batch: int, ref: np.ndarray, out: np.ndarray, atol: float, rtol: float) -> OutputCheck:
     """Statistics of ``out`` against ``ref`` (computed in float64)."""
     if ref.shape != out.shape:
-        return OutputCheck(
-            name, batch, list(ref.shape), float("inf"), float("inf"), float("inf"), float("inf"), atol, rtol, False
-        )
+        problem = shape_problem(name, batch, ref.shape, out.shape)
+        if ref.size != out.size:
+            return OutputCheck(
+                name, batch, list(ref.shape), None, None, None, None, atol, rtol, False, problem, list(out.shape)
+            )
+        same = compare_arrays(name, batch, ref, out.reshape(ref.shape), atol, rtol)  # the values, for the record
+        same.passed, same.problem, same.graph_shape = False, problem, list(out.shape)
+        return same
     r = ref.astype(np.float64)
     o = out.astype(np.float64)
     diff = np.abs(o - r)
@@ -122,20 +155,8 @@ def compare_outputs(
     for key, r in ref.items():
         label = (names or {}).get(key, key)
         if key not in out:
-            checks.append(
-                OutputCheck(
-                    label,
-                    batch,
-                    list(r.shape),
-                    float("inf"),
-                    float("inf"),
-                    float("inf"),
-                    float("inf"),
-                    atol,
-                    rtol,
-                    False,
-                )
-            )
+            problem = f"{label}: the graph has no output for it at batch {batch}"
+            checks.append(OutputCheck(label, batch, list(r.shape), None, None, None, None, atol, rtol, False, problem))
             continue
         checks.append(compare_arrays(label, batch, r, out[key], atol, rtol))
     return checks

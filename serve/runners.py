@@ -225,7 +225,8 @@ class TorchRunner(Runner):
             from attn_export.export.precision import prepare_for_inference
 
             model = prepare_for_inference(model, dtype)
-        self.model = model.eval().to(device)
+        model.eval()  # never chain on eval(): mmcv-style backbones override train() without returning self
+        self.model = model.to(device)
         self.dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
         self.device = device
         self.input_names = list(input_names)

@@ -29,6 +29,31 @@ Scan over the batch, one Conv per sample (kept)                  1    6.9
   official code exports with a fixed batch
 (torch eager, this op)                                           -    5.8
 ============================================================  =====  =====
+
+The whole ``ODConv2d(64, 64, 3, padding=1)`` exported (issue 13), 2 threads, ms per call, median of
+11-15 interleaved rounds on a shared 2-core machine (load average 5-7, so only the ratios between
+ORT variants mean much), with the block's channel and filter attentions folded into the kernel:
+
+===========================================  ======  ======  ======
+per-sample convolution as                     B=1     B=4     B=16
+===========================================  ======  ======  ======
+Scan of Conv (kept)                            1.71    5.87   39.60
+im2col + one batched MatMul (batched GEMM)     2.41   12.96   49.71
+per-tap batched MatMuls                        4.01    7.84   70.62
+===========================================  ======  ======  ======
+
+and the op alone, Scan against a ``Loop`` whose body Gathers sample ``i`` and runs the same Conv
+(fastest of 15): 1.53 / 3.05 / 32.9 ms against 1.57 / 5.71 / 41.7 ms. Scan is the fastest at every
+batch size measured, so there is no per-batch choice to make. Folding the attentions into the kernel
+(and combining the candidate kernels with one MatMul) took 15-25% off the whole block. What remains
+is onnxruntime's im2col + SGEMM convolution for a kernel that is an input (the constant-weight NCHWc
+kernels do not apply): at one thread it takes about as long as PyTorch's whole module, so the
+exported ODConv is at parity with eager (``attn-export bench --blocks odconv --threads 1 --batch N``:
+0.94x, 0.92x, 1.03x at batch 1, 4, 16, load average 2.4-2.8; 0.91x, 1.05x, 1.00x in an earlier run
+at load 5-7), not at the 0.5x goal. With 2 threads on that shared machine PyTorch eager's OpenMP
+threads stalled (35-180 ms per call), which made the ratios (0.04x-0.38x) meaningless. A direct
+``Conv`` at batch 1 (an ``If`` on the batch) would save Scan's per-call overhead there, about 15% of
+the op alone; not done.
 """
 
 from __future__ import annotations

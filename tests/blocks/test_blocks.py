@@ -417,10 +417,12 @@ def mpncov_covpool(x):
 
 
 class RefGSoP(nn.Module):
-    def __init__(self, in_channels, att_dim, pre_act=True):
+    """The official ``chan_att``: no activation after the row conv (``row_relu`` adds one, as an option)."""
+
+    def __init__(self, in_channels, att_dim, pre_act=True, dr_stride=1, row_relu=False):
         super().__init__()
-        self.ch_dim, self.pre_act = att_dim, pre_act
-        self.conv_for_DR = nn.Conv2d(in_channels, att_dim, kernel_size=1, stride=1, bias=True)
+        self.ch_dim, self.pre_act, self.row_relu = att_dim, pre_act, row_relu
+        self.conv_for_DR = nn.Conv2d(in_channels, att_dim, kernel_size=1, stride=dr_stride, bias=True)
         self.bn_for_DR = nn.BatchNorm2d(att_dim)
         self.row_bn = nn.BatchNorm2d(att_dim)
         self.row_conv_group = nn.Conv2d(att_dim, 4 * att_dim, kernel_size=(att_dim, 1), groups=att_dim, bias=True)
@@ -436,7 +438,9 @@ class RefGSoP(nn.Module):
         out = mpncov_covpool(out)
         out = out.view(out.size(0), out.size(1), out.size(2), 1).contiguous()
         out = self.row_bn(out)
-        out = self.relu(self.row_conv_group(out))
+        out = self.row_conv_group(out)
+        if self.row_relu:
+            out = self.relu(out)
         return self.sigmoid(self.fc_adapt_channels(out))
 
     def forward(self, x):
@@ -444,25 +448,58 @@ class RefGSoP(nn.Module):
 
 
 GSOP_CASES = [
-    # in_channels, mid_channels, pre_act, H, W
-    pytest.param(32, 16, True, 7, 7, id="c32-m16-7x7"),
-    pytest.param(16, 8, True, 5, 3, id="c16-m8-5x3"),
-    pytest.param(64, 32, True, 4, 4, id="c64-m32-4x4"),
-    pytest.param(32, 16, False, 6, 5, id="c32-m16-6x5-no-preact"),
+    # in_channels, mid_channels, pre_act, H, W, dr_stride, row_relu
+    pytest.param(32, 16, True, 7, 7, 1, False, id="c32-m16-7x7"),
+    pytest.param(16, 8, True, 5, 3, 1, False, id="c16-m8-5x3"),
+    pytest.param(64, 32, True, 4, 4, 1, False, id="c64-m32-4x4"),
+    pytest.param(32, 16, False, 6, 5, 1, False, id="c32-m16-6x5-no-preact"),
+    pytest.param(32, 16, True, 7, 6, 2, False, id="c32-m16-7x6-dr-stride2"),
+    pytest.param(32, 16, True, 5, 5, 1, True, id="c32-m16-5x5-row-relu"),
 ]
 
 
-def gsop_pair(c, m, pre_act):
-    return pair(GSoPBlock(c, m, pre_act), RefGSoP(c, m, pre_act), seed=c + m)
+def gsop_pair(c, m, pre_act, dr_stride=1, row_relu=False):
+    return pair(
+        GSoPBlock(c, m, pre_act, dr_stride=dr_stride, row_relu=row_relu),
+        RefGSoP(c, m, pre_act, dr_stride, row_relu),
+        seed=c + m,
+    )
 
 
 @pytest.mark.parametrize("train", MODES)
 @pytest.mark.parametrize("b", BATCHES)
-@pytest.mark.parametrize(("c", "m", "pre_act", "h", "w"), GSOP_CASES)
-def test_gsop_matches_official(c, m, pre_act, h, w, b, train):
-    block, ref = gsop_pair(c, m, pre_act)
+@pytest.mark.parametrize(("c", "m", "pre_act", "h", "w", "dr_stride", "row_relu"), GSOP_CASES)
+def test_gsop_matches_official(c, m, pre_act, h, w, dr_stride, row_relu, b, train):
+    block, ref = gsop_pair(c, m, pre_act, dr_stride, row_relu)
     out = run_pair(block, ref, randn(b, c, h, w, seed=b), train)
     assert out.shape == (b, c, h, w)
+
+
+def test_gsop_row_relu_matters():
+    """Off by default (the official chan_att has no ReLU after the row conv); on, it changes the output."""
+    plain, _ = gsop_pair(32, 16, True)
+    with_relu, _ = gsop_pair(32, 16, True, row_relu=True)
+    set_mode(False, plain, with_relu)
+    assert isinstance(plain.row_act, nn.Identity) and not plain.row_relu
+    x = randn(2, 32, 5, 5, seed=3)
+    assert not torch.allclose(plain(x), with_relu(x))
+
+
+def test_shipped_detector_keeps_the_gsop_it_was_trained_with():
+    """models/shapes_detector.pt was trained with a ReLU after the row conv: its GSoP is built with it."""
+    from pathlib import Path
+
+    from attn_export.export import load_model
+
+    path = Path(__file__).resolve().parents[2] / "models" / "shapes_detector.pt"
+    model = load_model(path).model.eval()
+    (gsop,) = [m for m in model.modules() if isinstance(m, GSoPBlock)]
+    assert gsop.row_relu and isinstance(gsop.row_act, nn.ReLU)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x)
+        gsop.row_act = nn.Identity()  # what the weights would mean without it
+        assert (model(x) - y).abs().max() > 1e-4
 
 
 def test_gsop_pre_act_matters():

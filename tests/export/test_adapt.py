@@ -351,11 +351,16 @@ def test_export_of_a_model_of_official_modules(tmp_path):
     }
     left = [r for r in result.adapted if r.action == "left"]
     assert [(r.path, r.foreign) for r in left] == [("sk", "SKConv")]
-    assert isinstance(model.od, ours.ODConv2d) and isinstance(model.outlook, ours.OutlookAttention)
-    assert isinstance(model.sk, official.SKConv)
+    # export_onnx adapted a copy: the caller's model is the official one, unchanged
+    assert isinstance(model.od, official.ODConv2d) and isinstance(model.outlook, official.OutlookAttention)
     x = torch.randn(5, 3, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), eager(x), **TOL)  # the adapted model computes the same
+        torch.testing.assert_close(model(x), eager(x), rtol=0, atol=0)
+    adapted, _ = adapt.adapt(copy.deepcopy(model), torch.randn(2, 3, 16, 16))
+    assert isinstance(adapted.od, ours.ODConv2d) and isinstance(adapted.outlook, ours.OutlookAttention)
+    assert isinstance(adapted.sk, official.SKConv)
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(x), eager(x), **TOL)  # the adapted model computes the same
 
     graph = onnx.load(str(tmp_path / "m.onnx"))
     ops = {n.op_type for n in graph.graph.node}

@@ -251,10 +251,21 @@ def test_compare_arrays_statistics():
 def test_compare_arrays_shape_mismatch():
     check = compare_arrays("y", 2, np.zeros((2, 3)), np.zeros((2, 4)), ATOL, RTOL)
     assert not check.passed
-    assert check.shape == [2, 3]
-    assert math.isinf(check.max_abs)
+    assert check.shape == [2, 3] and check.graph_shape == [2, 4]
+    assert check.max_abs is None  # nothing to compare: no inf
+    assert "at batch 2 PyTorch gave shape (2, 3) while the graph gives (2, 4)" in check.problem
     check = compare_arrays("y", 2, np.zeros((2, 3)), np.zeros((3, 2)), ATOL, RTOL)
+    assert not check.passed and check.problem
+
+
+def test_compare_arrays_batch_axis_dropped_at_batch_1():
+    ref = np.random.default_rng(0).standard_normal(10)
+    check = compare_arrays("output", 1, ref, ref[None].astype(np.float32), ATOL, RTOL)
     assert not check.passed
+    assert check.shape == [10] and check.graph_shape == [1, 10]
+    assert check.max_abs is not None and check.max_abs < 1e-6  # the values themselves agree
+    assert "PyTorch gave shape (10,) while the graph gives (1, 10)" in check.problem
+    assert "drops its batch axis at batch 1" in check.problem
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # np.quantile over inf
