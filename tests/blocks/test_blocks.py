@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from weights import randomize_
 
 from attn_export.blocks import GSoPBlock, Involution2d, ODConv2d, OutlookAttention, SKConv
 
@@ -28,31 +29,9 @@ def randn(*shape: int, seed: int, dtype: torch.dtype = F64) -> torch.Tensor:
     return torch.randn(*shape, generator=g, dtype=F64).to(dtype)
 
 
-def randomize_(module: nn.Module, seed: int) -> nn.Module:
-    """Random weights everywhere, and BatchNorm affine parameters and running statistics that are not
-    the identity, so that eval-mode BN matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g, dtype=F64) + 0.5)
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g, dtype=F64))
-                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g, dtype=F64))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g, dtype=F64) + 0.5)
-                continue
-            for p in m.parameters(recurse=False):
-                if p.dim() == 1:
-                    p.copy_(0.2 * torch.randn(p.shape, generator=g, dtype=F64))
-                else:
-                    # ODConv's 5-D weight is (kernel_num, Cout, Cin/g, k, k): fan-in is Cin/g*k*k
-                    fan_in = math.prod(p.shape[2:] if p.dim() == 5 else p.shape[1:])
-                    p.copy_(torch.randn(p.shape, generator=g, dtype=F64) / math.sqrt(fan_in))
-    return module
-
-
 def pair(block: nn.Module, ref: nn.Module, seed: int = 0) -> tuple[nn.Module, nn.Module]:
     """Float64 copies of ``block`` (randomised) and ``ref`` (loaded with the same weights)."""
-    block = randomize_(block.double(), seed)
+    block = randomize_(block.double(), seed, dtype=F64)
     ref = ref.double()
     ref.load_state_dict(block.state_dict(), strict=True)
     return block, ref
@@ -591,7 +570,7 @@ SK_CASES = [
 
 
 def sk_pair(c, m, g, r, d, s):
-    block = randomize_(SKConv(c, m, g, r, d, s).double(), seed=c + m)
+    block = randomize_(SKConv(c, m, g, r, d, s).double(), seed=c + m, dtype=F64)
     ref = RefSKConv(c, m, g, r, d, s).double()
     ref.load_state_dict(sk_to_ref(block.state_dict(), m, c), strict=True)
     return block, ref

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from weights import randomize_
 
 import attn_export.export.adapt as adapt
 from attn_export import blocks as ours
@@ -26,27 +27,6 @@ from attn_export.export.adapt import adapt_model, function_rewrites
 
 SAMPLE_BATCH, CHECK_BATCH = 2, 3
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Random parameters everywhere, and BN affine parameters and running statistics that are not the
-    identity, so that eval-mode BN matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                continue
-            for p in m.parameters(recurse=False):
-                if p.dim() == 1:
-                    p.copy_(0.2 * torch.randn(p.shape, generator=g))
-                else:
-                    fan_in = math.prod(p.shape[2:] if p.dim() == 5 else p.shape[1:])  # ODConv: (n, Cout, Cin/g, k, k)
-                    p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-    return module
 
 
 def in_model(block: nn.Module, channels_last: bool, channels: int) -> nn.Module:

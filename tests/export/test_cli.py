@@ -11,7 +11,6 @@ console script in a subprocess.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import pytest
 import torch
 from onnxscript import opset18 as op
 from torch import nn
+from weights import randomize_
 
 import attn_export.plugins as plugins
 from attn_export import __version__
@@ -42,26 +42,6 @@ CASES: dict[str, tuple[dict, tuple[int, ...]]] = {
     "MixedNet": ({"num_classes": 10, "width": 16}, (3, 32, 32)),
 }
 MIXED_BLOCKS = ["involution", "odconv", "skconv", "outlook.block", "gsop"]
-
-
-def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights, and BatchNorm affine parameters and running statistics that are not the identity."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                continue
-            for p in m.parameters(recurse=False):
-                if p.dim() == 1:
-                    p.copy_(0.2 * torch.randn(p.shape, generator=g))
-                else:
-                    fan_in = math.prod(p.shape[2:] if p.dim() == 5 else p.shape[1:])
-                    p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-    return module
 
 
 def write_checkpoint(path: Path, arch: str, seed: int = 0) -> Path:

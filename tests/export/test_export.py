@@ -4,7 +4,6 @@ rule of :mod:`attn_export.export.verify` (``|out - ref| <= atol + rtol * |ref|``
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import onnx
@@ -12,31 +11,13 @@ import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
+from weights import randomize_
 
 from attn_export.blocks import Involution2d, SKConv
 from attn_export.export import ExportError, ExportResult, export_onnx, load_model, save_checkpoint
 from attn_export.export.checkpoint import FORMAT, parse_shape
 from attn_export.export.onnx_export import parse_batch
 from attn_export.export.verify import OutputCheck, VerifyReport, compare_arrays, compare_outputs
-
-
-def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights, and BatchNorm that is not the identity in eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                continue
-            for p in m.parameters(recurse=False):
-                if p.dim() == 1:
-                    p.copy_(0.2 * torch.randn(p.shape, generator=g))
-                else:
-                    p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(math.prod(p.shape[1:])))
-    return module
 
 
 def small_net() -> nn.Module:

@@ -218,7 +218,7 @@ def test_layer_precisions_for_tensorrt_10():
 def _scaled(module: nn.Module, seed: int, magnitude: float) -> nn.Module:
     """Random weights (as the other export tests make them); BatchNorm statistics for activations of
     ``magnitude`` (running variances times ``magnitude**2``)."""
-    from test_trt_target import randomize_  # tests/export is on sys.path (pytest's rootdir-relative import)
+    from weights import randomize_
 
     randomize_(module, seed)
     with torch.no_grad():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 from onnx import helper
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from weights import randomize_
 
 import attn_export.plugins as plugins
 from attn_export.blocks import Involution2d
@@ -43,26 +43,6 @@ CASES: dict[str, tuple[dict, tuple[int, ...]]] = {
 }
 MIXED_BLOCKS = ["involution", "odconv", "skconv", "outlook.block", "gsop"]
 BACKEND = VERIFY_BACKENDS["trt"]
-
-
-def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights, and BatchNorm that is not the identity in eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                continue
-            for p in m.parameters(recurse=False):
-                if p.dim() == 1:
-                    p.copy_(0.2 * torch.randn(p.shape, generator=g))
-                else:
-                    fan_in = math.prod(p.shape[2:] if p.dim() == 5 else p.shape[1:])
-                    p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-    return module
 
 
 def write_checkpoint(path: Path, arch: str) -> Path:

@@ -15,38 +15,18 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-import math
 
 import onnx
 import pytest
 import torch
 from torch import nn
+from weights import randomize_
 
 from attn_export import blocks as ours
 from attn_export.blocks import official
 from attn_export.cli import main
 from attn_export.export import ExportError, export_onnx
 from attn_export.export.adapt import GSOP_CHILD, adapt
-
-
-def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights and BatchNorm statistics that are not the identity (eval-mode BN matters)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                continue
-            for p in m.parameters(recurse=False):
-                if p.dim() == 1:
-                    p.copy_(0.2 * torch.randn(p.shape, generator=g))
-                else:
-                    fan_in = math.prod(p.shape[2:] if p.dim() == 5 else p.shape[1:])
-                    p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-    return module
 
 
 # --- 1. train() without a return ------------------------------------------------------------------------
