@@ -78,7 +78,12 @@ def export_parser() -> argparse.ArgumentParser:
         help="also build a TensorRT engine next to the ONNX graph "
         "(implies --target trt unless --target is given; needs TensorRT >= 10.6 and an NVIDIA GPU)",
     )
-    p.add_argument("--fp16", action="store_true", help="build the TensorRT engine in FP16 (with --trt)")
+    p.add_argument(
+        "--fp16",
+        action="store_true",
+        help="build the TensorRT engine in FP16, the values that cannot live in FP16 kept in FP32 (with --trt)",
+    )
+    p.add_argument("--bf16", action="store_true", help="the same in BF16 (with --trt; not with --fp16)")
     p.add_argument("--workspace", type=float, default=None, help="TensorRT workspace limit in GiB (with --trt)")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison against PyTorch")
     p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
@@ -129,8 +134,10 @@ def run_export(args: argparse.Namespace) -> int:
     try:
         if args.target is None:
             args.target = "trt" if args.trt else "ort"
-        if (args.fp16 or args.workspace) and not args.trt:
-            raise ExportError("--fp16 and --workspace apply to TensorRT engines: add --trt")
+        if (args.fp16 or args.bf16 or args.workspace) and not args.trt:
+            raise ExportError("--fp16, --bf16 and --workspace apply to TensorRT engines: add --trt")
+        if args.fp16 and args.bf16:
+            raise ExportError("--fp16 and --bf16: choose one half precision")
         batch = parse_batch(args.batch)
         output = args.output or args.model.with_suffix(".onnx")
         log.info(_versions())
@@ -197,7 +204,7 @@ def build_trt_engine(args: argparse.Namespace, loaded, shape, batch, result) -> 
     missing = trt_build.check_trt_environment()
     if missing:
         batch_arg = ":".join(map(str, batch))
-        fp16 = " --fp16" if args.fp16 else ""
+        fp16 = " --fp16" if args.fp16 else " --bf16" if args.bf16 else ""
         print(f"attn-export: {missing}", file=sys.stderr)
         print(
             f"The verified graph is at {result.path}. To build the engine on a machine with an NVIDIA GPU and "
@@ -208,7 +215,9 @@ def build_trt_engine(args: argparse.Namespace, loaded, shape, batch, result) -> 
         )
         if result.target == "ort":
             try:
-                cmd = trt_build.trtexec_command(result.path, engine, result.input_name, shape, batch, args.fp16)
+                cmd = trt_build.trtexec_command(
+                    result.path, engine, result.input_name, shape, batch, args.fp16, bf16=args.bf16
+                )
                 print(f"This graph has no plugin nodes, so trtexec alone can build it:\n  {cmd}", file=sys.stderr)
             except ValueError as e:
                 print(f"(trtexec: {e})", file=sys.stderr)
@@ -238,6 +247,7 @@ def build_trt_engine(args: argparse.Namespace, loaded, shape, batch, result) -> 
             shape,
             batch,
             fp16=args.fp16,
+            bf16=args.bf16,
             progress=_progress,
             classes=classes,
             **kwargs,
@@ -246,7 +256,9 @@ def build_trt_engine(args: argparse.Namespace, loaded, shape, batch, result) -> 
 
         runner = TensorRTRunner(built.engine_path)
         batches = result.report.batches if result.report else sorted(set(batch))
-        atol, rtol = (max(args.atol, 1e-2), max(args.rtol, 1e-2)) if args.fp16 else (args.atol, args.rtol)
+        # half-precision tolerances (bf16 keeps 8 bits of mantissa, fp16 11): see docs/precision.md
+        half_tol = 5e-2 if args.bf16 else 1e-2 if args.fp16 else 0.0
+        atol, rtol = max(args.atol, half_tol), max(args.rtol, half_tol)
         report = trt_build.verify_engine(
             loaded.model, runner, result.input_name, shape, batches, result.output_names, atol, rtol, args.seed
         )

@@ -263,6 +263,8 @@ def test_checkpoint_without_input_shape(tmp_path, capsys):
         (["--batch", "one"], ["--batch", "one"]),
         (["--opset", "17"], ["--opset", "18", "17"]),
         (["--fp16"], ["--fp16", "--trt"]),
+        (["--bf16"], ["--bf16", "--trt"]),
+        (["--trt", "--fp16", "--bf16"], ["--fp16", "--bf16", "choose one"]),
         (["--workspace", "2"], ["--workspace", "--trt"]),
     ],
 )
@@ -484,6 +486,20 @@ def test_trt_without_tensorrt_writes_the_verified_plugin_graph_and_says_what_is_
     assert "verification PASSED" in out and "AttnExportInvolution2d 1" in out
     assert "TensorRT" in err and "--trt --batch 1:2:3" in err
     assert "trtexec --loadEngine=" in err and "trtexec --onnx=" in err
+
+
+def test_trt_bf16_without_tensorrt_says_how_to_build_the_bf16_engine(tmp_path, capsys):
+    """--trt --bf16 where TensorRT is absent: exit 3, and the command printed for another machine keeps
+    --bf16 (the engine built there is the one asked for here)."""
+    from attn_export.export.trt_build import check_trt_environment
+
+    if check_trt_environment() is None:
+        pytest.skip("TensorRT and a GPU are present: the engine path is covered by the trt-marked tests")
+    ckpt = write_checkpoint(tmp_path / "m.pt", "GSoPBlock")
+    code = main([str(ckpt), "--trt", "--bf16", "--target", "ort", "--batch", "1:1:2", "--no-verify", "-q"])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "--trt --batch 1:1:2 --bf16" in err and "--fp16" not in err
 
 
 def test_checkpoint_class_names_travel_into_the_onnx_metadata(tmp_path):
