@@ -500,7 +500,8 @@ def run_blocks(
     for i, name in enumerate(names):
         spec = spec_map[name]
         torch.manual_seed(i)
-        official = spec.official().eval()
+        official = spec.official()
+        official.eval()  # never chain on eval(): mmcv-style train() returns None
         _randomize_norms(official, i)
         if spec.ours is None:  # the official weights, through the exporter's adapters (checked exact there)
             holder = nn.Sequential(copy.deepcopy(official)).eval()
@@ -511,7 +512,8 @@ def run_blocks(
                 continue
             ours, note = holder[0], ""
         else:
-            ours = spec.ours(official).eval()
+            ours = spec.ours(official)
+            ours.eval()
             _randomize_norms(ours, i + 1)
             note = "ours is a different function (SKConv): checked against its own float64 output"
         x32 = torch.randn(batch, *spec.input_shape, generator=torch.Generator().manual_seed(100 + i)).to(device)

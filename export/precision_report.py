@@ -88,7 +88,8 @@ def detector_rows(images: int, seed: int) -> list[dict]:
     from attn_export.export.precision import prepare_for_inference
 
     loaded = load_model("models/shapes_detector.pt")
-    model = loaded.model.eval()
+    model = loaded.model
+    model.eval()  # never chain on eval(): mmcv-style train() returns None
     size = loaded.input_shape[-1]
     x = torch.from_numpy(np.stack([letterbox(generate(seed, i)[0], size)[0] for i in range(images)]))
     folded = prepare_for_inference(model)

@@ -26,6 +26,7 @@ import contextlib
 import hmac
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -71,6 +72,8 @@ log = logging.getLogger("attn_export.serve")
 
 API_KEY_HEADER = "X-API-Key"
 PROTECTED_PATHS = ("/detect",)
+#: The Open Inference Protocol's infer routes (serve/oip.py): refused at the door without the key too.
+PROTECTED_V2 = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer")
 
 
 # ------------------------------------------------------------------------------------------ schemas
@@ -249,12 +252,17 @@ class LimitsMiddleware:
 
     def _check(self, scope) -> Response | None:
         settings = self.service.settings
-        if settings.api_key is not None and scope["path"] in PROTECTED_PATHS:
+        path = scope["path"]
+        v2 = PROTECTED_V2.fullmatch(path) is not None
+        if settings.api_key is not None and (path in PROTECTED_PATHS or v2):
             given = _header(scope, b"x-api-key")
             if given is None or not hmac.compare_digest(given.encode(), settings.api_key.get_secret_value().encode()):
                 self.service.metrics.rejected.labels("api_key").inc()
                 what = "missing" if given is None else "wrong"
-                return error_response(401, f"{what} API key: send it in the {API_KEY_HEADER} header")
+                message = f"{what} API key: send it in the {API_KEY_HEADER} header"
+                if v2:  # the protocol's error form
+                    return JSONResponse({"error": message}, status_code=401)
+                return error_response(401, message)
         return None
 
 

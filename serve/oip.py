@@ -329,7 +329,7 @@ def oip_router(svc) -> APIRouter:
 
     async def infer(request: Request, name: str, version: str = ""):
         t0 = time.perf_counter()
-        if settings.api_key is not None:
+        if settings.api_key is not None:  # the door's LimitsMiddleware already refused these; kept as a fallback
             given = request.headers.get("x-api-key")
             expected = settings.api_key.get_secret_value()
             if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
@@ -337,8 +337,27 @@ def oip_router(svc) -> APIRouter:
         m = model_or_error(name, version)
         if svc.shutting_down:
             raise ProtocolError(503, "the server is shutting down", {"Retry-After": "5"})
-        body = _decompress(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
-        req, images = parse_infer(body, request.headers.get(HEADER_LENGTH), settings.max_images)
+        ticket = request.scope.get(SCOPE_TICKET)  # the door's (serve/admission.py): bytes and pixels in flight
+        raw = await request.body()  # already buffered by the door: no copy
+        encoding = request.headers.get("content-encoding")
+        header_length = request.headers.get(HEADER_LENGTH)
+
+        def shed(e: Busy) -> ProtocolError:
+            svc.metrics.shed.labels(e.reason).inc()
+            return ProtocolError(503, e.message, {"Retry-After": str(e.retry_after)})
+
+        def parse() -> tuple[dict, list[bytes]]:
+            # on the CPU pool, like /detect's form parsing: gunzip, JSON and base64 of up to max_body_bytes
+            # would otherwise hold the event loop (and the probes) for tens of milliseconds
+            body = _decompress(raw, encoding, settings.max_body_bytes)
+            if ticket is not None and len(body) > len(raw):
+                try:  # the decompressed body is held too: it counts on the door's byte budget
+                    ticket.add_bytes(len(body) - len(raw))
+                except Busy as e:
+                    raise shed(e) from e
+            return parse_infer(body, header_length, settings.max_images)
+
+        req, images = await svc.run_cpu(parse)
         try:
             params = request_params(
                 req.get("parameters") if isinstance(req.get("parameters"), dict) else {}, defaults()
@@ -346,8 +365,6 @@ def oip_router(svc) -> APIRouter:
         except ContractError as e:
             raise ProtocolError(400, str(e)) from e
         outputs = requested_outputs(req)
-
-        ticket = request.scope.get(SCOPE_TICKET)  # the door's (serve/admission.py): pixels in flight
 
         def decode_all() -> list:
             # headers first, so the pixels are reserved on the door's budget before anything is decoded
@@ -362,7 +379,7 @@ def oip_router(svc) -> APIRouter:
                 try:
                     ticket.reserve_pixels(sum(img.size[0] * img.size[1] for img in opened))
                 except Busy as e:
-                    raise ProtocolError(503, e.message, {"Retry-After": str(e.retry_after)}) from e
+                    raise shed(e) from e
             out = []
             try:
                 for i, img in enumerate(opened):
@@ -383,20 +400,23 @@ def oip_router(svc) -> APIRouter:
                 svc.batcher.submit(np.stack([d.pixels for d in decoded])), settings.request_timeout_s
             )
         except QueueFull as e:
-            raise ProtocolError(503, str(e), {"Retry-After": "1"}) from e
+            svc.metrics.queue_full.inc()
+            svc.metrics.shed.labels("queue").inc()
+            raise ProtocolError(503, str(e), {"Retry-After": str(svc.door.retry_after())}) from e
         except BatcherClosed as e:
             raise ProtocolError(503, str(e), {"Retry-After": "5"}) from e
         except asyncio.TimeoutError as e:
             raise ProtocolError(504, f"no result within {settings.request_timeout_s:g} s") from e
+        accept_encoding = request.headers.get("accept-encoding")
 
-        def finish() -> dict[str, np.ndarray]:
+        def finish() -> Response:  # NMS, the response body and its compression: on the pool too
             from attn_export.serve.triton_model import detections
 
             preds = np.stack([r.output for r in results])
-            return pack(detections(preds, decoded, params), settings.max_det)
+            tensors = pack(detections(preds, decoded, params), settings.max_det)
+            return compress(infer_response(req, m.name, tensors, outputs), accept_encoding)
 
-        tensors = await svc.run_cpu(finish)
-        response = compress(infer_response(req, m.name, tensors, outputs), request.headers.get("accept-encoding"))
+        response = await svc.run_cpu(finish)
         response.headers["Server-Timing"] = f"total;dur={(time.perf_counter() - t0) * 1000:.2f}"
         return response
 

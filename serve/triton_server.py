@@ -269,14 +269,20 @@ class TritonServer:
         env = {**os.environ, **self.install.env}
         if self.log_path is not None:
             self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            argv + self.extra_args,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log or None,
-            stderr=subprocess.STDOUT if self._log else None,
-            start_new_session=True,  # its own process group: stop() ends the stubs with it
-        )
+        try:
+            self.process = subprocess.Popen(
+                argv + self.extra_args,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log or None,
+                stderr=subprocess.STDOUT if self._log else None,
+                start_new_session=True,  # its own process group: stop() ends the stubs with it
+            )
+        except BaseException:
+            if self._log is not None:  # no process to stop(): close the log here
+                self._log.close()
+                self._log = None
+            raise
         return self
 
     def log_tail(self, chars: int = 4000) -> str:

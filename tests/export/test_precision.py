@@ -257,7 +257,8 @@ def shipped():
     from attn_export.export import load_model
 
     loaded = load_model(SHIPPED)
-    model = loaded.model.eval()
+    model = loaded.model
+    model.eval()
     size = loaded.input_shape[-1]
     x = torch.from_numpy(np.stack([letterbox(generate(20261130, i)[0], size)[0] for i in range(4)]))
     with torch.no_grad():

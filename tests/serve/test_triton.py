@@ -9,6 +9,7 @@ The tests that need tritonserver skip where neither it nor the nvidia-pytriton w
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import gzip
@@ -664,6 +665,9 @@ def test_v2_infer_needs_the_api_key_when_the_server_has_one(standin_onnx):
         for headers, status in (({}, 401), ({"X-API-Key": "wrong"}, 401)):
             r = client.post("/v2/models/standin/infer", json=body, headers=headers)
             assert r.status_code == status and "API key" in r.json()["error"]
+        # refused at the door, before a place is taken or the body read, and counted like /detect's
+        metrics = client.get("/metrics").text
+        assert 'attn_export_rejected_inputs_total{reason="api_key"} 2.0' in metrics
         assert client.get("/v2/models/standin").status_code == 200  # metadata stays open, like /readyz
         r = client.post("/v2/models/standin/infer", json=body, headers={"X-API-Key": "s3cret"})
         assert r.status_code == 200, r.text
@@ -671,6 +675,41 @@ def test_v2_infer_needs_the_api_key_when_the_server_has_one(standin_onnx):
         assert out["num_detections"]["data"] == [1] and out["detection_classes"]["data"][0] == 1
         assert out["detection_boxes"]["data"][:4] == [96.0, 64.0, 128.0, 96.0]
         assert client.get("/v2/models/standin/versions/2").status_code == 404
+
+
+def test_v2_infer_parses_and_answers_off_the_event_loop(standin_onnx, monkeypatch):
+    """gunzip, JSON, base64 and the response body of up to max_body_bytes run on the CPU pool, never on
+    the event loop (where they would stall /healthz and /readyz)."""
+    from serve_helpers import cell_square, client_for, make_image
+
+    from attn_export.serve import oip
+
+    on_loop = []
+
+    def spy(fn):
+        def wrapped(*args, **kwargs):
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(fn.__name__)
+            except RuntimeError:  # no loop in this thread: a worker
+                pass
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    for name in ("_decompress", "parse_infer", "infer_response", "compress"):
+        monkeypatch.setattr(oip, name, spy(getattr(oip, name)))
+    with client_for(make_settings(standin_onnx)) as client:
+        image = make_image((320, 320), [cell_square(1, 2, 3)])
+        body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 1],
+                            "data": [base64.b64encode(image).decode()]}]}  # fmt: skip
+        packed = gzip.compress(json.dumps(body).encode())
+        r = client.post(
+            "/v2/models/standin/infer", content=packed, headers={"Content-Encoding": "gzip", "Accept-Encoding": "gzip"}
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["outputs"]
+    assert on_loop == []
 
 
 def test_wheel_server_with_numpy_2_needs_the_stub_folder(monkeypatch):
