@@ -40,6 +40,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, help="default onnxruntime (its CUDA provider when present)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        help="also serve the Open Inference Protocol over gRPC (tritonclient.grpc) on this port of --host (off)",
+    )
     p.add_argument("--workers", type=int, help="server processes, each with its own model (default 1)")
     p.add_argument("--max-batch", type=int, help="most images per inference call (default 8)")
     p.add_argument("--max-wait-ms", type=float, help="how long a lone image waits for others to batch with (default 5)")
