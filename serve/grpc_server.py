@@ -262,7 +262,10 @@ async def start_grpc(svc):
     server = grpc.aio.server(options=options, maximum_concurrent_rpcs=settings.max_connections)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     address = _address(settings.host, settings.grpc_port)
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as e:  # grpcio raises on a taken port
+        raise RuntimeError(f"gRPC: cannot listen on {address} (is the port taken?)") from e
     if port == 0:
         raise RuntimeError(f"gRPC: cannot listen on {address}")
     await server.start()

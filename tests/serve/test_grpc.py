@@ -10,12 +10,13 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import contextlib
+import socket
 import struct
 
 import httpx
 import numpy as np
 import pytest
-from serve_helpers import LiveServer, cell_square, free_port, make_image, make_settings
+from serve_helpers import LiveServer, cell_square, client_for, free_port, make_image, make_settings
 
 grpc = pytest.importorskip("grpc")
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -99,8 +100,6 @@ def _code(info) -> str:
 
 # ------------------------------------------------------------------------------------------ tests
 def test_grpc_is_off_by_default(standin_onnx):
-    from serve_helpers import client_for
-
     from attn_export.serve.cli import parser, settings_from_args
     from attn_export.serve.settings import Settings
 
@@ -285,3 +284,36 @@ def test_grpc_goes_through_the_door(standin_onnx):
         assert int(first.result(30).as_numpy("num_detections")[0, 0]) == 1
         assert door.requests == 0 and door.bytes == 0 and door.pixels == 0
         assert int(client.infer(NAME, [_image_input([image])]).as_numpy("num_detections")[0, 0]) == 1
+
+
+def test_grpc_request_in_flight_finishes_on_shutdown_and_a_taken_port_fails_the_start(standin_onnx):
+    import threading
+
+    from test_serve_admission import Gate
+
+    from attn_export.serve.app import create_app
+
+    gate = Gate()
+    settings = make_settings(standin_onnx, max_batch=1, warmup=False, grpc_port=0, graceful_timeout_s=10)
+    image = make_image((320, 320), [cell_square(2, 4, 4)])
+    app = create_app(settings, loader=gate.loader)
+    live = GrpcLive(app).__enter__()
+    try:
+        with grpc_client(live) as client, concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(client.infer, NAME, [_image_input([image])], client_timeout=30)
+            assert gate.entered.wait(20)
+            live.server.should_exit = True  # shutdown begins with the request in flight
+            threading.Timer(0.5, gate.open.set).start()
+            assert int(first.result(30).as_numpy("detection_classes")[0, 0]) == 2
+    finally:
+        gate.open.set()
+        live.__exit__(None, None, None)
+    assert not live.thread.is_alive()
+    port = app.state.service.grpc_port
+    with socket.socket() as taken:  # a port another process holds: the app does not start
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        clash = make_settings(standin_onnx, warmup=False, grpc_port=taken.getsockname()[1])
+        with pytest.raises(RuntimeError, match="is the port taken"), client_for(clash):
+            pass
+    assert port is not None
