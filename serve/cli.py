@@ -111,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # pydantic's ValidationError: an option or variable out of range
         print(f"attn-export serve: error: {e}", file=sys.stderr)
         return 2
+    if settings.grpc_port is not None:
+        from attn_export.serve.grpc_server import missing_dependency
+
+        why = missing_dependency()
+        if why is not None:
+            print(f"attn-export serve: error: {why}", file=sys.stderr)
+            return 2
     from attn_export.serve.loader import ModelError
 
     logging.config.dictConfig(log_config(settings.log_level))

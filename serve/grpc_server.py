@@ -61,6 +61,24 @@ STATUS_CODES = {
 _HTTP_HINT = "retry after the time in Retry-After"
 
 
+def _code_name(status: int) -> str:
+    return STATUS_CODES.get(status, "INVALID_ARGUMENT" if status < 500 else "INTERNAL")
+
+
+def missing_dependency() -> str | None:
+    """Why the gRPC server cannot run here (its packages are missing), or None."""
+    import importlib.util
+
+    for module in ("grpc", "tritonclient.grpc"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:
+            found = False
+        if not found:
+            return f"--grpc-port needs {module}: pip install 'attn-export[grpc]' (tritonclient[grpc])"
+    return None
+
+
 def _parameter(p) -> Any:
     """An ``InferParameter``'s value (its one set field), or None when none is set."""
     which = p.WhichOneof("parameter_choice")
@@ -138,14 +156,26 @@ def make_servicer(svc):
             metadata = (("retry-after", str(retry)),)
         await context.abort(code, message, trailing_metadata=metadata)
 
-    def guarded(handler):
-        async def run(self, request, context):
-            try:
-                return await handler(request, context)
-            except ProtocolError as e:
-                await fail(context, e)
+    def guarded(method: str, handler):
+        counter = svc.metrics.grpc_requests
 
-        run.__name__ = handler.__name__
+        async def run(self, request, context):
+            code = "CANCELLED"  # unless it ends otherwise: the client left, or the server stopped
+            try:
+                response = await handler(request, context)
+                code = "OK"
+                return response
+            except ProtocolError as e:
+                code = _code_name(e.status)
+                await fail(context, e)
+            except Exception:
+                code = "INTERNAL"
+                log.exception("gRPC %s failed", method)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            finally:
+                counter.labels(method, code).inc()
+
+        run.__name__ = method
         return run
 
     async def server_live(request, context):
@@ -238,7 +268,7 @@ def make_servicer(svc):
         "RepositoryIndex": repository_index,
         "ModelInfer": infer,
     }
-    methods = {name: guarded(handler) for name, handler in handlers.items()}
+    methods = {name: guarded(name, handler) for name, handler in handlers.items()}
     servicer_class = type("AttnExportInferenceService", (service_pb2_grpc.GRPCInferenceServiceServicer,), methods)
     return servicer_class(), service_pb2_grpc
 

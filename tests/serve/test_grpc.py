@@ -10,8 +10,11 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import contextlib
+import re
 import socket
 import struct
+import subprocess
+import sys
 
 import httpx
 import numpy as np
@@ -107,6 +110,21 @@ def test_grpc_is_off_by_default(standin_onnx):
     assert settings_from_args(parser().parse_args([str(standin_onnx), "--grpc-port", "8001"])).grpc_port == 8001
     with client_for(make_settings(standin_onnx)) as client:
         assert client.app.state.service.grpc_port is None  # nothing listens
+    # and the app does not import grpc unless asked to
+    code = "import sys; from attn_export.serve.app import create_app; print('grpc' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_grpc_port_without_its_packages_is_a_clear_error(standin_onnx, monkeypatch, capsys):
+    import importlib.util
+
+    from attn_export.serve import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "grpc" else real(name, *a))
+    assert cli.main([str(standin_onnx), "--grpc-port", "0"]) == 2
+    assert "attn-export[grpc]" in capsys.readouterr().err
 
 
 def test_tritonclient_grpc_unchanged_against_our_server(server, scenes):
@@ -128,6 +146,8 @@ def test_tritonclient_grpc_unchanged_against_our_server(server, scenes):
         assert config.max_batch_size == 16 and config.output[1].dims == [100, 4]
         assert client.get_model_repository_index().models[0].name == NAME
         result = client.infer(NAME, [_image_input(scenes)], request_id="r-7")
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert re.search(r'^attn_export_grpc_requests_total\{code="OK",method="ModelInfer"\} [1-9]', metrics, re.M)
     assert result.get_response().id == "r-7"
     got = _rows({n: result.as_numpy(n) for n in contract.OUTPUTS})
     assert result.as_numpy("detection_boxes").shape == (len(scenes), 100, 4)
