@@ -120,12 +120,17 @@ def infer_images(request, max_images: int) -> list[bytes]:
         raise ProtocolError(400, str(e)) from e
 
 
-def infer_response(pb, request, model: str, tensors: dict[str, np.ndarray]):
-    """A ``ModelInferResponse`` with the outputs asked (all four when none is named) in ``raw_output_contents``."""
+def requested_outputs(request) -> list[str]:
+    """The outputs a ``ModelInferRequest`` asks for, in its order (all four when it names none)."""
     asked = [o.name for o in request.outputs] or list(OUTPUTS)
     for name in asked:
         if name not in OUTPUTS:
             raise ProtocolError(400, f"unexpected inference output {name!r}; the model has {', '.join(OUTPUTS)}")
+    return asked
+
+
+def infer_response(pb, request, model: str, tensors: dict[str, np.ndarray], asked: list[str]):
+    """A ``ModelInferResponse`` with the outputs ``asked`` in ``raw_output_contents``."""
     response = pb.ModelInferResponse(model_name=model, model_version=MODEL_VERSION, id=request.id)
     for name in asked:
         datatype, dtype = OUTPUT_TYPES[name]
@@ -145,9 +150,7 @@ def make_servicer(svc):
     settings = svc.settings
 
     async def fail(context, e: ProtocolError):
-        code = getattr(
-            grpc.StatusCode, STATUS_CODES.get(e.status, "INVALID_ARGUMENT" if e.status < 500 else "INTERNAL")
-        )
+        code = getattr(grpc.StatusCode, _code_name(e.status))
         message = e.message
         metadata = ()
         retry = (e.headers or {}).get("Retry-After")
@@ -247,8 +250,9 @@ def make_servicer(svc):
                 params = request_params(given, defaults_of(settings))
             except ContractError as e:
                 raise ProtocolError(400, str(e)) from e
+            asked = requested_outputs(request)
             tensors = await detect_tensors(svc, m, images, params, ticket)
-            response = infer_response(pb, request, m.name, tensors)
+            response = infer_response(pb, request, m.name, tensors, asked)
             answered = True
             return response
         finally:

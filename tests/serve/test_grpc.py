@@ -208,6 +208,11 @@ def _raw_request(payload: bytes, batch: int = 1):
     return request
 
 
+def _with_output(request, name: str):
+    request.outputs.add(name=name)
+    return request
+
+
 @pytest.mark.parametrize(
     "make, code, words",
     [
@@ -218,8 +223,11 @@ def _raw_request(payload: bytes, batch: int = 1):
         (lambda img: _raw_request(struct.pack("<I", 999) + img), "INVALID_ARGUMENT", "fewer remain"),
         (lambda img: _raw_request(struct.pack("<I", len(img)) + img, batch=2), "INVALID_ARGUMENT", "shape says 2"),
         (lambda img: _raw_request(b"", batch=17), "INVALID_ARGUMENT", "max_batch_size"),
+        (lambda img: _with_output(_raw_request(struct.pack("<I", len(img)) + img), "boxes"), "INVALID_ARGUMENT",
+         "unexpected inference output 'boxes'"),
     ],
-    ids=["not an image", "truncated PNG", "wrong input name", "bad length prefix", "short batch", "batch too big"],
+    ids=["not an image", "truncated PNG", "wrong input name", "bad length prefix", "short batch", "batch too big",
+         "unknown output"],
 )  # fmt: skip
 def test_grpc_bad_input_is_invalid_argument_and_the_server_goes_on(server, scenes, make, code, words):
     good = make_image((320, 320), [cell_square(0, 1, 1)])
