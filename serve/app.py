@@ -323,6 +323,7 @@ class Service:
         self.warm = False
         self.shutting_down = False
         self.known_paths: set[str] = set()
+        self.grpc_port: int | None = None  # the gRPC port bound, when it runs
         self._warm_task: asyncio.Task | None = None
         self.door = Door(
             settings.max_in_flight or 4 * (settings.max_batch or 4),  # set again once the model's max batch is known
@@ -612,9 +613,19 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[Settings],
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await svc.start()
+        grpc_server = None
         try:
+            if settings.grpc_port is not None:  # KServe v2 over gRPC, on this loop, from this service
+                from attn_export.serve.grpc_server import start_grpc
+
+                grpc_server = await start_grpc(svc)
             yield
         finally:
+            if grpc_server is not None:
+                from attn_export.serve.grpc_server import stop_grpc
+
+                svc.shutting_down = True  # new RPCs get UNAVAILABLE while those in flight finish
+                await stop_grpc(grpc_server, settings.graceful_timeout_s)
             await svc.stop()
 
     app = FastAPI(

@@ -40,6 +40,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, help="default onnxruntime (its CUDA provider when present)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        help="also serve the Open Inference Protocol over gRPC (tritonclient.grpc) on this port of --host (off)",
+    )
     p.add_argument("--workers", type=int, help="server processes, each with its own model (default 1)")
     p.add_argument("--max-batch", type=int, help="most images per inference call (default 8)")
     p.add_argument("--max-wait-ms", type=float, help="how long a lone image waits for others to batch with (default 5)")
@@ -106,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # pydantic's ValidationError: an option or variable out of range
         print(f"attn-export serve: error: {e}", file=sys.stderr)
         return 2
+    if settings.grpc_port is not None:
+        from attn_export.serve.grpc_server import missing_dependency
+
+        why = missing_dependency()
+        if why is not None:
+            print(f"attn-export serve: error: {why}", file=sys.stderr)
+            return 2
     from attn_export.serve.loader import ModelError
 
     logging.config.dictConfig(log_config(settings.log_level))

@@ -23,6 +23,7 @@ import base64
 import binascii
 import json
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -128,6 +129,24 @@ def image_bytes(value: Any) -> bytes:
         if _looks_like_image(decoded):
             return decoded
     return data
+
+
+def split_bytes(raw: bytes, count: int) -> list[bytes]:
+    """A BYTES tensor's raw data (HTTP's binary extension, gRPC's ``raw_input_contents``): each element a
+    4-byte little-endian length, then its bytes; ``count`` elements, no more, no less."""
+    out, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise ContractError(f"input {INPUT!r}: binary BYTES data ends inside an element's length prefix")
+        (n,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + n > len(raw):
+            raise ContractError(f"input {INPUT!r}: a binary BYTES element says {n} bytes but fewer remain")
+        out.append(raw[offset : offset + n])
+        offset += n
+    if len(out) != count:
+        raise ContractError(f"input {INPUT!r}: shape says {count} elements, the binary data holds {len(out)}")
+    return out
 
 
 def pack(detections: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], max_det: int) -> dict[str, np.ndarray]:

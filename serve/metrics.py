@@ -37,6 +37,10 @@ class ServeMetrics:
             "http_request_duration_seconds", "HTTP request latency, by route", ["route"],
             buckets=LATENCY_BUCKETS, namespace=ns, registry=r,
         )  # fmt: skip
+        self.grpc_requests = Counter(
+            "grpc_requests", "gRPC calls answered (with --grpc-port), by method and status code",
+            ["method", "code"], namespace=ns, registry=r,
+        )  # fmt: skip
         self.in_flight = Gauge("http_requests_in_flight", "HTTP requests being answered", namespace=ns, registry=r)
         self.disconnects = Counter(
             "client_disconnects", "requests whose client left before the answer, by stage (reading, waiting)",

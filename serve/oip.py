@@ -22,7 +22,6 @@ import asyncio
 import functools
 import hmac
 import json
-import struct
 import time
 import zlib
 from typing import Any
@@ -47,6 +46,7 @@ from attn_export.serve.contract import (
     output_dims,
     pack,
     request_params,
+    split_bytes,
 )
 from attn_export.serve.imaging import InputError, decode_image, open_image
 
@@ -86,20 +86,10 @@ def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
 
 
 def _bytes_elements(raw: bytes, count: int) -> list[bytes]:
-    """A BYTES tensor in the binary extension's layout: each element a 4-byte little-endian length, then the bytes."""
-    out, offset = [], 0
-    while offset < len(raw):
-        if offset + 4 > len(raw):
-            raise ProtocolError(400, f"input {INPUT!r}: binary BYTES data ends inside an element's length prefix")
-        (n,) = struct.unpack_from("<I", raw, offset)
-        offset += 4
-        if offset + n > len(raw):
-            raise ProtocolError(400, f"input {INPUT!r}: a binary BYTES element says {n} bytes but fewer remain")
-        out.append(raw[offset : offset + n])
-        offset += n
-    if len(out) != count:
-        raise ProtocolError(400, f"input {INPUT!r}: shape says {count} elements, the binary data holds {len(out)}")
-    return out
+    try:
+        return split_bytes(raw, count)
+    except ContractError as e:
+        raise ProtocolError(400, str(e)) from e
 
 
 def _flatten(data: Any) -> list:
@@ -109,6 +99,28 @@ def _flatten(data: Any) -> list:
             out.extend(_flatten(item))
         return out
     return [data]
+
+
+def check_input(name: Any, datatype: Any, shape: Any, max_images: int, given_twice: bool = False) -> None:
+    """An input tensor's name, datatype and shape against the contract (HTTP and gRPC alike)."""
+    if name != INPUT:
+        raise ProtocolError(400, f"unexpected inference input {name!r}: the model takes one input, {INPUT!r}")
+    if given_twice:
+        raise ProtocolError(400, f"input {INPUT!r} is given twice")
+    if datatype != "BYTES":
+        raise ProtocolError(400, f"input {INPUT!r}: datatype must be BYTES, got {datatype!r}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 2
+        or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+        or shape[1] != 1
+        or shape[0] < 1
+    ):
+        raise ProtocolError(400, f"input {INPUT!r}: shape must be [batch, 1] with batch >= 1, got {shape!r}")
+    if shape[0] > max_images:
+        raise ProtocolError(
+            400, f"input {INPUT!r}: batch {shape[0]} is above this model's max_batch_size of {max_images}"
+        )
 
 
 def parse_infer(body: bytes, header_length: str | None, max_images: int) -> tuple[dict, list[bytes]]:
@@ -136,25 +148,8 @@ def parse_infer(body: bytes, header_length: str | None, max_images: int) -> tupl
         name = tensor.get("name")
         params = tensor.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
-        if name != INPUT:
-            raise ProtocolError(400, f"unexpected inference input {name!r}: the model takes one input, {INPUT!r}")
-        if images is not None:
-            raise ProtocolError(400, f"input {INPUT!r} is given twice")
-        if tensor.get("datatype") != "BYTES":
-            raise ProtocolError(400, f"input {INPUT!r}: datatype must be BYTES, got {tensor.get('datatype')!r}")
         shape = tensor.get("shape")
-        if (
-            not isinstance(shape, list)
-            or len(shape) != 2
-            or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
-            or shape[1] != 1
-            or shape[0] < 1
-        ):
-            raise ProtocolError(400, f"input {INPUT!r}: shape must be [batch, 1] with batch >= 1, got {shape!r}")
-        if shape[0] > max_images:
-            raise ProtocolError(
-                400, f"input {INPUT!r}: batch {shape[0]} is above this model's max_batch_size of {max_images}"
-            )
+        check_input(name, tensor.get("datatype"), shape, max_images, given_twice=images is not None)
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
                 raise ProtocolError(400, f"input {INPUT!r}: binary_data_size {size!r} does not fit the binary data")
@@ -240,47 +235,130 @@ def infer_response(req: dict, model: str, tensors: dict[str, np.ndarray], output
     )
 
 
+# ------------------------------------------------------------------------------------------ shared with gRPC
+# What the HTTP routes below and the gRPC service of :mod:`attn_export.serve.grpc_server` both answer, for
+# a :class:`attn_export.serve.app.Service` (read at request time: the model loads after the routes exist).
+def defaults_of(settings) -> Params:
+    return Params(settings.conf, settings.iou, settings.max_det)
+
+
+def model_or_error(svc, name: str, version: str = "") -> Any:
+    """The served model when ``name`` (and ``version``, when given) name it; else 404, or 503 while loading."""
+    m = svc.model
+    if m is None or svc.batcher is None:
+        raise ProtocolError(503, "the model is loading", {"Retry-After": "5"})
+    if name != m.name:
+        raise ProtocolError(404, f"unknown model: {name!r}; this server serves {m.name!r}")
+    if version not in ("", MODEL_VERSION):
+        raise ProtocolError(404, f"unknown version {version!r} of model {name!r}; it has version {MODEL_VERSION}")
+    return m
+
+
+def model_metadata(svc, m) -> dict:
+    """The model metadata (``GET /v2/models/NAME``; gRPC ``ModelMetadata``)."""
+    dims = output_dims(svc.settings.max_det)
+    return {
+        "name": m.name,
+        "versions": [MODEL_VERSION],
+        "platform": f"attn-export_{m.backend}",
+        "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1, 1]}],
+        "outputs": [{"name": n, "datatype": OUTPUT_TYPES[n][0], "shape": [-1, *dims[n]]} for n in OUTPUTS],
+    }
+
+
+def model_config_of(svc, m) -> dict:
+    """The model config in Triton's JSON shape (``GET .../config``; gRPC ``ModelConfig``)."""
+    settings = svc.settings
+    kind = "KIND_CPU" if m.runner.device == "cpu" else "KIND_GPU"
+    config = model_config(
+        m.name,
+        max_batch=settings.max_images,
+        class_names=m.class_names,
+        input_size=m.input_size,
+        defaults=defaults_of(settings),
+        backend="attn-export",
+        instance_kind=kind,
+        max_queue_delay_us=int(settings.max_wait_ms * 1000),
+        parameters={
+            "runtime": m.backend,
+            "provider": m.provider,
+            "max_pixels": settings.max_pixels,
+            "max_side": settings.max_side,
+        },
+    )
+    config["dynamic_batching"]["preferred_batch_size"] = [svc.batcher.max_batch]
+    config["platform"] = f"attn-export_{m.backend}"
+    config["version_policy"] = {"latest": {"num_versions": 1}}
+    return json_config(config)
+
+
+def not_ready_reason(svc) -> str:
+    return "shutting down" if svc.shutting_down else ("warming up" if svc.model else "loading the model")
+
+
+async def detect_tensors(svc, m, images: list[bytes], params: Params, ticket=None) -> dict[str, np.ndarray]:
+    """The contract's four output tensors for ``images``: their headers read (the pixels reserved on the
+    door's ``ticket``, :class:`ProtocolError` 503 past its bound), decoded on the CPU pool, run through
+    the service's batcher with every other request, post-processed on the CPU pool."""
+    settings = svc.settings
+
+    def decode_all() -> list:
+        # headers first, so the pixels are reserved on the door's budget before anything is decoded
+        opened = []
+        for i, data in enumerate(images):
+            try:
+                opened.append(open_image(data, settings.max_pixels, settings.max_side))
+            except InputError as e:
+                who = f"image {i}: " if len(images) > 1 else ""
+                raise ProtocolError(e.status, f"{who}{e.message}") from e
+        if ticket is not None:
+            try:
+                ticket.reserve_pixels(sum(img.size[0] * img.size[1] for img in opened))
+            except Busy as e:
+                svc.metrics.shed.labels(e.reason).inc()
+                raise ProtocolError(503, e.message, {"Retry-After": str(e.retry_after)}) from e
+        out = []
+        try:
+            for i, img in enumerate(opened):
+                try:
+                    out.append(decode_image(img, m.input_size))
+                except InputError as e:
+                    who = f"image {i}: " if len(images) > 1 else ""
+                    raise ProtocolError(e.status, f"{who}{e.message}") from e
+                opened[i] = None  # its pixels go with it
+        finally:
+            if ticket is not None:
+                ticket.release_pixels()
+        return out
+
+    decoded = await svc.run_cpu(decode_all)
+    try:
+        results = await asyncio.wait_for(
+            svc.batcher.submit(np.stack([d.pixels for d in decoded])), settings.request_timeout_s
+        )
+    except QueueFull as e:
+        svc.metrics.queue_full.inc()
+        svc.metrics.shed.labels("queue").inc()
+        raise ProtocolError(503, str(e), {"Retry-After": str(svc.door.retry_after())}) from e
+    except BatcherClosed as e:
+        raise ProtocolError(503, str(e), {"Retry-After": "5"}) from e
+    except asyncio.TimeoutError as e:
+        raise ProtocolError(504, f"no result within {settings.request_timeout_s:g} s") from e
+
+    def finish() -> dict[str, np.ndarray]:
+        from attn_export.serve.triton_model import detections
+
+        preds = np.stack([r.output for r in results])
+        return pack(detections(preds, decoded, params), settings.max_det)
+
+    return await svc.run_cpu(finish)
+
+
 # ------------------------------------------------------------------------------------------ the router
 def oip_router(svc) -> APIRouter:
     """The ``/v2`` routes for a :class:`attn_export.serve.app.Service` (read at request time: the model loads later)."""
     router = APIRouter(prefix="/v2", include_in_schema=False)
     settings = svc.settings
-
-    def defaults() -> Params:
-        return Params(settings.conf, settings.iou, settings.max_det)
-
-    def model_or_error(name: str, version: str = "") -> Any:
-        m = svc.model
-        if m is None or svc.batcher is None:
-            raise ProtocolError(503, "the model is loading", {"Retry-After": "5"})
-        if name != m.name:
-            raise ProtocolError(404, f"unknown model: {name!r}; this server serves {m.name!r}")
-        if version not in ("", MODEL_VERSION):
-            raise ProtocolError(404, f"unknown version {version!r} of model {name!r}; it has version {MODEL_VERSION}")
-        return m
-
-    def config_of(m) -> dict:
-        kind = "KIND_CPU" if m.runner.device == "cpu" else "KIND_GPU"
-        config = model_config(
-            m.name,
-            max_batch=settings.max_images,
-            class_names=m.class_names,
-            input_size=m.input_size,
-            defaults=defaults(),
-            backend="attn-export",
-            instance_kind=kind,
-            max_queue_delay_us=int(settings.max_wait_ms * 1000),
-            parameters={
-                "runtime": m.backend,
-                "provider": m.provider,
-                "max_pixels": settings.max_pixels,
-                "max_side": settings.max_side,
-            },
-        )
-        config["dynamic_batching"]["preferred_batch_size"] = [svc.batcher.max_batch]
-        config["platform"] = f"attn-export_{m.backend}"
-        config["version_policy"] = {"latest": {"num_versions": 1}}
-        return json_config(config)
 
     def guarded(handler):
         @functools.wraps(handler)
@@ -303,29 +381,20 @@ def oip_router(svc) -> APIRouter:
     @router.get("/health/ready", summary="Readiness")
     async def ready():
         if not svc.ready:
-            reason = "shutting down" if svc.shutting_down else ("warming up" if svc.model else "loading the model")
-            return error(503, f"not ready: {reason}", {"Retry-After": "5"})
+            return error(503, f"not ready: {not_ready_reason(svc)}", {"Retry-After": "5"})
         return Response(status_code=200)
 
     async def metadata(name: str, version: str = ""):
-        m = model_or_error(name, version)
-        dims = output_dims(settings.max_det)
-        return {
-            "name": m.name,
-            "versions": [MODEL_VERSION],
-            "platform": f"attn-export_{m.backend}",
-            "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1, 1]}],
-            "outputs": [{"name": n, "datatype": OUTPUT_TYPES[n][0], "shape": [-1, *dims[n]]} for n in OUTPUTS],
-        }
+        return model_metadata(svc, model_or_error(svc, name, version))
 
     async def model_ready(name: str, version: str = ""):
-        model_or_error(name, version)
+        model_or_error(svc, name, version)
         if not svc.ready:
             return error(503, f"model {name!r} is not ready", {"Retry-After": "5"})
         return Response(status_code=200)
 
     async def config(name: str, version: str = ""):
-        return config_of(model_or_error(name, version))
+        return model_config_of(svc, model_or_error(svc, name, version))
 
     async def infer(request: Request, name: str, version: str = ""):
         t0 = time.perf_counter()
@@ -334,7 +403,7 @@ def oip_router(svc) -> APIRouter:
             expected = settings.api_key.get_secret_value()
             if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
                 raise ProtocolError(401, f"{'missing' if given is None else 'wrong'} API key: send it in X-API-Key")
-        m = model_or_error(name, version)
+        m = model_or_error(svc, name, version)
         if svc.shutting_down:
             raise ProtocolError(503, "the server is shutting down", {"Retry-After": "5"})
         ticket = request.scope.get(SCOPE_TICKET)  # the door's (serve/admission.py): bytes and pixels in flight
@@ -360,63 +429,15 @@ def oip_router(svc) -> APIRouter:
         req, images = await svc.run_cpu(parse)
         try:
             params = request_params(
-                req.get("parameters") if isinstance(req.get("parameters"), dict) else {}, defaults()
+                req.get("parameters") if isinstance(req.get("parameters"), dict) else {}, defaults_of(settings)
             )
         except ContractError as e:
             raise ProtocolError(400, str(e)) from e
         outputs = requested_outputs(req)
-
-        def decode_all() -> list:
-            # headers first, so the pixels are reserved on the door's budget before anything is decoded
-            opened = []
-            for i, data in enumerate(images):
-                try:
-                    opened.append(open_image(data, settings.max_pixels, settings.max_side))
-                except InputError as e:
-                    who = f"image {i}: " if len(images) > 1 else ""
-                    raise ProtocolError(e.status, f"{who}{e.message}") from e
-            if ticket is not None:
-                try:
-                    ticket.reserve_pixels(sum(img.size[0] * img.size[1] for img in opened))
-                except Busy as e:
-                    raise shed(e) from e
-            out = []
-            try:
-                for i, img in enumerate(opened):
-                    try:
-                        out.append(decode_image(img, m.input_size))
-                    except InputError as e:
-                        who = f"image {i}: " if len(images) > 1 else ""
-                        raise ProtocolError(e.status, f"{who}{e.message}") from e
-                    opened[i] = None  # its pixels go with it
-            finally:
-                if ticket is not None:
-                    ticket.release_pixels()
-            return out
-
-        decoded = await svc.run_cpu(decode_all)
-        try:
-            results = await asyncio.wait_for(
-                svc.batcher.submit(np.stack([d.pixels for d in decoded])), settings.request_timeout_s
-            )
-        except QueueFull as e:
-            svc.metrics.queue_full.inc()
-            svc.metrics.shed.labels("queue").inc()
-            raise ProtocolError(503, str(e), {"Retry-After": str(svc.door.retry_after())}) from e
-        except BatcherClosed as e:
-            raise ProtocolError(503, str(e), {"Retry-After": "5"}) from e
-        except asyncio.TimeoutError as e:
-            raise ProtocolError(504, f"no result within {settings.request_timeout_s:g} s") from e
+        tensors = await detect_tensors(svc, m, images, params, ticket)
         accept_encoding = request.headers.get("accept-encoding")
-
-        def finish() -> Response:  # NMS, the response body and its compression: on the pool too
-            from attn_export.serve.triton_model import detections
-
-            preds = np.stack([r.output for r in results])
-            tensors = pack(detections(preds, decoded, params), settings.max_det)
-            return compress(infer_response(req, m.name, tensors, outputs), accept_encoding)
-
-        response = await svc.run_cpu(finish)
+        # the response body and its compression on the pool too, like the parsing
+        response = await svc.run_cpu(lambda: compress(infer_response(req, m.name, tensors, outputs), accept_encoding))
         response.headers["Server-Timing"] = f"total;dur={(time.perf_counter() - t0) * 1000:.2f}"
         return response
 

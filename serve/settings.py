@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64, description="server processes, each with its own model")
     root_path: str = ""
+    grpc_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="also speak the Open Inference Protocol over gRPC on this port, on the same host (0: any free "
+        "port; default: off)",
+    )
 
     # batching
     max_batch: int | None = Field(
