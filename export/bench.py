@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import io
 import json
 import logging
 import math
@@ -129,23 +128,13 @@ def _quiet() -> Iterator[None]:
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
+    from attn_export.export.onnx_export import capture_output
+
     try:
-        with tempfile.TemporaryFile() as sink, warnings.catch_warnings():
+        with warnings.catch_warnings(), capture_output():
             warnings.simplefilter("ignore")
-            os.dup2(sink.fileno(), 1)
-            os.dup2(sink.fileno(), 2)
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                yield
+            yield
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in saved:
-            os.close(fd)
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
 

@@ -14,7 +14,7 @@ import re
 import secrets
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,15 +174,17 @@ def _dynamic_shapes(args: Sequence, batch: int, max_batch: int | None):
 
 
 @contextlib.contextmanager
-def _captured_output(what: str):
-    """Send what torch prints while exporting (FX graph dumps on failures: dozens of lines, often twice)
-    to the debug log (the CLI shows it with -v) instead of the terminal: file descriptors 1 and 2 and
-    Python's ``sys.stdout``/``sys.stderr`` go to a temporary file for the duration."""
+def capture_output() -> Iterator[list[str]]:
+    """Take what is printed meanwhile, by Python or by C++ (file descriptors 1 and 2 as well as
+    ``sys.stdout``/``sys.stderr``), off the terminal into a temporary file; on exit the yielded list
+    holds it as one string. Shared by the export (torch's FX dumps) and the benchmark (the exporters'
+    noise)."""
     import sys
     import tempfile
 
     sys.stdout.flush()
     sys.stderr.flush()
+    captured: list[str] = []
     with tempfile.TemporaryFile(mode="w+b") as sink:
         saved = [os.dup(1), os.dup(2)]
         text = io.StringIO()
@@ -190,7 +192,7 @@ def _captured_output(what: str):
             os.dup2(sink.fileno(), 1)
             os.dup2(sink.fileno(), 2)
             with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
-                yield
+                yield captured
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -199,9 +201,21 @@ def _captured_output(what: str):
             for fd in saved:
                 os.close(fd)
             sink.seek(0)
-            dumped = sink.read().decode(errors="replace") + text.getvalue()
-            if dumped.strip() and log.isEnabledFor(logging.DEBUG):
-                log.debug("%s: what torch printed:\n%s", what, dumped.rstrip())
+            captured.append(sink.read().decode(errors="replace") + text.getvalue())
+
+
+@contextlib.contextmanager
+def _captured_output(what: str):
+    """Send what torch prints while exporting (FX graph dumps on failures: dozens of lines, often twice)
+    to the debug log (the CLI shows it with -v) instead of the terminal."""
+    captured: list[str] = []
+    try:
+        with capture_output() as captured:
+            yield
+    finally:
+        dumped = "".join(captured)
+        if dumped.strip() and log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: what torch printed:\n%s", what, dumped.rstrip())
 
 
 def _torch_onnx_export(module: nn.Module, args: tuple, table: dict, opset: int, output_names: list[str] | None):

@@ -229,7 +229,7 @@ def release_memory() -> bool:
 
 
 # ------------------------------------------------------------------------------------------ ASGI
-def _header(scope, name: bytes) -> str | None:
+def scope_header(scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key == name:
             return value.decode("latin-1")
@@ -290,7 +290,7 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.max_body_bytes
-        declared_text = _header(scope, b"content-length")
+        declared_text = scope_header(scope, b"content-length")
         declared = int(declared_text) if declared_text and declared_text.isdigit() else None
         if declared is not None and declared > limit:
             await self._too_large(scope, receive, send, declared)

@@ -52,6 +52,7 @@ from attn_export.serve.admission import (
     Door,
     Ticket,
     release_memory,
+    scope_header,
 )
 from attn_export.serve.batching import Batcher, BatcherClosed, QueueFull
 from attn_export.serve.imaging import (
@@ -255,7 +256,7 @@ class LimitsMiddleware:
         path = scope["path"]
         v2 = PROTECTED_V2.fullmatch(path) is not None
         if settings.api_key is not None and (path in PROTECTED_PATHS or v2):
-            given = _header(scope, b"x-api-key")
+            given = scope_header(scope, b"x-api-key")
             if given is None or not hmac.compare_digest(given.encode(), settings.api_key.get_secret_value().encode()):
                 self.service.metrics.rejected.labels("api_key").inc()
                 what = "missing" if given is None else "wrong"
@@ -264,13 +265,6 @@ class LimitsMiddleware:
                     return JSONResponse({"error": message}, status_code=401)
                 return error_response(401, message)
         return None
-
-
-def _header(scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return value.decode("latin-1")
-    return None
 
 
 def _prefers_png(accept: str | None) -> bool:
