@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import json
 import time
 import zlib
@@ -398,11 +397,7 @@ def oip_router(svc) -> APIRouter:
 
     async def infer(request: Request, name: str, version: str = ""):
         t0 = time.perf_counter()
-        if settings.api_key is not None:  # the door's LimitsMiddleware already refused these; kept as a fallback
-            given = request.headers.get("x-api-key")
-            expected = settings.api_key.get_secret_value()
-            if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
-                raise ProtocolError(401, f"{'missing' if given is None else 'wrong'} API key: send it in X-API-Key")
+        # the API key is checked at the door (serve/app.py's LimitsMiddleware, PROTECTED_V2), before the body
         m = model_or_error(svc, name, version)
         if svc.shutting_down:
             raise ProtocolError(503, "the server is shutting down", {"Retry-After": "5"})
