@@ -252,7 +252,7 @@ def build_trt_engine(args: argparse.Namespace, loaded, shape, batch, result) -> 
             classes=classes,
             **kwargs,
         )
-        from attn_export.serve.trt_runner import TensorRTRunner
+        from attn_export.runtime.trt_runner import TensorRTRunner
 
         runner = TensorRTRunner(built.engine_path)
         batches = result.report.batches if result.report else sorted(set(batch))
@@ -341,22 +341,22 @@ def main(argv: list[str] | None = None) -> int:
 
             return serve_main(rest)
         if cmd == "triton":
-            from attn_export.serve.triton_repo import main as triton_main
+            from attn_export.triton_server.repository import main as triton_main
 
             return triton_main(rest)
         if cmd == "data":
-            from attn_export.detect.data_cli import main as data_main
+            from attn_export.shapes.data_cli import main as data_main
 
             return data_main(rest)
         if cmd == "train":
-            from attn_export.detect.train import main as train_main
+            from attn_export.shapes.train import main as train_main
 
             return train_main(rest)
         if cmd == "evaluate":
-            from attn_export.detect.evaluate import main as evaluate_main
+            from attn_export.shapes.evaluate import main as evaluate_main
 
             return evaluate_main(rest)
-        from attn_export.export.bench import main as bench_main
+        from attn_export.bench.blocks import main as bench_main
 
         return bench_main(rest)
     args = export_parser().parse_args(argv)

@@ -117,7 +117,7 @@ class ShapesDetector(nn.Module):
     32) and returns ONE tensor of shape (B, N, 4 + num_classes), ``N = sum over strides 8, 16, 32 of
     (H / s) * (W / s)`` (2100 at 320 x 320): for each candidate, ``x1, y1, x2, y2`` in input pixels,
     then one sigmoid score in [0, 1] per class. Candidates are ordered level by level (stride 8
-    first), row-major within a level. No NMS is applied (see :mod:`attn_export.detect.postprocess`).
+    first), row-major within a level. No NMS is applied (see :mod:`attn_export.detection.postprocess`).
     """
 
     def __init__(self, num_classes: int = 4, width: int = 16, input_size: int = 320) -> None:

@@ -24,8 +24,8 @@ from torch import nn
 
 from attn_export.export.adapt import AdaptRecord, adapt, function_rewrites
 from attn_export.export.errors import ExportError
-from attn_export.export.precision import prepare_for_inference
 from attn_export.export.verify import VerifyReport, compare_outputs
+from attn_export.runtime.precision import prepare_for_inference
 
 log = logging.getLogger("attn_export")
 
@@ -481,7 +481,7 @@ def _verify_batches(batch: tuple[int, int, int], input_shape: Sequence[int], tar
 
 def _runner_factory(target: str) -> Callable:
     """``ModelProto -> Runner`` for the target's verification backend."""
-    from attn_export.serve.runners import OnnxRuntimeRunner, ReferenceRunner
+    from attn_export.runtime.runners import OnnxRuntimeRunner, ReferenceRunner
 
     if target == "trt":
         from attn_export.plugins import reference_ops
@@ -511,9 +511,9 @@ def verify_onnx(
     The backend (:data:`VERIFY_BACKENDS`): onnxruntime on CPU for ``ort``; for ``trt``, ONNX's
     reference evaluator with the numpy implementations of the plugin nodes (TensorRT itself is not
     needed, so the plugin graph is checked on any machine). ``runner_factory`` (``ModelProto -> Runner``,
-    see :mod:`attn_export.serve.runners`) and ``backend`` (its name in the report) replace that choice.
+    see :mod:`attn_export.runtime.runners`) and ``backend`` (its name in the report) replace that choice.
     """
-    from attn_export.serve.runners import TorchRunner
+    from attn_export.runtime.runners import TorchRunner
 
     make_runner = runner_factory or _runner_factory(target)
     backend = backend or (VERIFY_BACKENDS[target] if runner_factory is None else "custom runner")

@@ -151,7 +151,7 @@ def engine_metadata(
     computes in (``fp32``, ``tf32``, ``fp16``, ``bf16``); ``precision_detail`` how (the TensorRT mechanism
     and the fp32 layers kept by the precision step). ``plugins.mode`` is ``"aot"`` (the
     plugin kernels are compiled into the engine: it runs without Python, e.g. under trtexec), ``"jit"``
-    (the engine calls back into Python: run it with :class:`attn_export.serve.trt_runner.TensorRTRunner`)
+    (the engine calls back into Python: run it with :class:`attn_export.runtime.trt_runner.TensorRTRunner`)
     or None (no attn-export plugin in the graph).
     """
     from attn_export import __version__
@@ -738,14 +738,14 @@ def verify_engine(
     rtol: float,
     seed: int | None = None,
 ):
-    """Run PyTorch and a built engine (any :class:`~attn_export.serve.runners.Runner`) on the same fresh
+    """Run PyTorch and a built engine (any :class:`~attn_export.runtime.runners.Runner`) on the same fresh
     random inputs and compare every output: the engine's parity report."""
     import secrets
 
     import numpy as np
 
     from attn_export.export.verify import VerifyReport, compare_outputs
-    from attn_export.serve.runners import TorchRunner
+    from attn_export.runtime.runners import TorchRunner
 
     seed = secrets.randbits(31) if seed is None else seed
     rng = np.random.default_rng(seed)

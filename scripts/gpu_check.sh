@@ -39,7 +39,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tee -a "$OUT/install.txt" || status=1
 
-# 1) Kernel tests, compiled: every test of tests/plugins/test_triton_kernels.py carries the gpu marker
+# 1) Kernel tests, compiled: every test of tests/plugins/test_cuda_kernels.py carries the gpu marker
 #    where CUDA is visible; other gpu-marked plugin tests come along. ~1-2 min (each variant compiles once).
 timeout 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider --durations=10 tests/plugins 2>&1 \
   | tee "$OUT/kernel_tests.txt"

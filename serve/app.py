@@ -6,11 +6,11 @@ shutting down), ``GET /metrics`` (Prometheus), ``GET /`` (a page to try it), ``/
 ``/openapi.json``.
 
 A request's path: the limits middleware counts it and checks the API key; the door
-(:mod:`attn_export.serve.admission`) admits it within the bounds on requests and bytes in flight (else
+(:mod:`attn_export.serve.door`) admits it within the bounds on requests and bytes in flight (else
 503 with Retry-After, before the body is read), then reads the body up to ``max_body_bytes`` (413
 beyond it, before any parsing) within ``body_timeout_s`` (408 beyond); the form is parsed, the image
 headers are read (their pixels count against the pixels in flight) and the images are decoded and
-letterboxed on the service's CPU pool (:mod:`attn_export.serve.imaging`); the
+letterboxed on the service's CPU pool (:mod:`attn_export.detection.imaging`); the
 :class:`~attn_export.serve.batching.Batcher` runs them with the images of other requests in one
 inference call on its own thread; NMS, the mapping back to original pixels and the JSON run on the CPU
 pool again. The event loop only moves bytes, so the probes stay fast at any load.
@@ -44,18 +44,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from attn_export import __version__
-from attn_export.serve.admission import (
-    SCOPE_DISCONNECTED,
-    SCOPE_TICKET,
-    AdmissionMiddleware,
-    Busy,
-    Door,
-    Ticket,
-    release_memory,
-    scope_header,
-)
-from attn_export.serve.batching import Batcher, BatcherClosed, QueueFull
-from attn_export.serve.imaging import (
+from attn_export.detection.imaging import (
     ACCEPTED,
     MIME_TYPES,
     Decoded,
@@ -65,7 +54,18 @@ from attn_export.serve.imaging import (
     open_image,
     to_input,
 )
-from attn_export.serve.loader import ModelError, ServedModel, load
+from attn_export.detection.loader import ModelError, ServedModel, load
+from attn_export.serve.batching import Batcher, BatcherClosed, QueueFull
+from attn_export.serve.door import (
+    SCOPE_DISCONNECTED,
+    SCOPE_TICKET,
+    AdmissionMiddleware,
+    Busy,
+    Door,
+    Ticket,
+    release_memory,
+    scope_header,
+)
 from attn_export.serve.metrics import ServeMetrics
 from attn_export.serve.settings import Settings
 
@@ -73,7 +73,7 @@ log = logging.getLogger("attn_export.serve")
 
 API_KEY_HEADER = "X-API-Key"
 PROTECTED_PATHS = ("/detect",)
-#: The Open Inference Protocol's infer routes (serve/oip.py): refused at the door without the key too.
+#: The Open Inference Protocol's infer routes (serve/v2_http.py): refused at the door without the key too.
 PROTECTED_V2 = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer")
 
 
@@ -599,7 +599,7 @@ def _prepare(
 def create_app(settings: Settings | None = None, *, loader: Callable[[Settings], ServedModel] | None = None) -> FastAPI:
     """The service app for ``settings`` (default: from the environment). The model loads at startup.
 
-    ``loader`` replaces :func:`attn_export.serve.loader.load` (tests wrap the model, e.g. to slow it).
+    ``loader`` replaces :func:`attn_export.detection.loader.load` (tests wrap the model, e.g. to slow it).
     """
     settings = settings or Settings()
     svc = Service(settings, loader or load)
@@ -610,13 +610,13 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[Settings],
         grpc_server = None
         try:
             if settings.grpc_port is not None:  # KServe v2 over gRPC, on this loop, from this service
-                from attn_export.serve.grpc_server import start_grpc
+                from attn_export.serve.v2_grpc import start_grpc
 
                 grpc_server = await start_grpc(svc)
             yield
         finally:
             if grpc_server is not None:
-                from attn_export.serve.grpc_server import stop_grpc
+                from attn_export.serve.v2_grpc import stop_grpc
 
                 svc.shutting_down = True  # new RPCs get UNAVAILABLE while those in flight finish
                 await stop_grpc(grpc_server, settings.graceful_timeout_s)
@@ -730,7 +730,7 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[Settings],
         names_of = model.class_names
 
         def finish(timing: dict[str, float], t_submit: float):
-            from attn_export.detect.postprocess import postprocess
+            from attn_export.detection.postprocess import postprocess
 
             t_start = time.perf_counter()
             preds = np.stack([r.output for r in results])
@@ -846,7 +846,7 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[Settings],
     async def index() -> HTMLResponse:
         return HTMLResponse((_static_dir() / "index.html").read_text(encoding="utf-8"))
 
-    from attn_export.serve.oip import oip_router  # the Open Inference Protocol (/v2) beside /detect
+    from attn_export.serve.v2_http import oip_router  # the Open Inference Protocol (/v2) beside /detect
 
     app.include_router(oip_router(svc))
     app.mount("/static", StaticFiles(directory=str(_static_dir())), name="static")
@@ -859,7 +859,7 @@ def app_from_env() -> FastAPI:
 
     It is the process's one app, so the header timeouts of this process's connections count in its metrics.
     """
-    from attn_export.serve.admission import set_timeout_hook
+    from attn_export.serve.door import set_timeout_hook
 
     app = create_app(Settings())
     closed = app.state.service.metrics.connections_closed

@@ -112,13 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attn-export serve: error: {e}", file=sys.stderr)
         return 2
     if settings.grpc_port is not None:
-        from attn_export.serve.grpc_server import missing_dependency
+        from attn_export.serve.v2_grpc import missing_dependency
 
         why = missing_dependency()
         if why is not None:
             print(f"attn-export serve: error: {why}", file=sys.stderr)
             return 2
-    from attn_export.serve.loader import ModelError
+    from attn_export.detection.loader import ModelError
 
     logging.config.dictConfig(log_config(settings.log_level))
     run_options = {
@@ -144,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(settings: Settings, run_options: dict) -> int:
     import uvicorn
 
-    from attn_export.serve.admission import protocol_with_header_timeout
+    from attn_export.detection.loader import export_cached, load, model_kind
     from attn_export.serve.app import create_app
-    from attn_export.serve.loader import export_cached, load, model_kind
+    from attn_export.serve.door import protocol_with_header_timeout
 
     if settings.workers == 1:
         model = load(settings)
@@ -160,7 +160,7 @@ def _run(settings: Settings, run_options: dict) -> int:
     if on_ort and model is not None and model.is_file() and model_kind(model) == "checkpoint":
         export_cached(model, settings.cache_dir, settings.max_batch or 8)  # once, before the workers start
     os.environ.update(settings_to_env(settings))
-    http = "attn_export.serve.admission:HeaderTimeoutProtocol"  # reads ATTN_EXPORT_HEADER_TIMEOUT_S
+    http = "attn_export.serve.door:HeaderTimeoutProtocol"  # reads ATTN_EXPORT_HEADER_TIMEOUT_S
     uvicorn.run("attn_export.serve.app:app_from_env", factory=True, workers=settings.workers, http=http, **run_options)
     return 0
 

@@ -14,18 +14,10 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from attn_export.detection.loader import default_model
+
 ENV_PREFIX = "ATTN_EXPORT_"
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
-#: The shipped model, relative to the working directory (the Docker images put it at /opt/attn-export/models).
-DEFAULT_MODEL_CANDIDATES = ("models/shapes_detector.onnx", "models/shapes_detector.pt")
-
-
-def default_model() -> Path | None:
-    """The shipped shapes detector when it is there (its ONNX graph first), else None."""
-    for name in DEFAULT_MODEL_CANDIDATES:
-        if Path(name).is_file():
-            return Path(name)
-    return None
 
 
 class Settings(BaseSettings):

@@ -24,7 +24,7 @@ def test_cli_imports_nothing_heavy_up_front():
         assert heavy not in mods, f"importing the CLI imported {heavy}"
 
 
-@pytest.mark.parametrize("package", ["attn_export.plugins", "attn_export.blocks", "attn_export.serve.runners"])
+@pytest.mark.parametrize("package", ["attn_export.plugins", "attn_export.blocks", "attn_export.runtime.runners"])
 def test_packages_do_not_import_optional_backends(package):
     mods = _modules_after(f"import {package}")
     for optional in ("triton", "tensorrt", "onnxruntime", "onnxscript"):

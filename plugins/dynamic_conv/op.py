@@ -90,7 +90,7 @@ def _(x, weight, stride, padding, dilation, groups):
 def _(x, weight, stride, padding, dilation, groups):
     # The batch-folded grouped convolution (cuDNN) is the fastest correct path on CUDA: 0.27 ms at
     # B32 C256 28x28 k3 on an H200 against 4.2 ms for the first Triton kernel (issue 10). The Triton
-    # implicit GEMM (``triton_kernel.py``) serves the TensorRT plugin, where there is no cuDNN call.
+    # implicit GEMM (``cuda_kernel.py``) serves the TensorRT plugin, where there is no cuDNN call.
     if len({x.device, weight.device}) > 1:
         raise ValueError(f"all inputs must be on one device, got {sorted({str(x.device), str(weight.device)})}")
     return reference(x, weight, stride, padding, dilation, groups)

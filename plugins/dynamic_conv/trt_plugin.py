@@ -147,7 +147,7 @@ def aot_entry():
     import triton
     import triton.language as tl
 
-    from attn_export.plugins.dynamic_conv.triton_kernel import _dynamic_conv2d_fwd as _body
+    from attn_export.plugins.dynamic_conv.cuda_kernel import _dynamic_conv2d_fwd as _body
 
     def dynamic_conv2d_aot(
         x_ptr,

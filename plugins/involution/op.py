@@ -77,7 +77,7 @@ def _(x, weight, kernel_size, stride=1, padding=0, dilation=1):
 
     if not use_triton(x, weight):
         return reference(x, weight, kernel_size, stride, padding, dilation)
-    from attn_export.plugins.involution.triton_kernel import involution2d_triton
+    from attn_export.plugins.involution.cuda_kernel import involution2d_triton
 
     check_args(x, weight, kernel_size, stride, padding, dilation)
     return involution2d_triton(x, weight, kernel_size, stride, padding, dilation)

@@ -85,7 +85,7 @@ def _(v, attn, kernel_size=3, padding=1, stride=1):
 
     if not use_triton(v, attn):
         return reference(v, attn, kernel_size, padding, stride)
-    from attn_export.plugins.outlook.triton_kernel import outlook_aggregate_triton
+    from attn_export.plugins.outlook.cuda_kernel import outlook_aggregate_triton
 
     check_args(v, attn, kernel_size, padding, stride)
     return outlook_aggregate_triton(v, attn, kernel_size, padding, stride)

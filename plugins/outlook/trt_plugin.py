@@ -102,7 +102,7 @@ def aot_entry():
     import triton
     import triton.language as tl
 
-    from attn_export.plugins.outlook.triton_kernel import _outlook_aggregate_fwd as _body
+    from attn_export.plugins.outlook.cuda_kernel import _outlook_aggregate_fwd as _body
 
     def outlook_aggregate_aot(
         v_ptr,

@@ -1,4 +1,4 @@
-"""Adapters and function rewrites against the official-layout modules of ``attn_export.blocks.official``.
+"""Adapters and function rewrites against the official-layout modules of ``attn_export.bench.upstream``.
 
 Every official module (randomised weights and BN statistics, inside a small model) must be swapped
 for our block with the model's outputs unchanged on a fresh input of another batch size; modules that
@@ -21,7 +21,7 @@ from weights import randomize_
 
 import attn_export.export.adapt as adapt
 from attn_export import blocks as ours
-from attn_export.blocks import official
+from attn_export.bench import upstream as official
 from attn_export.export import export_onnx
 from attn_export.export.adapt import adapt_model, function_rewrites
 

@@ -337,8 +337,8 @@ def detector_graph(tmp_path_factory):
 @pytest.mark.parametrize("low", ["fp16", "bf16"])
 def test_shipped_detector_in_half_precision_on_real_images(detector_graph, low):
     """Class scores within 0.05 of fp32 and boxes of confident cells within 2 px (letterboxed input)."""
-    from attn_export.data.shapes import generate
-    from attn_export.detect.postprocess import letterbox
+    from attn_export.detection.postprocess import letterbox
+    from attn_export.shapes.data import generate
 
     images = np.stack([letterbox(generate(777, i)[0])[0] for i in range(6)])
     ref = _ort(detector_graph, {"input": images})[0]

@@ -296,7 +296,7 @@ def _torch_outputs(model, x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("plugins", ["auto", "jit"])
 def test_build_plugin_engine_and_run_it(tmp_path, plugins):
     """``--target trt`` graph -> engine with the attn-export plugins -> TensorRTRunner vs PyTorch."""
-    from attn_export.serve.trt_runner import TensorRTRunner
+    from attn_export.runtime.trt_runner import TensorRTRunner
 
     model = _mixed_net()
     onnx_path = tmp_path / "net.onnx"
@@ -348,7 +348,7 @@ def test_build_plugin_engine_and_run_it(tmp_path, plugins):
 @pytest.mark.trt
 def test_build_portable_engine_and_run_it(tmp_path):
     """``--target ort`` graph (standard ONNX ops only) -> engine without plugins -> parity."""
-    from attn_export.serve.trt_runner import TensorRTRunner
+    from attn_export.runtime.trt_runner import TensorRTRunner
 
     model = _mixed_net()
     export = _export(model, tmp_path / "net.onnx", "ort")
@@ -370,7 +370,7 @@ def test_build_half_engine(tmp_path, low, arch):
 
     from attn_export.export import export_onnx
     from attn_export.export.checkpoint import architectures
-    from attn_export.serve.trt_runner import TensorRTRunner
+    from attn_export.runtime.trt_runner import TensorRTRunner
 
     kwargs, shape = CASES[arch]
     model = _randomize(architectures()[arch](**kwargs))

@@ -30,7 +30,7 @@ from attn_export.export import export_onnx, load_model, save_checkpoint
 from attn_export.export.checkpoint import architectures
 from attn_export.export.onnx_export import TRT_VERIFY_MAX_BATCH, VERIFY_BACKENDS, _verify_batches
 from attn_export.plugins._trt_names import DOMAIN, NAMESPACE, PLUGINS, VERSION
-from attn_export.serve.runners import ReferenceRunner
+from attn_export.runtime.runners import ReferenceRunner
 
 # arch -> (constructor kwargs, input shape without the batch), as in test_cli.py.
 CASES: dict[str, tuple[dict, tuple[int, ...]]] = {

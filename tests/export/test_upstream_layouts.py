@@ -23,7 +23,7 @@ from torch import nn
 from weights import randomize_
 
 from attn_export import blocks as ours
-from attn_export.blocks import official
+from attn_export.bench import upstream as official
 from attn_export.cli import main
 from attn_export.export import ExportError, export_onnx
 from attn_export.export.adapt import GSOP_CHILD, adapt

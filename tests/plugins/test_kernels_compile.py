@@ -22,9 +22,9 @@ _SCRIPT = textwrap.dedent(
     import json
     import triton
     from triton.backends.compiler import GPUTarget
-    from attn_export.plugins.dynamic_conv.triton_kernel import _dynamic_conv2d_igemm
-    from attn_export.plugins.involution.triton_kernel import _involution2d_fwd, _involution2d_rows
-    from attn_export.plugins.outlook.triton_kernel import _outlook_aggregate_fwd
+    from attn_export.plugins.dynamic_conv.cuda_kernel import _dynamic_conv2d_igemm
+    from attn_export.plugins.involution.cuda_kernel import _involution2d_fwd, _involution2d_rows
+    from attn_export.plugins.outlook.cuda_kernel import _outlook_aggregate_fwd
 
     target = GPUTarget("cuda", 90, 32)
 

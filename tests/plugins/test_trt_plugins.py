@@ -249,7 +249,7 @@ def test_involution_launch_plan_is_the_triton_launchers(monkeypatch, case):
     x, w = torch.zeros(xs), torch.zeros(ws)
     grid, args, kwargs = _record_launch(
         monkeypatch,
-        "attn_export.plugins.involution.triton_kernel",
+        "attn_export.plugins.involution.cuda_kernel",
         "_involution2d_fwd",
         lambda m: m.involution2d_triton(x, w, *attrs),
     )
@@ -271,7 +271,7 @@ def test_dynamic_conv_launch_plan_is_the_triton_launchers(monkeypatch, case):
     x, w = torch.zeros(xs), torch.zeros(ws)
     grid, args, kwargs = _record_launch(
         monkeypatch,
-        "attn_export.plugins.dynamic_conv.triton_kernel",
+        "attn_export.plugins.dynamic_conv.cuda_kernel",
         "_dynamic_conv2d_fwd",
         lambda m: m.dynamic_conv2d_triton_fixed(x, w, s, p, d, g),
     )
@@ -293,7 +293,7 @@ def test_outlook_launch_plan_is_the_triton_launchers(monkeypatch, case):
     v, a = torch.zeros(vs), torch.zeros(attn_s)
     grid, args, kwargs = _record_launch(
         monkeypatch,
-        "attn_export.plugins.outlook.triton_kernel",
+        "attn_export.plugins.outlook.cuda_kernel",
         "_outlook_aggregate_fwd",
         lambda m: m.outlook_aggregate_triton(v, a, *attrs),
     )
@@ -315,7 +315,7 @@ def test_dynamic_sizes_take_the_largest_blocks():
 # ------------------------------------------------------------------------------------------ kernels, run
 def _kernel_device() -> str | None:
     triton = pytest.importorskip("triton")
-    from attn_export.plugins.involution.triton_kernel import _involution2d_fwd
+    from attn_export.plugins.involution.cuda_kernel import _involution2d_fwd
 
     interpreted = type(_involution2d_fwd).__name__ == "InterpretedFunction"
     if triton.knobs.runtime.interpret and interpreted:
@@ -539,7 +539,7 @@ def test_importing_the_plugin_modules_imports_neither_tensorrt_nor_triton():
         import attn_export.plugins.dynamic_conv.trt_plugin
         import attn_export.plugins.outlook.trt_plugin
         import attn_export.export.trt_build
-        import attn_export.serve.trt_runner
+        import attn_export.runtime.trt_runner
         print(sorted(m for m in ("tensorrt", "triton") if m in sys.modules))
         """
     )
@@ -923,7 +923,7 @@ def _plugin_engine(tmp_path, mode, kind, case, types, name="plugin"):
     import tensorrt as trt
     import tensorrt.plugin as trtp
 
-    from attn_export.serve.trt_runner import TensorRTRunner
+    from attn_export.runtime.trt_runner import TensorRTRunner
 
     registered = trt_plugins.register_trt_plugins()  # both JIT and AOT where TensorRT has AOT
     if mode == "aot" and registered != "aot":

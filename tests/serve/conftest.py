@@ -1,36 +1,9 @@
-"""Fixtures of the service tests (the stand-in detector and what it finds: see serve_helpers)."""
+"""Fixtures of the service tests: a TestClient and a live server on the stand-in detector."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from serve_helpers import CLASSES, SIZE, LiveServer, StandInDetector, client_for, make_settings
-
-
-@pytest.fixture(scope="session")
-def standin_onnx(tmp_path_factory) -> Path:
-    """The stand-in exported with attn-export (dynamic batch) and stamped with the class names."""
-    from attn_export.export import export_onnx
-    from attn_export.serve.loader import _stamp
-
-    path = tmp_path_factory.mktemp("model") / "standin.onnx"
-    result = export_onnx(StandInDetector(), path, (3, SIZE, SIZE), batch=(1, 1, 8), seed=0)
-    assert result.ok
-    _stamp(path, {"classes": CLASSES})
-    return path
-
-
-@pytest.fixture(scope="session")
-def standin_checkpoint(tmp_path_factory) -> Path:
-    """The stand-in as an attn-export checkpoint (its architecture registered for the test session)."""
-    from attn_export.export import save_checkpoint
-    from attn_export.export.checkpoint import architectures
-
-    architectures()["StandInDetector"] = StandInDetector
-    path = tmp_path_factory.mktemp("ckpt") / "standin.pt"
-    save_checkpoint(path, StandInDetector(), "StandInDetector", {}, (3, SIZE, SIZE), meta={"classes": CLASSES})
-    return path
+from serve_helpers import LiveServer, client_for, make_settings
 
 
 @pytest.fixture(scope="module")

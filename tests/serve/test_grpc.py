@@ -25,7 +25,7 @@ grpc = pytest.importorskip("grpc")
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from attn_export.serve import contract  # noqa: E402
+from attn_export.detection import contract  # noqa: E402
 
 NAME = "standin"
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from serve_helpers import LiveServer, cell_square, client_for, make_image, make_settings
 
-from attn_export.serve.admission import (
+from attn_export.serve.door import (
     AdmissionMiddleware,
     Busy,
     Door,
@@ -42,7 +42,7 @@ class Gate:
         self.entered = threading.Event()
 
     def loader(self, settings):
-        from attn_export.serve.loader import load
+        from attn_export.detection.loader import load
 
         model = load(settings)
         fast = model.infer
@@ -225,7 +225,7 @@ def test_pixels_in_flight_are_bounded(standin_onnx):
 
 
 def test_v2_infer_goes_through_the_same_pixel_budget(standin_onnx):
-    """/v2 infer (serve/oip.py) reserves its images' pixels on the door like /detect: 503 in the protocol's
+    """/v2 infer (serve/v2_http.py) reserves its images' pixels on the door like /detect: 503 in the protocol's
     form with Retry-After past the budget, and nothing left reserved afterwards."""
     import base64
 

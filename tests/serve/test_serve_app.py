@@ -271,7 +271,7 @@ def _slow_loader(delay: float):
     """The real loader, with each inference call made ``delay`` seconds longer (like a real model's)."""
 
     def loader(settings):
-        from attn_export.serve.loader import load
+        from attn_export.detection.loader import load
 
         model = load(settings)
         fast = model.infer

@@ -196,7 +196,7 @@ def test_cpu_image_recipe_in_a_fresh_venv(tmp_path):
                 break
             assert time.monotonic() < deadline, "the HEALTHCHECK never passed"
             time.sleep(0.5)
-        from attn_export.serve.loadtest import sample_images
+        from attn_export.bench.loadtest import sample_images
 
         (image,) = sample_images(1)
         r = httpx.post(f"{url}/detect", files={"images": ("a.jpg", image, "image/jpeg")}, timeout=60)

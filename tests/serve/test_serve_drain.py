@@ -20,7 +20,7 @@ SERVER = textwrap.dedent(
     import sys, time
     import uvicorn
     from attn_export.serve.app import create_app
-    from attn_export.serve.loader import load
+    from attn_export.detection.loader import load
     from attn_export.serve.settings import Settings
 
     def slow_loader(settings):

@@ -1,0 +1,551 @@
+"""The door of the service: admission control, read timeouts and memory release.
+
+Everything that keeps the service answering when it is sent more than it can do, or sent it slowly:
+
+- :class:`Door` bounds what is in flight: requests admitted and not yet answered, the bytes of their
+  bodies, and the pixels of their images (from the image headers, before anything is decoded). Past a
+  bound the request is refused at once (:class:`Busy`: HTTP 503 with ``Retry-After``), never queued
+  without limit. ``Retry-After`` is the time the current backlog takes to drain at the service rate
+  observed over the last seconds (:class:`RateMeter`), at least one second.
+- :class:`AdmissionMiddleware` (pure ASGI) puts the body-carrying requests (POST, PUT, PATCH: ``/detect``
+  and any inference route mounted on the same app) through the door *before reading their body*
+  (the declared ``Content-Length`` is checked too), then reads the body under a deadline (a client
+  that takes longer gets 408 and its connection is closed), and watches the connection while the
+  request runs: a client that goes away cancels its request and is counted as a disconnect, not as an
+  HTTP status.
+- :func:`protocol_with_header_timeout` makes uvicorn's HTTP protocol close connections whose request
+  headers do not arrive in time (uvicorn only times out idle keep-alive connections after a response;
+  one that sends nothing, or half a header, would stay open for ever).
+- :func:`release_memory` hands freed heap memory back to the system (glibc's ``malloc_trim``); the
+  middleware calls it when the service falls idle after work.
+
+GET requests (probes, metrics, pages) never wait at the door: they stay fast at any load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("attn_export.serve")
+
+BODY_METHODS = ("POST", "PUT", "PATCH")
+#: scope keys the middleware sets for the layers inside (and outside) it
+SCOPE_TICKET = "attn_export.ticket"
+SCOPE_DISCONNECTED = "attn_export.disconnected"
+
+
+class Busy(RuntimeError):
+    """The service is at one of its bounds: answer 503 with ``Retry-After``."""
+
+    def __init__(self, reason: str, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.reason = reason  # in_flight, bytes, pixels, queue
+        self.message = message
+        self.retry_after = retry_after
+
+
+class RateMeter:
+    """Requests answered per second over the last ``window_s`` seconds (the last ``size`` answers)."""
+
+    def __init__(self, window_s: float = 10.0, size: int = 1024) -> None:
+        self.window_s = window_s
+        self._times: collections.deque[float] = collections.deque(maxlen=size)
+        self._lock = threading.Lock()
+
+    def record(self, now: float | None = None) -> None:
+        with self._lock:
+            self._times.append(time.monotonic() if now is None else now)
+
+    def rate(self, now: float | None = None) -> float | None:
+        """Answers per second, or None before any answer in the window."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            while self._times and self._times[0] < now - self.window_s:
+                self._times.popleft()
+            if not self._times:
+                return None
+            # a burst of answers in a few milliseconds is not a rate: span at least half a second
+            span = max(now - self._times[0], 0.5)
+            return len(self._times) / span
+
+
+class Door:
+    """Bounds on the requests, body bytes and image pixels in flight (thread-safe)."""
+
+    def __init__(
+        self,
+        max_requests: int,
+        max_bytes: int,
+        max_pixels: int,
+        max_retry_after_s: int = 60,
+        meter: RateMeter | None = None,
+    ) -> None:
+        self.max_requests = max_requests
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
+        self.max_retry_after_s = max_retry_after_s
+        self.meter = meter or RateMeter()
+        self.requests = 0  # admitted, body read, not yet answered
+        self.reading = 0  # admitted, body still arriving
+        self.bytes = 0
+        self.pixels = 0
+        self._lock = threading.Lock()
+
+    def retry_after(self, backlog: int | None = None) -> int:
+        """Seconds until the backlog (default: the requests in flight) is answered at the observed rate."""
+        backlog = self.requests if backlog is None else backlog
+        rate = self.meter.rate()
+        if rate is None:  # nothing answered lately: busy starting, or stalled
+            return 1 if backlog == 0 else min(5, self.max_retry_after_s)
+        return int(min(self.max_retry_after_s, max(1, math.ceil(backlog / rate))))
+
+    def _busy(self, reason: str, what: str) -> Busy:
+        return Busy(reason, f"the server is busy: {what}; retry after the time in Retry-After", self.retry_after())
+
+    def admit(self, declared_bytes: int = 0) -> Ticket:
+        """A ticket for one request whose body is about to be read, or :class:`Busy` (nothing read yet).
+
+        While its body arrives a request holds only its bytes (a slow client holds no request place);
+        :meth:`Ticket.start` takes the request place once the body is there.
+        """
+        with self._lock:
+            if self.requests >= self.max_requests:
+                raise self._busy("in_flight", f"{self.requests} requests are in flight (at most {self.max_requests})")
+            if declared_bytes and self.bytes + declared_bytes > self.max_bytes and self.bytes > 0:
+                raise self._busy(
+                    "bytes",
+                    f"{self.bytes:,} body bytes are in flight; {declared_bytes:,} more would pass {self.max_bytes:,}",
+                )
+            self.reading += 1
+            self.bytes += declared_bytes
+        return Ticket(self, declared_bytes)
+
+
+class Ticket:
+    """One admitted request's share of the door's bounds; :meth:`release` gives it back (once)."""
+
+    def __init__(self, door: Door, nbytes: int) -> None:
+        self.door = door
+        self.bytes = nbytes
+        self.pixels = 0
+        self.started = False
+        self.released = False
+
+    def start(self) -> None:
+        """The body is read: take a request place (:class:`Busy` when they are all taken meanwhile)."""
+        door = self.door
+        with door._lock:
+            if door.requests >= door.max_requests:
+                raise door._busy("in_flight", f"{door.requests} requests are in flight (at most {door.max_requests})")
+            door.reading -= 1
+            door.requests += 1
+            self.started = True
+
+    def add_bytes(self, n: int) -> None:
+        """Body bytes past the declared length (a body without ``Content-Length``)."""
+        door = self.door
+        with door._lock:
+            if door.bytes + n > door.max_bytes and door.bytes > self.bytes:
+                raise door._busy("bytes", f"{door.bytes:,} body bytes are in flight (at most {door.max_bytes:,})")
+            door.bytes += n
+            self.bytes += n
+
+    def reserve_pixels(self, n: int) -> None:
+        """Take ``n`` image pixels (read from the headers, before decoding); :class:`Busy` past the bound.
+
+        A request larger than the whole budget is still taken when nothing else holds pixels: it then
+        runs alone (each image is within ``max_pixels``; the images decode one after another).
+        """
+        door = self.door
+        with door._lock:
+            if door.pixels + n > door.max_pixels and door.pixels > 0:
+                raise door._busy(
+                    "pixels",
+                    f"{door.pixels / 1e6:.0f} megapixels are being decoded; {n / 1e6:.0f} more would pass "
+                    f"{door.max_pixels / 1e6:.0f}",
+                )
+            door.pixels += n
+            self.pixels += n
+
+    def release_pixels(self) -> None:
+        door = self.door
+        with door._lock:
+            door.pixels -= self.pixels
+            self.pixels = 0
+
+    def release(self) -> None:
+        door = self.door
+        with door._lock:
+            if self.released:
+                return
+            self.released = True
+            if self.started:
+                door.requests -= 1
+            else:
+                door.reading -= 1
+            door.bytes -= self.bytes
+            door.pixels -= self.pixels
+            self.bytes = self.pixels = 0
+
+
+# ------------------------------------------------------------------------------------------ memory
+_LIBC: Any = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = False
+        name = ctypes.util.find_library("c")
+        with contextlib.suppress(OSError, AttributeError):
+            lib = ctypes.CDLL(name or "libc.so.6")
+            if hasattr(lib, "malloc_trim"):
+                _LIBC = lib
+    return _LIBC or None
+
+
+def release_memory() -> bool:
+    """Return the heap's free pages to the system (glibc ``malloc_trim``); False where there is none.
+
+    CPython and numpy free their buffers, but glibc keeps freed heap memory in its arenas; after a burst
+    of large uploads the process would stay at its peak size for ever.
+    """
+    lib = _libc()
+    if lib is None:
+        return False
+    lib.malloc_trim(0)  # ctypes releases the GIL during the call
+    return True
+
+
+# ------------------------------------------------------------------------------------------ ASGI
+def scope_header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _send_json(send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+    import json
+
+    data = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    raw += [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+class AdmissionMiddleware:
+    """Pure ASGI: the door, the body (size limit and read deadline) and disconnects of body-carrying requests.
+
+    ``metrics`` is a :class:`~attn_export.serve.metrics.ServeMetrics` (or None). The layers inside find
+    the request's :class:`Ticket` in ``scope["attn_export.ticket"]`` (to reserve pixels); the layers
+    outside find ``scope["attn_export.disconnected"]`` set when the client went away.
+    """
+
+    def __init__(
+        self,
+        app,
+        door: Door,
+        max_body_bytes: int,
+        body_timeout_s: float,
+        metrics=None,
+        guarded: Callable[[dict], bool] | None = None,
+        on_idle: Callable[[], None] | None = None,
+    ) -> None:
+        self.app = app
+        self.door = door
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+        self.metrics = metrics
+        self.guarded = guarded or (lambda scope: scope["method"] in BODY_METHODS)
+        self.on_idle = on_idle
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _count(self, counter: str, label: str) -> None:
+        if self.metrics is not None:
+            getattr(self.metrics, counter).labels(label).inc()
+
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            door = self.door
+            self.metrics.admitted.set(door.requests)
+            self.metrics.reading.set(door.reading)
+            self.metrics.bytes_in_flight.set(door.bytes)
+            self.metrics.pixels_in_flight.set(door.pixels)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not self.guarded(scope):
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        declared_text = scope_header(scope, b"content-length")
+        declared = int(declared_text) if declared_text and declared_text.isdigit() else None
+        if declared is not None and declared > limit:
+            await self._too_large(scope, receive, send, declared)
+            return
+        try:
+            ticket = self.door.admit(declared or 0)
+        except Busy as e:
+            self._count("shed", e.reason)
+            await _send_json(
+                send, 503, {"error": "busy", "detail": e.message, "status": 503}, {"Retry-After": e.retry_after}
+            )
+            return
+        self._gauges()
+        scope[SCOPE_TICKET] = ticket
+        answered = False
+        try:
+            answered = await self._run(scope, receive, send, ticket, declared)
+        finally:
+            ticket.release()
+            if answered:
+                self.door.meter.record()
+            self._gauges()
+            if self.door.requests == 0 and self.door.reading == 0 and self.on_idle is not None:
+                self.on_idle()
+
+    async def _too_large(self, scope, receive, send, declared: int | None) -> None:
+        """413 before parsing; the body is read and dropped up to a cap (so the client sees the answer)."""
+        limit = self.max_body_bytes
+        cap = max(4 * limit, 64 << 20)
+        if declared is None or declared <= cap:
+            total, deadline = 0, time.monotonic() + self.body_timeout_s
+            while total <= cap:
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    break
+                if message["type"] == "http.disconnect":
+                    scope[SCOPE_DISCONNECTED] = "reading"
+                    self._count("disconnects", "reading")
+                    return
+                total += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+        self._count("rejected", "body_size")
+        size = f"{declared:,} bytes" if declared is not None else f"over {limit:,} bytes"
+        detail = f"the request body is {size}; this server takes at most {limit:,} bytes"
+        await _send_json(
+            send, 413, {"error": "payload_too_large", "detail": detail, "status": 413}, {"Connection": "close"}
+        )
+
+    async def _read_body(self, scope, receive, send, ticket: Ticket, declared: int | None) -> bytes | None:
+        """The whole body, or None once an answer was sent or the client left."""
+        chunks: list[bytes] = []
+        total = 0
+        deadline = time.monotonic() + self.body_timeout_s
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                self._count("rejected", "body_timeout")
+                detail = f"the request body did not arrive within {self.body_timeout_s:g} s"
+                await _send_json(
+                    send, 408, {"error": "request_timeout", "detail": detail, "status": 408}, {"Connection": "close"}
+                )
+                return None
+            if message["type"] == "http.disconnect":
+                scope[SCOPE_DISCONNECTED] = "reading"
+                self._count("disconnects", "reading")
+                return None
+            body = message.get("body", b"")
+            if body:
+                total += len(body)
+                if total > self.max_body_bytes:
+                    await self._too_large(scope, receive, send, None)
+                    return None
+                if declared is None:
+                    try:
+                        ticket.add_bytes(len(body))
+                    except Busy as e:
+                        self._count("shed", e.reason)
+                        await _send_json(
+                            send, 503, {"error": "busy", "detail": e.message, "status": 503},
+                            {"Retry-After": e.retry_after, "Connection": "close"},
+                        )  # fmt: skip
+                        return None
+                chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    async def _run(self, scope, receive, send, ticket: Ticket, declared: int | None) -> bool:
+        """Read the body, run the app, watch for a disconnect; True when the app answered."""
+        body = await self._read_body(scope, receive, send, ticket, declared)
+        if body is None:
+            return False
+        try:
+            ticket.start()
+        except Busy as e:
+            self._count("shed", e.reason)
+            await _send_json(
+                send, 503, {"error": "busy", "detail": e.message, "status": 503}, {"Retry-After": e.retry_after}
+            )
+            return False
+        self._gauges()
+        gone = asyncio.Event()
+        state = {"body_sent": False, "response_done": False}
+
+        async def replay():
+            if not state["body_sent"]:
+                state["body_sent"] = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()  # the app asks again only to learn of a disconnect
+            return {"type": "http.disconnect"}
+
+        async def send_watched(message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["response_done"] = True
+            await send(message)
+
+        app_task = asyncio.ensure_future(self.app(scope, replay, send_watched))
+
+        async def watch() -> None:
+            message = await receive()  # after the whole body: returns when the client leaves (or we answered)
+            if message["type"] == "http.disconnect" and not state["response_done"]:
+                gone.set()
+                app_task.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await app_task
+        except asyncio.CancelledError:
+            if not gone.is_set():
+                raise
+            scope[SCOPE_DISCONNECTED] = "waiting"
+            self._count("disconnects", "waiting")
+            return False
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watcher
+        if gone.is_set() and not state["response_done"]:
+            scope[SCOPE_DISCONNECTED] = "waiting"
+            self._count("disconnects", "waiting")
+            return False
+        return True
+
+
+# ------------------------------------------------------------------------------------------ uvicorn
+HEADER_TIMEOUT_ENV = "ATTN_EXPORT_HEADER_TIMEOUT_S"
+_timeout_hook: Callable[[str], None] | None = None
+
+
+def set_timeout_hook(hook: Callable[[str], None] | None) -> None:
+    """What the protocol classes without a hook of their own call on a header timeout (a worker process's
+    app counts it in its metrics)."""
+    global _timeout_hook
+    _timeout_hook = hook
+
+
+class _HeaderTimeout:
+    """Mixin for uvicorn's HTTP protocols: a request's headers must arrive within ``header_timeout_s``
+    of the connection opening (or of the request's first byte, on a kept-alive connection); a connection
+    that sends nothing, or part of the headers, is closed then (with 408 when it sent something)."""
+
+    header_timeout_s: float | None = None  # None: from ATTN_EXPORT_HEADER_TIMEOUT_S, else 30
+    on_timeout: Callable[[str], None] | None = None  # called with "idle" or "headers"; else the module's hook
+
+    def _timeout(self) -> float:
+        if self.header_timeout_s is not None:
+            return self.header_timeout_s
+        with contextlib.suppress(ValueError):
+            return float(os.environ.get(HEADER_TIMEOUT_ENV, "30"))
+        return 30.0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._header_timer = None
+        self._header_bytes = 0
+        self._arm_header_timer()
+
+    def _awaiting_headers(self) -> bool:
+        cycle = getattr(self, "cycle", None)
+        return cycle is None or cycle.response_complete
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self._timeout(), self._header_timed_out)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def data_received(self, data: bytes) -> None:
+        was_waiting = self._awaiting_headers()
+        super().data_received(data)
+        if self._awaiting_headers():
+            self._header_bytes = self._header_bytes + len(data) if was_waiting else len(data)
+            self._arm_header_timer()
+        else:
+            self._header_bytes = 0
+            self._disarm_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._disarm_header_timer()  # uvicorn's keep-alive timeout takes over until the next byte
+        self._header_bytes = 0
+
+    def connection_lost(self, exc) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def _header_timed_out(self) -> None:
+        self._header_timer = None
+        if not self._awaiting_headers() or self.transport.is_closing():
+            return
+        started = self._header_bytes > 0
+        hook = self.on_timeout or _timeout_hook
+        if hook is not None:
+            with contextlib.suppress(Exception):
+                hook("headers" if started else "idle")
+        if started:
+            self.transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\ncontent-length: 30\r\n"
+                b"connection: close\r\n\r\nthe request headers timed out"
+            )
+        self.transport.close()
+
+
+def protocol_with_header_timeout(
+    timeout_s: float | None = None, on_timeout: Callable[[str], None] | None = None, base: type | None = None
+) -> type:
+    """uvicorn's HTTP protocol class (httptools where installed, else h11) with a header deadline."""
+    if base is None:
+        try:
+            import httptools  # noqa: F401
+            from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+        except ImportError:
+            from uvicorn.protocols.http.h11_impl import H11Protocol as base
+    return type(
+        f"HeaderTimeout{base.__name__}",
+        (_HeaderTimeout, base),
+        {"header_timeout_s": timeout_s, "on_timeout": staticmethod(on_timeout) if on_timeout else None},
+    )
+
+
+def _module_protocol():
+    """The class ``uvicorn --http attn_export.serve.door:HeaderTimeoutProtocol`` loads (worker processes):
+    the timeout comes from ``ATTN_EXPORT_HEADER_TIMEOUT_S``."""
+    return protocol_with_header_timeout()
+
+
+def __getattr__(name: str):  # lazily: importing this module must not import uvicorn
+    if name == "HeaderTimeoutProtocol":
+        cls = _module_protocol()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)

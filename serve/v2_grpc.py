@@ -1,0 +1,320 @@
+"""The Open Inference Protocol over gRPC (KServe v2, Triton's ``inference.GRPCInferenceService``).
+
+Off unless ``grpc_port`` is set (``attn-export serve --grpc-port N``). The service definition is the one
+``tritonclient[grpc]`` ships (``tritonclient.grpc.service_pb2`` / ``service_pb2_grpc``), so an unchanged
+``tritonclient.grpc`` client talks to ``attn-export serve`` as it does to Triton. A ``grpc.aio`` server
+runs on the app's event loop, started in the app's lifespan once the model is loaded and stopped
+gracefully before the batcher closes; it answers from the same :class:`~attn_export.serve.app.Service`
+as ``/detect`` and ``/v2`` (the helpers of :mod:`attn_export.serve.v2_http`): the same model, the same
+micro-batcher and the same bounds. Every ``ModelInfer`` goes through the service's admission door
+(:mod:`attn_export.serve.door`: requests, bytes and image pixels in flight); a message is at most
+``max_body_bytes``.
+
+RPCs: ``ServerLive``, ``ServerReady``, ``ServerMetadata``, ``ModelReady``, ``ModelMetadata``,
+``ModelConfig`` (the ``/config`` answer as a ``ModelConfig`` message), ``RepositoryIndex`` and
+``ModelInfer`` (the BYTES input ``image`` in ``raw_input_contents``, 4-byte little-endian
+length-prefixed elements, or in ``contents.bytes_contents``; the outputs in ``raw_output_contents``;
+request parameters ``conf``, ``iou``, ``max_det``). The others answer UNIMPLEMENTED.
+
+Errors are gRPC status codes: INVALID_ARGUMENT for what the client sent, NOT_FOUND for an unknown
+model or version, UNAUTHENTICATED without the API key (metadata ``x-api-key``) when the server has
+one, UNAVAILABLE when the server is loading, busy or shutting down (the message and the trailing
+metadata ``retry-after`` say how many seconds to wait), DEADLINE_EXCEEDED past ``request_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+import numpy as np
+
+from attn_export import __version__
+from attn_export.detection.contract import (
+    MODEL_VERSION,
+    OUTPUT_TYPES,
+    OUTPUTS,
+    ContractError,
+    image_bytes,
+    request_params,
+)
+from attn_export.detection.contract import split_bytes as _split_bytes
+from attn_export.serve.door import Busy
+from attn_export.serve.v2_http import (
+    EXTENSIONS,
+    SERVER_NAME,
+    ProtocolError,
+    check_input,
+    defaults_of,
+    detect_tensors,
+    model_config_of,
+    model_metadata,
+    model_or_error,
+)
+
+log = logging.getLogger("attn_export.serve")
+
+#: HTTP statuses of :class:`~attn_export.serve.v2_http.ProtocolError` -> gRPC status code names
+STATUS_CODES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    404: "NOT_FOUND",
+    413: "INVALID_ARGUMENT",
+    415: "INVALID_ARGUMENT",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+_HTTP_HINT = "retry after the time in Retry-After"
+
+
+def _code_name(status: int) -> str:
+    return STATUS_CODES.get(status, "INVALID_ARGUMENT" if status < 500 else "INTERNAL")
+
+
+def missing_dependency() -> str | None:
+    """Why the gRPC server cannot run here (its packages are missing), or None."""
+    import importlib.util
+
+    for module in ("grpc", "tritonclient.grpc"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:
+            found = False
+        if not found:
+            return f"--grpc-port needs {module}: pip install 'attn-export[grpc]' (tritonclient[grpc])"
+    return None
+
+
+def _parameter(p) -> Any:
+    """An ``InferParameter``'s value (its one set field), or None when none is set."""
+    which = p.WhichOneof("parameter_choice")
+    return None if which is None else getattr(p, which)
+
+
+def _retry_text(message: str, retry_after: str) -> str:
+    hint = f"retry after {retry_after} s"
+    return message.replace(_HTTP_HINT, hint) if _HTTP_HINT in message else f"{message}; {hint}"
+
+
+def infer_images(request, max_images: int) -> list[bytes]:
+    """The images of a ``ModelInferRequest`` (:class:`ProtocolError` 400 for what breaks the contract)."""
+    if not request.inputs:
+        raise ProtocolError(400, "the request has no input 'image'")
+    for i, tensor in enumerate(request.inputs):
+        check_input(tensor.name, tensor.datatype, list(tensor.shape), max_images, given_twice=i > 0)
+    tensor = request.inputs[0]
+    shape = list(tensor.shape)
+    raw = request.raw_input_contents
+    if raw:
+        if len(raw) != 1:
+            raise ProtocolError(400, f"raw_input_contents holds {len(raw)} entries for the request's one input")
+        if tensor.HasField("contents"):
+            raise ProtocolError(400, "input 'image' has both contents and raw_input_contents: send one")
+        try:
+            rows: list = _split_bytes(raw[0], shape[0])
+        except ContractError as e:
+            raise ProtocolError(400, str(e)) from e
+    else:
+        rows = list(tensor.contents.bytes_contents)
+        if len(rows) != shape[0]:
+            raise ProtocolError(
+                400, f"input 'image': shape says {shape[0]} elements, contents.bytes_contents holds {len(rows)}"
+            )
+    try:
+        return [image_bytes(r) for r in rows]
+    except ContractError as e:
+        raise ProtocolError(400, str(e)) from e
+
+
+def requested_outputs(request) -> list[str]:
+    """The outputs a ``ModelInferRequest`` asks for, in its order (all four when it names none)."""
+    asked = [o.name for o in request.outputs] or list(OUTPUTS)
+    for name in asked:
+        if name not in OUTPUTS:
+            raise ProtocolError(400, f"unexpected inference output {name!r}; the model has {', '.join(OUTPUTS)}")
+    return asked
+
+
+def infer_response(pb, request, model: str, tensors: dict[str, np.ndarray], asked: list[str]):
+    """A ``ModelInferResponse`` with the outputs ``asked`` in ``raw_output_contents``."""
+    response = pb.ModelInferResponse(model_name=model, model_version=MODEL_VERSION, id=request.id)
+    for name in asked:
+        datatype, dtype = OUTPUT_TYPES[name]
+        arr = np.ascontiguousarray(tensors[name], dtype=np.dtype(dtype).newbyteorder("<"))
+        response.outputs.add(name=name, datatype=datatype, shape=list(arr.shape))
+        response.raw_output_contents.append(arr.tobytes())
+    return response
+
+
+def make_servicer(svc):
+    """A ``GRPCInferenceServiceServicer`` answering from ``svc`` (an :class:`~attn_export.serve.app.Service`)."""
+    import grpc
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2, service_pb2_grpc
+    from tritonclient.grpc import service_pb2 as pb
+
+    settings = svc.settings
+
+    async def fail(context, e: ProtocolError):
+        code = getattr(grpc.StatusCode, _code_name(e.status))
+        message = e.message
+        metadata = ()
+        retry = (e.headers or {}).get("Retry-After")
+        if e.status == 503 and retry is not None:
+            message = _retry_text(message, retry)
+            metadata = (("retry-after", str(retry)),)
+        await context.abort(code, message, trailing_metadata=metadata)
+
+    def guarded(method: str, handler):
+        counter = svc.metrics.grpc_requests
+
+        async def run(self, request, context):
+            code = "CANCELLED"  # unless it ends otherwise: the client left, or the server stopped
+            try:
+                response = await handler(request, context)
+                code = "OK"
+                return response
+            except ProtocolError as e:
+                code = _code_name(e.status)
+                await fail(context, e)
+            except Exception:
+                code = "INTERNAL"
+                log.exception("gRPC %s failed", method)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            finally:
+                counter.labels(method, code).inc()
+
+        run.__name__ = method
+        return run
+
+    async def server_live(request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def server_ready(request, context):
+        return pb.ServerReadyResponse(ready=svc.ready)
+
+    async def server_metadata(request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+
+    async def model_ready(request, context):
+        try:
+            model_or_error(svc, request.name, request.version)
+        except ProtocolError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=svc.ready)
+
+    async def metadata(request, context):
+        meta = model_metadata(svc, model_or_error(svc, request.name, request.version))
+        response = pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"])
+        for field in ("inputs", "outputs"):
+            for t in meta[field]:
+                getattr(response, field).add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+        return response
+
+    async def config(request, context):
+        config = model_config_of(svc, model_or_error(svc, request.name, request.version))
+        message = json_format.ParseDict(config, model_config_pb2.ModelConfig())
+        return pb.ModelConfigResponse(config=message)
+
+    async def repository_index(request, context):
+        response = pb.RepositoryIndexResponse()
+        m = svc.model
+        if m is not None:
+            state = "READY" if svc.ready else "UNAVAILABLE"
+            response.models.add(name=m.name, version=MODEL_VERSION, state=state)
+        return response
+
+    def check_key(context) -> None:
+        if settings.api_key is None:
+            return
+        given = dict(context.invocation_metadata() or ()).get("x-api-key")
+        expected = settings.api_key.get_secret_value()
+        if given is None or not hmac.compare_digest(str(given).encode(), expected.encode()):
+            raise ProtocolError(401, f"{'missing' if given is None else 'wrong'} API key: send it in x-api-key")
+
+    async def infer(request, context):
+        check_key(context)
+        m = model_or_error(svc, request.model_name, request.model_version)
+        if svc.shutting_down:
+            raise ProtocolError(503, "the server is shutting down", {"Retry-After": "5"})
+        door = svc.door
+        try:
+            ticket = door.admit(request.ByteSize())  # the message arrived whole (at most max_body_bytes)
+        except Busy as e:
+            svc.metrics.shed.labels(e.reason).inc()
+            raise ProtocolError(503, e.message, {"Retry-After": str(e.retry_after)}) from e
+        answered = False
+        try:
+            try:
+                ticket.start()
+            except Busy as e:
+                svc.metrics.shed.labels(e.reason).inc()
+                raise ProtocolError(503, e.message, {"Retry-After": str(e.retry_after)}) from e
+            images = infer_images(request, settings.max_images)
+            given = {k: _parameter(v) for k, v in request.parameters.items()}
+            try:
+                params = request_params(given, defaults_of(settings))
+            except ContractError as e:
+                raise ProtocolError(400, str(e)) from e
+            asked = requested_outputs(request)
+            tensors = await detect_tensors(svc, m, images, params, ticket)
+            response = infer_response(pb, request, m.name, tensors, asked)
+            answered = True
+            return response
+        finally:
+            ticket.release()
+            if answered:
+                door.meter.record()
+            if door.requests == 0 and door.reading == 0:
+                svc.on_idle()
+
+    handlers = {
+        "ServerLive": server_live,
+        "ServerReady": server_ready,
+        "ServerMetadata": server_metadata,
+        "ModelReady": model_ready,
+        "ModelMetadata": metadata,
+        "ModelConfig": config,
+        "RepositoryIndex": repository_index,
+        "ModelInfer": infer,
+    }
+    methods = {name: guarded(name, handler) for name, handler in handlers.items()}
+    servicer_class = type("AttnExportInferenceService", (service_pb2_grpc.GRPCInferenceServiceServicer,), methods)
+    return servicer_class(), service_pb2_grpc
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+async def start_grpc(svc):
+    """A started ``grpc.aio`` server for ``svc`` on ``settings.host:settings.grpc_port`` (port 0: any free
+    port); ``svc.grpc_port`` is the port bound."""
+    import grpc
+
+    settings = svc.settings
+    servicer, service_pb2_grpc = make_servicer(svc)
+    options = [
+        ("grpc.max_receive_message_length", settings.max_body_bytes),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),  # worker processes share the port
+    ]
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=settings.max_connections)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    address = _address(settings.host, settings.grpc_port)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as e:  # grpcio raises on a taken port
+        raise RuntimeError(f"gRPC: cannot listen on {address} (is the port taken?)") from e
+    if port == 0:
+        raise RuntimeError(f"gRPC: cannot listen on {address}")
+    await server.start()
+    svc.grpc_port = port
+    log.info("gRPC (KServe v2) on %s", _address(settings.host, port))
+    return server
+
+
+async def stop_grpc(server, grace_s: float) -> None:
+    """Refuse new RPCs, let those in flight finish within ``grace_s``, then cancel the rest."""
+    await server.stop(grace_s)

@@ -1,0 +1,451 @@
+"""The Open Inference Protocol (KServe v2, Triton's HTTP/REST API) on ``attn-export serve``, beside ``/detect``.
+
+The same model and the same micro-batcher as ``/detect``, behind the contract of
+:mod:`attn_export.detection.contract` (the one the Triton repositories of ``attn-export triton`` answer), so
+a client written for this server works against a Triton fleet and back:
+
+- ``GET /v2`` (server metadata), ``GET /v2/health/live``, ``GET /v2/health/ready``;
+- ``GET /v2/models/{name}[/versions/1]`` (model metadata) and ``.../ready``;
+- ``GET /v2/models/{name}[/versions/1]/config``: the model config in Triton's JSON shape (what
+  ``tritonclient``'s ``get_model_config`` returns); ``POST /v2/repository/index``;
+- ``POST /v2/models/{name}[/versions/1]/infer``: JSON tensors, and the binary tensor data extension
+  (``Inference-Header-Content-Length``; ``binary_data_size`` inputs; ``binary_data`` /
+  ``binary_data_output`` outputs); gzip or deflate request and response bodies.
+
+Errors are the protocol's ``{"error": MESSAGE}`` with a 4xx status for what the client sent, 503 (with
+``Retry-After``) when the server is loading, busy or shutting down, 504 past the request timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import time
+import zlib
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from attn_export import __version__
+from attn_export.detection.contract import (
+    INPUT,
+    MODEL_VERSION,
+    OUTPUT_TYPES,
+    OUTPUTS,
+    ContractError,
+    Params,
+    image_bytes,
+    json_config,
+    model_config,
+    output_dims,
+    pack,
+    request_params,
+    split_bytes,
+)
+from attn_export.detection.imaging import InputError, decode_image, open_image
+from attn_export.serve.batching import BatcherClosed, QueueFull
+from attn_export.serve.door import SCOPE_TICKET, Busy
+
+SERVER_NAME = "attn-export"
+EXTENSIONS = ["binary_tensor_data", "parameters", "model_configuration", "model_repository"]
+HEADER_LENGTH = "inference-header-content-length"
+
+
+class ProtocolError(Exception):
+    """An answer in the protocol's error form: ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+# ------------------------------------------------------------------------------------------ request parsing
+def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    if not encoding or encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ProtocolError(415, f"unsupported Content-Encoding {encoding!r}: send gzip, deflate or none")
+    d = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise ProtocolError(400, f"the {encoding} request body does not decompress: {e}") from e
+    if len(out) > limit or d.unconsumed_tail:
+        raise ProtocolError(413, f"the request body decompresses to more than {limit:,} bytes")
+    return out
+
+
+def _bytes_elements(raw: bytes, count: int) -> list[bytes]:
+    try:
+        return split_bytes(raw, count)
+    except ContractError as e:
+        raise ProtocolError(400, str(e)) from e
+
+
+def _flatten(data: Any) -> list:
+    if isinstance(data, list):
+        out = []
+        for item in data:
+            out.extend(_flatten(item))
+        return out
+    return [data]
+
+
+def check_input(name: Any, datatype: Any, shape: Any, max_images: int, given_twice: bool = False) -> None:
+    """An input tensor's name, datatype and shape against the contract (HTTP and gRPC alike)."""
+    if name != INPUT:
+        raise ProtocolError(400, f"unexpected inference input {name!r}: the model takes one input, {INPUT!r}")
+    if given_twice:
+        raise ProtocolError(400, f"input {INPUT!r} is given twice")
+    if datatype != "BYTES":
+        raise ProtocolError(400, f"input {INPUT!r}: datatype must be BYTES, got {datatype!r}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 2
+        or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+        or shape[1] != 1
+        or shape[0] < 1
+    ):
+        raise ProtocolError(400, f"input {INPUT!r}: shape must be [batch, 1] with batch >= 1, got {shape!r}")
+    if shape[0] > max_images:
+        raise ProtocolError(
+            400, f"input {INPUT!r}: batch {shape[0]} is above this model's max_batch_size of {max_images}"
+        )
+
+
+def parse_infer(body: bytes, header_length: str | None, max_images: int) -> tuple[dict, list[bytes]]:
+    """``(the request's JSON, the images)`` of an infer request; :class:`ProtocolError` for what breaks the protocol."""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise ProtocolError(
+                400, f"Inference-Header-Content-Length {header_length!r} is not a length within the body"
+            )
+        n = int(header_length)
+        head, binary = body[:n], body[n:]
+    else:
+        head, binary = body, b""
+    try:
+        req = json.loads(head)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError(400, f"the inference request header is not JSON: {e}") from e
+    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
+        raise ProtocolError(400, "the inference request must be a JSON object with a list 'inputs'")
+    images: list[bytes] | None = None
+    offset = 0
+    for tensor in req["inputs"]:
+        if not isinstance(tensor, dict):
+            raise ProtocolError(400, "each entry of 'inputs' must be an object")
+        name = tensor.get("name")
+        params = tensor.get("parameters") or {}
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        shape = tensor.get("shape")
+        check_input(name, tensor.get("datatype"), shape, max_images, given_twice=images is not None)
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
+                raise ProtocolError(400, f"input {INPUT!r}: binary_data_size {size!r} does not fit the binary data")
+            rows: list = _bytes_elements(binary[offset : offset + size], shape[0])
+            offset += size
+        else:
+            if "data" not in tensor:
+                raise ProtocolError(400, f"input {INPUT!r} has neither 'data' nor a binary_data_size parameter")
+            rows = _flatten(tensor["data"])
+            if len(rows) != shape[0]:
+                raise ProtocolError(400, f"input {INPUT!r}: shape says {shape[0]} elements, 'data' holds {len(rows)}")
+        try:
+            images = [image_bytes(r) for r in rows]
+        except ContractError as e:
+            raise ProtocolError(400, str(e)) from e
+    if images is None:
+        raise ProtocolError(400, f"the request has no input {INPUT!r}")
+    if offset != len(binary):
+        raise ProtocolError(400, f"the body holds {len(binary) - offset} bytes of binary data that no input claims")
+    return req, images
+
+
+def requested_outputs(req: dict) -> list[tuple[str, bool]]:
+    """``(output name, binary?)`` in the order asked (all four when none are named)."""
+    params = req.get("parameters") or {}
+    binary_default = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
+    asked = req.get("outputs")
+    if asked is None:
+        return [(name, binary_default) for name in OUTPUTS]
+    if not isinstance(asked, list):
+        raise ProtocolError(400, "'outputs' must be a list")
+    out = []
+    for entry in asked:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if name not in OUTPUTS:
+            raise ProtocolError(400, f"unexpected inference output {name!r}; the model has {', '.join(OUTPUTS)}")
+        p = entry.get("parameters") or {}
+        out.append((name, bool(p.get("binary_data", binary_default)) if isinstance(p, dict) else binary_default))
+    return out
+
+
+def _accepts(header: str | None) -> str | None:
+    """gzip or deflate when the client's Accept-Encoding takes it (tritonclient's response compression)."""
+    offered = {part.split(";")[0].strip().lower() for part in (header or "").split(",")}
+    return next((e for e in ("gzip", "deflate") if e in offered), None)
+
+
+def compress(response: Response, accept_encoding: str | None) -> Response:
+    encoding = _accepts(accept_encoding)
+    if encoding is None or len(response.body) < 1024:
+        return response
+    packed = zlib.compressobj(6, zlib.DEFLATED, 31 if encoding == "gzip" else 15)  # gzip or zlib framing
+    data = packed.compress(response.body) + packed.flush()
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+    headers["Content-Encoding"] = encoding
+    return Response(data, status_code=response.status_code, headers=headers, media_type=response.media_type)
+
+
+def infer_response(req: dict, model: str, tensors: dict[str, np.ndarray], outputs: list[tuple[str, bool]]) -> Response:
+    body: dict[str, Any] = {"model_name": model, "model_version": MODEL_VERSION}
+    if "id" in req:
+        body["id"] = req["id"]
+    entries, chunks = [], []
+    for name, binary in outputs:
+        datatype, dtype = OUTPUT_TYPES[name]
+        arr = np.ascontiguousarray(tensors[name], dtype=np.dtype(dtype).newbyteorder("<"))
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
+        if binary:
+            data = arr.tobytes()
+            entry["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        else:
+            entry["data"] = arr.reshape(-1).tolist()
+        entries.append(entry)
+    body["outputs"] = entries
+    if not chunks:
+        return JSONResponse(body)
+    head = json.dumps(body, separators=(",", ":")).encode()
+    return Response(
+        head + b"".join(chunks),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )
+
+
+# ------------------------------------------------------------------------------------------ shared with gRPC
+# What the HTTP routes below and the gRPC service of :mod:`attn_export.serve.v2_grpc` both answer, for
+# a :class:`attn_export.serve.app.Service` (read at request time: the model loads after the routes exist).
+def defaults_of(settings) -> Params:
+    return Params(settings.conf, settings.iou, settings.max_det)
+
+
+def model_or_error(svc, name: str, version: str = "") -> Any:
+    """The served model when ``name`` (and ``version``, when given) name it; else 404, or 503 while loading."""
+    m = svc.model
+    if m is None or svc.batcher is None:
+        raise ProtocolError(503, "the model is loading", {"Retry-After": "5"})
+    if name != m.name:
+        raise ProtocolError(404, f"unknown model: {name!r}; this server serves {m.name!r}")
+    if version not in ("", MODEL_VERSION):
+        raise ProtocolError(404, f"unknown version {version!r} of model {name!r}; it has version {MODEL_VERSION}")
+    return m
+
+
+def model_metadata(svc, m) -> dict:
+    """The model metadata (``GET /v2/models/NAME``; gRPC ``ModelMetadata``)."""
+    dims = output_dims(svc.settings.max_det)
+    return {
+        "name": m.name,
+        "versions": [MODEL_VERSION],
+        "platform": f"attn-export_{m.backend}",
+        "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1, 1]}],
+        "outputs": [{"name": n, "datatype": OUTPUT_TYPES[n][0], "shape": [-1, *dims[n]]} for n in OUTPUTS],
+    }
+
+
+def model_config_of(svc, m) -> dict:
+    """The model config in Triton's JSON shape (``GET .../config``; gRPC ``ModelConfig``)."""
+    settings = svc.settings
+    kind = "KIND_CPU" if m.runner.device == "cpu" else "KIND_GPU"
+    config = model_config(
+        m.name,
+        max_batch=settings.max_images,
+        class_names=m.class_names,
+        input_size=m.input_size,
+        defaults=defaults_of(settings),
+        backend="attn-export",
+        instance_kind=kind,
+        max_queue_delay_us=int(settings.max_wait_ms * 1000),
+        parameters={
+            "runtime": m.backend,
+            "provider": m.provider,
+            "max_pixels": settings.max_pixels,
+            "max_side": settings.max_side,
+        },
+    )
+    config["dynamic_batching"]["preferred_batch_size"] = [svc.batcher.max_batch]
+    config["platform"] = f"attn-export_{m.backend}"
+    config["version_policy"] = {"latest": {"num_versions": 1}}
+    return json_config(config)
+
+
+def not_ready_reason(svc) -> str:
+    return "shutting down" if svc.shutting_down else ("warming up" if svc.model else "loading the model")
+
+
+async def detect_tensors(svc, m, images: list[bytes], params: Params, ticket=None) -> dict[str, np.ndarray]:
+    """The contract's four output tensors for ``images``: their headers read (the pixels reserved on the
+    door's ``ticket``, :class:`ProtocolError` 503 past its bound), decoded on the CPU pool, run through
+    the service's batcher with every other request, post-processed on the CPU pool."""
+    settings = svc.settings
+
+    def decode_all() -> list:
+        # headers first, so the pixels are reserved on the door's budget before anything is decoded
+        opened = []
+        for i, data in enumerate(images):
+            try:
+                opened.append(open_image(data, settings.max_pixels, settings.max_side))
+            except InputError as e:
+                who = f"image {i}: " if len(images) > 1 else ""
+                raise ProtocolError(e.status, f"{who}{e.message}") from e
+        if ticket is not None:
+            try:
+                ticket.reserve_pixels(sum(img.size[0] * img.size[1] for img in opened))
+            except Busy as e:
+                svc.metrics.shed.labels(e.reason).inc()
+                raise ProtocolError(503, e.message, {"Retry-After": str(e.retry_after)}) from e
+        out = []
+        try:
+            for i, img in enumerate(opened):
+                try:
+                    out.append(decode_image(img, m.input_size))
+                except InputError as e:
+                    who = f"image {i}: " if len(images) > 1 else ""
+                    raise ProtocolError(e.status, f"{who}{e.message}") from e
+                opened[i] = None  # its pixels go with it
+        finally:
+            if ticket is not None:
+                ticket.release_pixels()
+        return out
+
+    decoded = await svc.run_cpu(decode_all)
+    try:
+        results = await asyncio.wait_for(
+            svc.batcher.submit(np.stack([d.pixels for d in decoded])), settings.request_timeout_s
+        )
+    except QueueFull as e:
+        svc.metrics.queue_full.inc()
+        svc.metrics.shed.labels("queue").inc()
+        raise ProtocolError(503, str(e), {"Retry-After": str(svc.door.retry_after())}) from e
+    except BatcherClosed as e:
+        raise ProtocolError(503, str(e), {"Retry-After": "5"}) from e
+    except asyncio.TimeoutError as e:
+        raise ProtocolError(504, f"no result within {settings.request_timeout_s:g} s") from e
+
+    def finish() -> dict[str, np.ndarray]:
+        from attn_export.triton_server.model import detections
+
+        preds = np.stack([r.output for r in results])
+        return pack(detections(preds, decoded, params), settings.max_det)
+
+    return await svc.run_cpu(finish)
+
+
+# ------------------------------------------------------------------------------------------ the router
+def oip_router(svc) -> APIRouter:
+    """The ``/v2`` routes for a :class:`attn_export.serve.app.Service` (read at request time: the model loads later)."""
+    router = APIRouter(prefix="/v2", include_in_schema=False)
+    settings = svc.settings
+
+    def guarded(handler):
+        @functools.wraps(handler)
+        async def run(*args, **kwargs):
+            try:
+                return await handler(*args, **kwargs)
+            except ProtocolError as e:
+                return error(e.status, e.message, e.headers)
+
+        return run
+
+    @router.get("", summary="Server metadata")
+    async def server_metadata():
+        return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
+
+    @router.get("/health/live", summary="Liveness")
+    async def live():
+        return Response(status_code=200)
+
+    @router.get("/health/ready", summary="Readiness")
+    async def ready():
+        if not svc.ready:
+            return error(503, f"not ready: {not_ready_reason(svc)}", {"Retry-After": "5"})
+        return Response(status_code=200)
+
+    async def metadata(name: str, version: str = ""):
+        return model_metadata(svc, model_or_error(svc, name, version))
+
+    async def model_ready(name: str, version: str = ""):
+        model_or_error(svc, name, version)
+        if not svc.ready:
+            return error(503, f"model {name!r} is not ready", {"Retry-After": "5"})
+        return Response(status_code=200)
+
+    async def config(name: str, version: str = ""):
+        return model_config_of(svc, model_or_error(svc, name, version))
+
+    async def infer(request: Request, name: str, version: str = ""):
+        t0 = time.perf_counter()
+        # the API key is checked at the door (serve/app.py's LimitsMiddleware, PROTECTED_V2), before the body
+        m = model_or_error(svc, name, version)
+        if svc.shutting_down:
+            raise ProtocolError(503, "the server is shutting down", {"Retry-After": "5"})
+        ticket = request.scope.get(SCOPE_TICKET)  # the door's (serve/door.py): bytes and pixels in flight
+        raw = await request.body()  # already buffered by the door: no copy
+        encoding = request.headers.get("content-encoding")
+        header_length = request.headers.get(HEADER_LENGTH)
+
+        def shed(e: Busy) -> ProtocolError:
+            svc.metrics.shed.labels(e.reason).inc()
+            return ProtocolError(503, e.message, {"Retry-After": str(e.retry_after)})
+
+        def parse() -> tuple[dict, list[bytes]]:
+            # on the CPU pool, like /detect's form parsing: gunzip, JSON and base64 of up to max_body_bytes
+            # would otherwise hold the event loop (and the probes) for tens of milliseconds
+            body = _decompress(raw, encoding, settings.max_body_bytes)
+            if ticket is not None and len(body) > len(raw):
+                try:  # the decompressed body is held too: it counts on the door's byte budget
+                    ticket.add_bytes(len(body) - len(raw))
+                except Busy as e:
+                    raise shed(e) from e
+            return parse_infer(body, header_length, settings.max_images)
+
+        req, images = await svc.run_cpu(parse)
+        try:
+            params = request_params(
+                req.get("parameters") if isinstance(req.get("parameters"), dict) else {}, defaults_of(settings)
+            )
+        except ContractError as e:
+            raise ProtocolError(400, str(e)) from e
+        outputs = requested_outputs(req)
+        tensors = await detect_tensors(svc, m, images, params, ticket)
+        accept_encoding = request.headers.get("accept-encoding")
+        # the response body and its compression on the pool too, like the parsing
+        response = await svc.run_cpu(lambda: compress(infer_response(req, m.name, tensors, outputs), accept_encoding))
+        response.headers["Server-Timing"] = f"total;dur={(time.perf_counter() - t0) * 1000:.2f}"
+        return response
+
+    async def repository_index(request: Request):
+        m = svc.model
+        if m is None:
+            return []
+        return [{"name": m.name, "version": MODEL_VERSION, "state": "READY" if svc.ready else "UNAVAILABLE"}]
+
+    for prefix in ("/models/{name}", "/models/{name}/versions/{version}"):
+        router.add_api_route(prefix, guarded(metadata), methods=["GET"], summary="Model metadata")
+        router.add_api_route(f"{prefix}/ready", guarded(model_ready), methods=["GET"], summary="Model readiness")
+        router.add_api_route(f"{prefix}/config", guarded(config), methods=["GET"], summary="Model config")
+        router.add_api_route(f"{prefix}/infer", guarded(infer), methods=["POST"], summary="Inference")
+    router.add_api_route("/repository/index", repository_index, methods=["POST"], summary="Repository index")
+    return router
