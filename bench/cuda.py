@@ -212,12 +212,12 @@ def reference_kernels() -> Iterator[None]:
     """Inside: the ops' CUDA kernels take their plain-torch reference instead of Triton (restored after)."""
     import attn_export.plugins as plugins
 
-    saved = plugins._triton_available
-    plugins._triton_available = lambda: False
+    saved = plugins._kernel_compiler_available
+    plugins._kernel_compiler_available = lambda: False
     try:
         yield
     finally:
-        plugins._triton_available = saved
+        plugins._kernel_compiler_available = saved
 
 
 def _torch_dtype(name: str):
@@ -387,29 +387,29 @@ def ours_op(case: OpCase, triton: bool | str, tf32: bool) -> Callable:
         from attn_export.plugins.involution import op as inv
 
         if triton == "rows":
-            from attn_export.plugins.involution.cuda_kernel import involution2d_triton_rows
+            from attn_export.plugins.involution.cuda_kernel import involution2d_cuda_rows
 
-            return lambda x, wt: involution2d_triton_rows(x, wt, k, s, p, 1)
+            return lambda x, wt: involution2d_cuda_rows(x, wt, k, s, p, 1)
 
         if triton:
-            from attn_export.plugins.involution.cuda_kernel import involution2d_triton
+            from attn_export.plugins.involution.cuda_kernel import involution2d_cuda
 
-            return lambda x, wt: involution2d_triton(x, wt, k, s, p, 1)
+            return lambda x, wt: involution2d_cuda(x, wt, k, s, p, 1)
         return lambda x, wt: inv.reference(x, wt, k, s, p, 1)
     if case.op == "dynamic_conv":
         from attn_export.plugins.dynamic_conv import op as dconv
 
         if triton:
-            from attn_export.plugins.dynamic_conv.cuda_kernel import dynamic_conv2d_triton
+            from attn_export.plugins.dynamic_conv.cuda_kernel import dynamic_conv2d_cuda
 
-            return lambda x, wt: dynamic_conv2d_triton(x, wt, (s, s), (p, p), (1, 1), case.groups, allow_tf32=tf32)
+            return lambda x, wt: dynamic_conv2d_cuda(x, wt, (s, s), (p, p), (1, 1), case.groups, allow_tf32=tf32)
         return lambda x, wt: dconv.reference(x, wt, (s, s), (p, p), (1, 1), case.groups)
     from attn_export.plugins.outlook import op as outl
 
     if triton:
-        from attn_export.plugins.outlook.cuda_kernel import outlook_aggregate_triton
+        from attn_export.plugins.outlook.cuda_kernel import outlook_aggregate_cuda
 
-        return lambda v, a: outlook_aggregate_triton(v, a, k, p, s)
+        return lambda v, a: outlook_aggregate_cuda(v, a, k, p, s)
     return lambda v, a: outl.reference(v, a, k, p, s)
 
 

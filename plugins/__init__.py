@@ -35,12 +35,12 @@ TARGETS = ("ort", "trt")
 
 
 @functools.cache
-def _triton_available() -> bool:
+def _kernel_compiler_available() -> bool:
     """Whether Triton can be imported (checked once, without importing it)."""
     return importlib.util.find_spec("triton") is not None
 
 
-def use_triton(*tensors) -> bool:
+def use_cuda_kernel(*tensors) -> bool:
     """Whether the CUDA kernels should take the Triton path for these inputs.
 
     Triton kernels cover fp32/fp16/bf16 with every input on one device; anything else (float64, for
@@ -52,7 +52,9 @@ def use_triton(*tensors) -> bool:
     if len(devices) > 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     dtypes = {t.dtype for t in tensors}
-    return _triton_available() and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float16, torch.bfloat16}
+    return (
+        _kernel_compiler_available() and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float16, torch.bfloat16}
+    )
 
 
 def reference_ops() -> list:

@@ -9,14 +9,14 @@ N = output channels and K = input channels x taps::
 
 (zero outside the image; X is never materialised: each K step gathers its tile straight from x).
 
-- :func:`dynamic_conv2d_triton` (``_dynamic_conv2d_igemm``): the kernel to run. ``@triton.autotune``
+- :func:`dynamic_conv2d_cuda` (``_dynamic_conv2d_igemm``): the kernel to run. ``@triton.autotune``
   over a handful of tile shapes keyed on the problem's shape and dtype; the K loop walks
   ``k = ci*kH*kW + tap`` in the weight's own order, so a weight tile is a contiguous read per output
   channel; fp32 inputs use TF32 tensor-core products when torch allows them
   (``torch.backends.cuda.matmul.allow_tf32``) or when asked (``allow_tf32=True``), IEEE fp32 otherwise;
   fp16 and bf16 load as they are. Under ``TRITON_INTERPRET=1`` one small tile shape is tried, so the
   CPU tests stay fast.
-- ``_dynamic_conv2d_fwd`` with :func:`dynamic_conv2d_triton_fixed`: the fixed-tile kernel of the
+- ``_dynamic_conv2d_fwd`` with :func:`dynamic_conv2d_cuda_fixed`: the fixed-tile kernel of the
   TensorRT plugin (``plugins/dynamic_conv/trt_plugin.py`` compiles it ahead of time with its own launch
   plan; its parameters are that plugin's contract). Loops over the taps and, per tap, over chunks of
   ``BLOCK_CI`` input channels. fp32 uses IEEE products there (``DOT_PRECISION="ieee"``).
@@ -124,7 +124,7 @@ def _block(n: int, lo: int, hi: int) -> int:
     return min(max(triton.next_power_of_2(n), lo), hi)
 
 
-def dynamic_conv2d_triton_fixed(
+def dynamic_conv2d_cuda_fixed(
     x: torch.Tensor,
     weight: torch.Tensor,
     stride: Sequence[int],
@@ -135,8 +135,7 @@ def dynamic_conv2d_triton_fixed(
     """Per-sample convolution with the TensorRT plugin's fixed-tile kernel (its launch plan); as ``op.reference``."""
     if x.dtype not in _SUPPORTED or weight.dtype != x.dtype:
         raise TypeError(
-            f"dynamic_conv2d_triton_fixed: x and weight must share one of {_SUPPORTED}, "
-            f"got {x.dtype} and {weight.dtype}"
+            f"dynamic_conv2d_cuda_fixed: x and weight must share one of {_SUPPORTED}, got {x.dtype} and {weight.dtype}"
         )
     x = x.contiguous()
     weight = weight.contiguous()
@@ -318,7 +317,7 @@ def tf32_allowed() -> bool:
     return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
-def dynamic_conv2d_triton(
+def dynamic_conv2d_cuda(
     x: torch.Tensor,
     weight: torch.Tensor,
     stride: Sequence[int],
@@ -333,7 +332,7 @@ def dynamic_conv2d_triton(
     ``torch.backends.cuda.matmul.allow_tf32``."""
     if x.dtype not in _SUPPORTED or weight.dtype != x.dtype:
         raise TypeError(
-            f"dynamic_conv2d_triton: x and weight must share one of {_SUPPORTED}, got {x.dtype} and {weight.dtype}"
+            f"dynamic_conv2d_cuda: x and weight must share one of {_SUPPORTED}, got {x.dtype} and {weight.dtype}"
         )
     x = x.contiguous()
     weight = weight.contiguous()

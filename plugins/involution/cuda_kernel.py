@@ -12,7 +12,7 @@ block's channels) and gathers one ``BLOCK_C x BLOCK_P`` tile of x (masked for pa
 edges). Accumulates in fp32; stores in the input dtype. This is the kernel the op and the TensorRT
 plugin run (the plugin compiles ``_involution2d_fwd`` with its own launch plan).
 
-A candidate, :func:`involution2d_triton_rows`, keeps each padded input row in registers and takes the
+A candidate, :func:`involution2d_cuda_rows`, keeps each padded input row in registers and takes the
 column taps from it with ``tl.gather`` (warp shuffles when compiled for sm_90), reading x ``k`` times
 per output row instead of ``k*k``. It is timed beside the default by ``attn-export bench --device
 cuda``; the op switches to it only once a GPU shows it faster.
@@ -93,13 +93,13 @@ def _involution2d_fwd(
     )
 
 
-def involution2d_triton(
+def involution2d_cuda(
     x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int, padding: int, dilation: int
 ) -> torch.Tensor:
     """Involution forward with the Triton kernel; same arguments and result as ``op.reference``."""
     if x.dtype not in _SUPPORTED or weight.dtype != x.dtype:
         raise TypeError(
-            f"involution2d_triton: x and weight must share one of {_SUPPORTED}, got {x.dtype} and {weight.dtype}"
+            f"involution2d_cuda: x and weight must share one of {_SUPPORTED}, got {x.dtype} and {weight.dtype}"
         )
     x = x.contiguous()
     weight = weight.contiguous()
@@ -211,7 +211,7 @@ def _involution2d_rows(
             tl.store(o_base + oh * Wo + ow[None, :], acc.to(out_ptr.dtype.element_ty), mask=cm & ow_ok[None, :])
 
 
-def involution2d_triton_rows(
+def involution2d_cuda_rows(
     x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int, padding: int, dilation: int
 ) -> torch.Tensor:
     """Involution forward with the row-reuse kernel (a candidate, timed beside the default one by
@@ -219,7 +219,7 @@ def involution2d_triton_rows(
     ``op.reference``; a padded input row wider than :data:`ROWS_MAX_WIDTH` is a ``ValueError``."""
     if x.dtype not in _SUPPORTED or weight.dtype != x.dtype:
         raise TypeError(
-            f"involution2d_triton_rows: x and weight must share one of {_SUPPORTED}, got {x.dtype} and {weight.dtype}"
+            f"involution2d_cuda_rows: x and weight must share one of {_SUPPORTED}, got {x.dtype} and {weight.dtype}"
         )
     x = x.contiguous()
     weight = weight.contiguous()
@@ -229,7 +229,7 @@ def involution2d_triton_rows(
     cg = c // g
     block_win = triton.next_power_of_2(w + 2 * padding)
     if block_win > ROWS_MAX_WIDTH:
-        raise ValueError(f"involution2d_triton_rows: padded rows of {w + 2 * padding} exceed {ROWS_MAX_WIDTH}")
+        raise ValueError(f"involution2d_cuda_rows: padded rows of {w + 2 * padding} exceed {ROWS_MAX_WIDTH}")
     out = torch.empty((b, c, ho, wo), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out

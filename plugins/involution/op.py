@@ -73,14 +73,14 @@ def _(x, weight, kernel_size, stride=1, padding=0, dilation=1):
 
 @involution2d.register_kernel("cuda")
 def _(x, weight, kernel_size, stride=1, padding=0, dilation=1):
-    from attn_export.plugins import use_triton
+    from attn_export.plugins import use_cuda_kernel
 
-    if not use_triton(x, weight):
+    if not use_cuda_kernel(x, weight):
         return reference(x, weight, kernel_size, stride, padding, dilation)
-    from attn_export.plugins.involution.cuda_kernel import involution2d_triton
+    from attn_export.plugins.involution.cuda_kernel import involution2d_cuda
 
     check_args(x, weight, kernel_size, stride, padding, dilation)
-    return involution2d_triton(x, weight, kernel_size, stride, padding, dilation)
+    return involution2d_cuda(x, weight, kernel_size, stride, padding, dilation)
 
 
 def _setup_context(ctx, inputs, output):

@@ -14,7 +14,7 @@ is (B, C, Ho, Wo) in the input's type. :func:`register` defines, with ``tensorrt
   a 1-D grid and the scalars as shape expressions of the batch, so the engine runs without Python.
 
 The AOT launch geometry (grid, scalars, block sizes) is :func:`launch_plan`, equal to what
-``cuda_kernel.involution2d_triton`` uses (a test holds them together).
+``cuda_kernel.involution2d_cuda`` uses (a test holds them together).
 
 No ``from __future__ import annotations`` here: ``tensorrt.plugin`` reads the annotations of the
 registered functions as objects.

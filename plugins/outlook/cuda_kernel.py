@@ -176,13 +176,13 @@ def _outlook_aggregate_fwd(
         _phase_block(v_base, a_base, o_base, c_offs, c_mask, H, W, GH, GW, sel, local, K, PAD, STRIDE, BLOCK_C, BLOCK_P)
 
 
-def outlook_aggregate_triton(
+def outlook_aggregate_cuda(
     v: torch.Tensor, attn: torch.Tensor, kernel_size: int, padding: int, stride: int
 ) -> torch.Tensor:
     """Outlook aggregation with the Triton kernel; same arguments and result as ``op.reference``."""
     if v.dtype not in _SUPPORTED or attn.dtype != v.dtype:
         raise TypeError(
-            f"outlook_aggregate_triton: v and attn must share one of {_SUPPORTED}, got {v.dtype} and {attn.dtype}"
+            f"outlook_aggregate_cuda: v and attn must share one of {_SUPPORTED}, got {v.dtype} and {attn.dtype}"
         )
     v = v.contiguous()
     attn = attn.contiguous()

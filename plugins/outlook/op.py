@@ -81,14 +81,14 @@ def _(v, attn, kernel_size=3, padding=1, stride=1):
 
 @outlook_aggregate.register_kernel("cuda")
 def _(v, attn, kernel_size=3, padding=1, stride=1):
-    from attn_export.plugins import use_triton
+    from attn_export.plugins import use_cuda_kernel
 
-    if not use_triton(v, attn):
+    if not use_cuda_kernel(v, attn):
         return reference(v, attn, kernel_size, padding, stride)
-    from attn_export.plugins.outlook.cuda_kernel import outlook_aggregate_triton
+    from attn_export.plugins.outlook.cuda_kernel import outlook_aggregate_cuda
 
     check_args(v, attn, kernel_size, padding, stride)
-    return outlook_aggregate_triton(v, attn, kernel_size, padding, stride)
+    return outlook_aggregate_cuda(v, attn, kernel_size, padding, stride)
 
 
 def _setup_context(ctx, inputs, output):

@@ -35,13 +35,13 @@ from attn_export.plugins.dynamic_conv import cuda_kernel as dconv_tk
 from attn_export.plugins.dynamic_conv import op as dconv_op
 from attn_export.plugins.dynamic_conv.cuda_kernel import (
     _dynamic_conv2d_fwd,
-    dynamic_conv2d_triton,
-    dynamic_conv2d_triton_fixed,
+    dynamic_conv2d_cuda,
+    dynamic_conv2d_cuda_fixed,
 )
 from attn_export.plugins.involution import op as inv_op
-from attn_export.plugins.involution.cuda_kernel import involution2d_triton, involution2d_triton_rows
+from attn_export.plugins.involution.cuda_kernel import involution2d_cuda, involution2d_cuda_rows
 from attn_export.plugins.outlook import op as outlook_op
-from attn_export.plugins.outlook.cuda_kernel import outlook_aggregate_triton
+from attn_export.plugins.outlook.cuda_kernel import outlook_aggregate_cuda
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 # The kernels were decorated when their module was first imported; if that happened before the
@@ -160,7 +160,7 @@ def test_involution2d_fp32(case):
     k, s, p, d = case[5:]
     x, weight = _involution_inputs(1, *case)
     expected = inv_op.reference(x, weight, k, s, p, d)
-    out = involution2d_triton(x.float().to(DEVICE), weight.float().to(DEVICE), k, s, p, d)
+    out = involution2d_cuda(x.float().to(DEVICE), weight.float().to(DEVICE), k, s, p, d)
     _check(out, expected, torch.float32)
 
 
@@ -172,7 +172,7 @@ def test_involution2d_half(case, dtype):
     x, weight = _involution_inputs(2, *case)
     x, weight = x.to(dtype), weight.to(dtype)  # the reference sees the same rounded inputs
     expected = inv_op.reference(x.double(), weight.double(), k, s, p, d)
-    _check(involution2d_triton(x.to(DEVICE), weight.to(DEVICE), k, s, p, d), expected, dtype)
+    _check(involution2d_cuda(x.to(DEVICE), weight.to(DEVICE), k, s, p, d), expected, dtype)
 
 
 @needs_device
@@ -180,7 +180,7 @@ def test_involution2d_half(case, dtype):
 def test_involution2d_matches_naive_loops(case):
     k, s, p, d = case[5:]
     x, weight = _involution_inputs(13, *case)
-    out = involution2d_triton(x.float().to(DEVICE), weight.float().to(DEVICE), k, s, p, d)
+    out = involution2d_cuda(x.float().to(DEVICE), weight.float().to(DEVICE), k, s, p, d)
     _check(out, naive_involution(x, weight, k, s, p, d), torch.float32)
 
 
@@ -190,7 +190,7 @@ def test_involution2d_non_contiguous():
     expected = inv_op.reference(x, weight, 3, 2, 1, 1)
     x_cl = x.float().to(DEVICE).to(memory_format=torch.channels_last)
     w_t = weight.float().to(DEVICE).transpose(-1, -2).contiguous().transpose(-1, -2)
-    _check(involution2d_triton(x_cl, w_t, 3, 2, 1, 1), expected, torch.float32)
+    _check(involution2d_cuda(x_cl, w_t, 3, 2, 1, 1), expected, torch.float32)
 
 
 @needs_device
@@ -202,7 +202,7 @@ def test_involution2d_rows_candidate(case):
     k, s, p, d = case[5:]
     x, weight = _involution_inputs(18, *case)
     expected = inv_op.reference(x, weight, k, s, p, d)
-    out = involution2d_triton_rows(x.float().to(DEVICE), weight.float().to(DEVICE), k, s, p, d)
+    out = involution2d_cuda_rows(x.float().to(DEVICE), weight.float().to(DEVICE), k, s, p, d)
     _check(out, expected, torch.float32)
 
 
@@ -213,13 +213,13 @@ def test_involution2d_rows_candidate_half_and_non_contiguous(dtype):
     x, weight = x.to(dtype), weight.to(dtype)
     expected = inv_op.reference(x.double(), weight.double(), 3, 2, 1, 1)
     x_cl = x.to(DEVICE).to(memory_format=torch.channels_last)
-    _check(involution2d_triton_rows(x_cl, weight.to(DEVICE), 3, 2, 1, 1), expected, dtype)
+    _check(involution2d_cuda_rows(x_cl, weight.to(DEVICE), 3, 2, 1, 1), expected, dtype)
 
 
 def test_involution2d_rows_candidate_refuses_rows_it_cannot_hold():
     x, weight = torch.zeros(1, 2, 3, 600), torch.zeros(1, 1, 9, 3, 600)
     with pytest.raises(ValueError, match="exceed"):
-        involution2d_triton_rows(x, weight, 3, 1, 1, 1)
+        involution2d_cuda_rows(x, weight, 3, 1, 1, 1)
 
 
 # -------------------------------------------------------------------------------------------- dynamic conv
@@ -253,7 +253,7 @@ def test_dynamic_conv2d_fp32(case):
     b, cin, cout, groups, h, w, kh, kw, s, p, d = case
     x, weight = _dconv_inputs(4, b, cin, cout, groups, h, w, kh, kw)
     expected = dconv_op.reference(x, weight, s, p, d, groups)
-    out = dynamic_conv2d_triton(x.float().to(DEVICE), weight.float().to(DEVICE), s, p, d, groups)
+    out = dynamic_conv2d_cuda(x.float().to(DEVICE), weight.float().to(DEVICE), s, p, d, groups)
     _check(out, expected, torch.float32)
 
 
@@ -263,7 +263,7 @@ def test_dynamic_conv2d_half(dtype):
     x, weight = _dconv_inputs(5, 2, 8, 8, 2, 7, 9, 3, 3)
     x, weight = x.to(dtype), weight.to(dtype)
     expected = dconv_op.reference(x.double(), weight.double(), (2, 1), (1, 1), (1, 1), 2)
-    out = dynamic_conv2d_triton(x.to(DEVICE), weight.to(DEVICE), (2, 1), (1, 1), (1, 1), 2)
+    out = dynamic_conv2d_cuda(x.to(DEVICE), weight.to(DEVICE), (2, 1), (1, 1), (1, 1), 2)
     _check(out, expected, dtype)
 
 
@@ -272,7 +272,7 @@ def test_dynamic_conv2d_half(dtype):
 def test_dynamic_conv2d_matches_per_sample_convolutions(case):
     b, cin, cout, groups, h, w, kh, kw, s, p, d = case
     x, weight = _dconv_inputs(14, b, cin, cout, groups, h, w, kh, kw)
-    out = dynamic_conv2d_triton(x.float().to(DEVICE), weight.float().to(DEVICE), s, p, d, groups)
+    out = dynamic_conv2d_cuda(x.float().to(DEVICE), weight.float().to(DEVICE), s, p, d, groups)
     _check(out, naive_dynamic_conv(x, weight, s, p, d, groups), torch.float32)
 
 
@@ -281,7 +281,7 @@ def test_dynamic_conv2d_tf32():
     """TF32 products (10-bit mantissa inputs, fp32 accumulation): close to fp32 at TF32's tolerance."""
     x, weight = _dconv_inputs(15, 2, 16, 8, 1, 7, 9, 3, 3)
     expected = dconv_op.reference(x, weight, (1, 1), (1, 1), (1, 1), 1)
-    out = dynamic_conv2d_triton(
+    out = dynamic_conv2d_cuda(
         x.float().to(DEVICE), weight.float().to(DEVICE), (1, 1), (1, 1), (1, 1), 1, allow_tf32=True
     )
     assert out.dtype == torch.float32
@@ -309,7 +309,7 @@ def test_dynamic_conv2d_precision_follows_torch_unless_told(monkeypatch, dtype, 
     monkeypatch.setattr(dconv_tk, "_igemm", lambda: Recorder())
     monkeypatch.setattr(dconv_tk, "tf32_allowed", lambda: flag)
     x, weight = torch.randn(1, 4, 5, 5).to(dtype), torch.randn(1, 4, 4, 3, 3).to(dtype)
-    dynamic_conv2d_triton(x, weight, (1, 1), (1, 1), (1, 1), 1, allow_tf32=arg)
+    dynamic_conv2d_cuda(x, weight, (1, 1), (1, 1), (1, 1), 1, allow_tf32=arg)
     assert [c["DOT_PRECISION"] for c in calls] == [expected]
 
 
@@ -347,7 +347,7 @@ def test_dynamic_conv2d_fixed_tile_kernel(case, dtype):
     x, weight = _dconv_inputs(16, b, cin, cout, groups, h, w, kh, kw)
     x, weight = x.to(dtype), weight.to(dtype)
     expected = dconv_op.reference(x.double(), weight.double(), s, p, d, groups)
-    _check(dynamic_conv2d_triton_fixed(x.to(DEVICE), weight.to(DEVICE), s, p, d, groups), expected, dtype)
+    _check(dynamic_conv2d_cuda_fixed(x.to(DEVICE), weight.to(DEVICE), s, p, d, groups), expected, dtype)
 
 
 @needs_device
@@ -356,7 +356,7 @@ def test_dynamic_conv2d_non_contiguous():
     expected = dconv_op.reference(x, weight, (2, 1), (1, 1), (1, 1), 2)
     x_cl = x.float().to(DEVICE).to(memory_format=torch.channels_last)
     w_t = weight.float().to(DEVICE).transpose(1, 2).contiguous().transpose(1, 2)
-    _check(dynamic_conv2d_triton(x_cl, w_t, [2, 1], [1, 1], [1, 1], 2), expected, torch.float32)
+    _check(dynamic_conv2d_cuda(x_cl, w_t, [2, 1], [1, 1], [1, 1], 2), expected, torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------ outlook
@@ -389,7 +389,7 @@ def test_outlook_aggregate_fp32(case):
     k, p, s = case[5:]
     v, attn = _outlook_inputs(7, *case)
     expected = outlook_op.reference(v, attn, k, p, s)
-    out = outlook_aggregate_triton(v.float().to(DEVICE), attn.float().to(DEVICE), k, p, s)
+    out = outlook_aggregate_cuda(v.float().to(DEVICE), attn.float().to(DEVICE), k, p, s)
     _check(out, expected, torch.float32)
 
 
@@ -400,7 +400,7 @@ def test_outlook_aggregate_half(stride, dtype):
     v, attn = _outlook_inputs(8, 2, 8, 2, 7, 9, 3, 1, stride)
     v, attn = v.to(dtype), attn.softmax(-1).to(dtype)  # softmaxed, as in VOLO
     expected = outlook_op.reference(v.double(), attn.double(), 3, 1, stride)
-    _check(outlook_aggregate_triton(v.to(DEVICE), attn.to(DEVICE), 3, 1, stride), expected, dtype)
+    _check(outlook_aggregate_cuda(v.to(DEVICE), attn.to(DEVICE), 3, 1, stride), expected, dtype)
 
 
 @needs_device
@@ -408,7 +408,7 @@ def test_outlook_aggregate_half(stride, dtype):
 def test_outlook_aggregate_matches_naive_loops(case):
     k, p, s = case[5:]
     v, attn = _outlook_inputs(17, *case)
-    out = outlook_aggregate_triton(v.float().to(DEVICE), attn.float().to(DEVICE), k, p, s)
+    out = outlook_aggregate_cuda(v.float().to(DEVICE), attn.float().to(DEVICE), k, p, s)
     _check(out, naive_outlook(v, attn, k, p, s), torch.float32)
 
 
@@ -418,7 +418,7 @@ def test_outlook_aggregate_non_contiguous():
     expected = outlook_op.reference(v, attn, 3, 1, 2)
     v_cl = v.float().to(DEVICE).to(memory_format=torch.channels_last)
     a_t = attn.float().to(DEVICE).transpose(-1, -2).contiguous().transpose(-1, -2)
-    _check(outlook_aggregate_triton(v_cl, a_t, 3, 1, 2), expected, torch.float32)
+    _check(outlook_aggregate_cuda(v_cl, a_t, 3, 1, 2), expected, torch.float32)
 
 
 # ---------------------------------------------------------------------------------- public ops on a GPU

@@ -243,7 +243,7 @@ def _record_launch(monkeypatch, module_name: str, kernel: str, call):
 
 
 @pytest.mark.parametrize("case", INVOLUTION_CASES)
-def test_involution_launch_plan_is_the_triton_launchers(monkeypatch, case):
+def test_involution_launch_plan_is_the_cuda_kernels_launchers(monkeypatch, case):
     pytest.importorskip("triton")
     xs, ws, attrs = involution_shapes(case)
     x, w = torch.zeros(xs), torch.zeros(ws)
@@ -251,7 +251,7 @@ def test_involution_launch_plan_is_the_triton_launchers(monkeypatch, case):
         monkeypatch,
         "attn_export.plugins.involution.cuda_kernel",
         "_involution2d_fwd",
-        lambda m: m.involution2d_triton(x, w, *attrs),
+        lambda m: m.involution2d_cuda(x, w, *attrs),
     )
     block_c, block_p = inv_trt.blocks(xs[1] // ws[1], ws[3] * ws[4])
     plan_grid, scalars, constexprs = inv_trt.launch_plan(xs, ws, *attrs, block_c, block_p)
@@ -265,7 +265,7 @@ def test_involution_launch_plan_is_the_triton_launchers(monkeypatch, case):
 
 
 @pytest.mark.parametrize("case", DCONV_CASES)
-def test_dynamic_conv_launch_plan_is_the_triton_launchers(monkeypatch, case):
+def test_dynamic_conv_launch_plan_is_the_cuda_kernels_launchers(monkeypatch, case):
     pytest.importorskip("triton")
     xs, ws, (s, p, d, g) = dconv_shapes(case)
     x, w = torch.zeros(xs), torch.zeros(ws)
@@ -273,7 +273,7 @@ def test_dynamic_conv_launch_plan_is_the_triton_launchers(monkeypatch, case):
         monkeypatch,
         "attn_export.plugins.dynamic_conv.cuda_kernel",
         "_dynamic_conv2d_fwd",
-        lambda m: m.dynamic_conv2d_triton_fixed(x, w, s, p, d, g),
+        lambda m: m.dynamic_conv2d_cuda_fixed(x, w, s, p, d, g),
     )
     ho, wo = dconv_trt.output_shape(xs, ws, s, p, d, g)[2:]
     blocks = dconv_trt.blocks(ws[1] // g, ws[2], ho * wo)
@@ -287,7 +287,7 @@ def test_dynamic_conv_launch_plan_is_the_triton_launchers(monkeypatch, case):
 
 
 @pytest.mark.parametrize("case", OUTLOOK_CASES)
-def test_outlook_launch_plan_is_the_triton_launchers(monkeypatch, case):
+def test_outlook_launch_plan_is_the_cuda_kernels_launchers(monkeypatch, case):
     pytest.importorskip("triton")
     vs, attn_s, attrs = outlook_shapes(case)
     v, a = torch.zeros(vs), torch.zeros(attn_s)
@@ -295,7 +295,7 @@ def test_outlook_launch_plan_is_the_triton_launchers(monkeypatch, case):
         monkeypatch,
         "attn_export.plugins.outlook.cuda_kernel",
         "_outlook_aggregate_fwd",
-        lambda m: m.outlook_aggregate_triton(v, a, *attrs),
+        lambda m: m.outlook_aggregate_cuda(v, a, *attrs),
     )
     block_c, block_p = outlook_trt.blocks(vs[1] // attn_s[1], vs[2] * vs[3])
     plan_grid, scalars, constexprs = outlook_trt.launch_plan(vs, attn_s, *attrs, block_c, block_p)
