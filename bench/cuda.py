@@ -212,12 +212,12 @@ def reference_kernels() -> Iterator[None]:
     """Inside: the ops' CUDA kernels take their plain-torch reference instead of Triton (restored after)."""
     import attn_export.plugins as plugins
 
-    saved = plugins._kernel_compiler_available
-    plugins._kernel_compiler_available = lambda: False
+    saved = plugins._kernels_available
+    plugins._kernels_available = lambda: False
     try:
         yield
     finally:
-        plugins._kernel_compiler_available = saved
+        plugins._kernels_available = saved
 
 
 def _torch_dtype(name: str):

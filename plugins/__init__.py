@@ -35,7 +35,7 @@ TARGETS = ("ort", "trt")
 
 
 @functools.cache
-def _kernel_compiler_available() -> bool:
+def _kernels_available() -> bool:
     """Whether Triton can be imported (checked once, without importing it)."""
     return importlib.util.find_spec("triton") is not None
 
@@ -53,7 +53,7 @@ def use_cuda_kernel(*tensors) -> bool:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     dtypes = {t.dtype for t in tensors}
     return (
-        _kernel_compiler_available() and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float16, torch.bfloat16}
+        _kernels_available() and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float16, torch.bfloat16}
     )
 
 
