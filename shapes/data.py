@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from attn_export.files import atomic_path, write_text
+
 CLASSES = ("circle", "triangle", "rectangle", "star")
 CATEGORIES = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
 
@@ -473,9 +475,8 @@ def write_coco(folder: str | os.PathLike, seed: int, count: int, start: int = 0)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     images, coco = coco_dataset(seed, count, start)
     for img, info in zip(images, coco["images"], strict=True):
-        Image.fromarray(img).save(folder / "images" / info["file_name"])
+        with atomic_path(folder / "images" / info["file_name"]) as tmp:
+            Image.fromarray(img).save(tmp, format="PNG")
     path = folder / "instances.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(coco))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(coco))
     return path

@@ -18,24 +18,25 @@ import torch
 import torch.nn.functional as F
 
 
-def box_iou_pairs(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """IoU of ``x1, y1, x2, y2`` boxes broadcast elementwise: (..., 4) x (..., 4) -> (...)."""
+def _intersection_union(a: torch.Tensor, b: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intersection and union (plus ``eps``) of ``x1, y1, x2, y2`` boxes broadcast elementwise."""
     lt = torch.maximum(a[..., :2], b[..., :2])
     rb = torch.minimum(a[..., 2:], b[..., 2:])
     inter = (rb - lt).clamp(min=0).prod(-1)
     area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1)
     area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
-    return inter / (area_a + area_b - inter + eps)
+    return inter, area_a + area_b - inter + eps
+
+
+def box_iou_pairs(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """IoU of ``x1, y1, x2, y2`` boxes broadcast elementwise: (..., 4) x (..., 4) -> (...)."""
+    inter, union = _intersection_union(a, b, eps)
+    return inter / union
 
 
 def giou_pairs(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Generalised IoU, elementwise."""
-    lt = torch.maximum(a[..., :2], b[..., :2])
-    rb = torch.minimum(a[..., 2:], b[..., 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1)
-    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
-    union = area_a + area_b - inter + eps
+    inter, union = _intersection_union(a, b, eps)
     hull = (torch.maximum(a[..., 2:], b[..., 2:]) - torch.minimum(a[..., :2], b[..., :2])).clamp(min=0).prod(-1)
     return inter / union - (hull - union) / (hull + eps)
 

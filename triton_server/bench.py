@@ -23,6 +23,8 @@ import io
 import json
 import os
 import platform
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from attn_export.files import write_text
 
 TARGETS = ("detect", "v2", "triton")
 
@@ -138,20 +142,6 @@ async def _run(target: str, url: str, name: str, images: list[bytes], concurrenc
     return result
 
 
-def _wait(url: str, path: str, proc: subprocess.Popen, timeout: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} was not ready within {timeout:g} s")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m attn_export.triton_server.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", type=Path, default=Path("models/shapes_detector.pt"))
@@ -165,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from attn_export.detection.loader import model_kind
-    from attn_export.triton_server.launcher import TritonServer
+    from attn_export.triton_server.launcher import TritonServer, wait_until_ready
     from attn_export.triton_server.repository import write_repository
 
     work = Path(tempfile.mkdtemp(prefix="attn-export-bench-"))
@@ -190,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {t: Result(t) for t in TARGETS}
     try:
         triton.start().wait_ready(120)
-        _wait(ours_url, "/readyz", ours, 120)
+        wait_until_ready(f"{ours_url}/readyz", ours, 120)
         images = _images()
         urls = {"detect": ours_url, "v2": ours_url, "triton": triton.url}
         for r in range(args.rounds):
@@ -207,13 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         triton.stop()
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(ours.pid, 15)
+            os.killpg(ours.pid, signal.SIGTERM)
         try:
             ours.wait(30)
         except subprocess.TimeoutExpired:
-            os.killpg(ours.pid, 9)
-        import shutil
-
+            os.killpg(ours.pid, signal.SIGKILL)
         shutil.rmtree(work, ignore_errors=True)
     base = results["detect"].rps or 1.0
     label = {"detect": "attn-export serve, POST /detect", "v2": "attn-export serve, POST /v2 infer",
@@ -227,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {label[t]} | {s['requests']} | {s['errors']} | {s['rps']:.2f} | {s['p50_ms']} | {s['p99_ms']} | "
               f"{results[t].rps / base:.2f}x |")  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         "results": [results[t].summary() for t in TARGETS]}, indent=2))  # fmt: skip
+        summary = {"args": {k: str(v) for k, v in vars(args).items()}}
+        summary["results"] = [results[t].summary() for t in TARGETS]
+        write_text(args.json, json.dumps(summary, indent=2))
     return 0 if all(results[t].errors == 0 for t in TARGETS) else 1
 
 

@@ -14,6 +14,10 @@ there, such as an editable install's, then take effect). The wheel's stub is bui
 where this environment has numpy 2, a folder holding numpy < 2 goes first (``<sys.prefix>/triton-stub``
 or ``ATTN_EXPORT_TRITON_STUB_SITE``; :func:`stub_site_command` prints the command that makes it).
 
+A repository written by an attn-export whose Python-backend models imported ``attn_export.serve.triton_model``
+(the module is now :mod:`attn_export.triton_server.model`) is refused before the server starts
+(:class:`OutdatedRepository`; the message gives the ``sed`` command that rewrites it).
+
 Every port listens on 127.0.0.1 unless ``--address`` says otherwise. :class:`TritonServer` starts the
 server in its own process group and always ends that whole group (the stubs too) on exit.
 """
@@ -44,6 +48,8 @@ INSTALL_HINT = (
     "profile triton)"
 )
 ARGS_FILE = "tritonserver.args"
+MODEL_MODULE = "attn_export.triton_server.model"  # what a repository's model.py imports
+OLD_MODEL_MODULE = "attn_export.serve.triton_model"  # what it imported in repositories of older releases
 
 
 class TritonNotFound(RuntimeError):
@@ -52,6 +58,10 @@ class TritonNotFound(RuntimeError):
 
 class TritonFailed(RuntimeError):
     """tritonserver exited or did not get ready; the message holds the end of its log."""
+
+
+class OutdatedRepository(RuntimeError):
+    """The repository's models import a module that no longer exists; the message says how to rewrite them."""
 
 
 @dataclass
@@ -206,6 +216,22 @@ def repository_args(repo: Path) -> list[str]:
     return out
 
 
+def check_repository(repo: Path) -> None:
+    """:class:`OutdatedRepository` if a model's ``model.py`` imports :data:`OLD_MODEL_MODULE`."""
+    old = sorted(
+        path.parent.parent.name
+        for path in repo.glob("*/1/model.py")
+        if OLD_MODEL_MODULE in path.read_text(encoding="utf-8", errors="replace")
+    )
+    if old:
+        where = shlex.quote(str(repo))
+        raise OutdatedRepository(
+            f"{repo}: the model.py of {', '.join(old)} imports {OLD_MODEL_MODULE}, which is now {MODEL_MODULE}; "
+            f"rewrite it with:  sed -i 's/{OLD_MODEL_MODULE}/{MODEL_MODULE}/' {where}/*/1/model.py  "
+            f"(or write the repository again: attn-export triton MODEL --repo {where} --force)"
+        )
+
+
 def command(
     install: Installation,
     repo: Path,
@@ -229,6 +255,23 @@ def command(
         *install.args,
         *repository_args(repo),
     ]
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, timeout: float) -> None:
+    """Poll ``url`` until it answers 200: :class:`ChildProcessError` if ``process`` exits first,
+    :class:`TimeoutError` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ChildProcessError(f"the server exited with status {process.returncode}")
+        with (
+            contextlib.suppress(urllib.error.URLError, OSError),
+            urllib.request.urlopen(url, timeout=2) as r,
+        ):
+            if r.status == 200:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} was not ready within {timeout:g} s")
 
 
 class TritonServer:
@@ -262,6 +305,7 @@ class TritonServer:
     def start(self) -> TritonServer:
         if not self.repo.is_dir():
             raise FileNotFoundError(f"{self.repo}: no such model repository")
+        check_repository(self.repo)
         self.install = find_tritonserver()
         argv = command(
             self.install, self.repo, self.http_port, self.grpc_port, self.metrics_port, self.address, self.exit_timeout
@@ -292,18 +336,15 @@ class TritonServer:
 
     def wait_ready(self, timeout: float = 60.0) -> TritonServer:
         """Poll ``/v2/health/ready`` until it answers 200; :class:`TritonFailed` if the server exits or times out."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise TritonFailed(f"tritonserver exited with status {self.process.returncode}:\n{self.log_tail()}")
-            with (
-                contextlib.suppress(urllib.error.URLError, OSError),
-                urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=2) as r,
-            ):
-                if r.status == 200:
-                    return self
-            time.sleep(0.2)
-        raise TritonFailed(f"tritonserver was not ready within {timeout:g} s:\n{self.log_tail()}")
+        try:
+            wait_until_ready(f"{self.url}/v2/health/ready", self.process, timeout)
+        except ChildProcessError:
+            raise TritonFailed(
+                f"tritonserver exited with status {self.process.returncode}:\n{self.log_tail()}"
+            ) from None
+        except TimeoutError:
+            raise TritonFailed(f"tritonserver was not ready within {timeout:g} s:\n{self.log_tail()}") from None
+        return self
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM the server's process group, SIGKILL it after ``timeout``; returns the exit status."""
@@ -362,6 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not args.repo.is_dir():
         print(f"attn-export triton serve: error: {args.repo}: no such model repository", file=sys.stderr)
+        return 2
+    try:
+        check_repository(args.repo)
+    except OutdatedRepository as e:
+        print(f"attn-export triton serve: error: {e}", file=sys.stderr)
         return 2
     server = TritonServer(args.repo, args.http_port, args.grpc_port, args.metrics_port, args.address, extra_args=extra)
     try:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import sys
@@ -44,12 +43,10 @@ from attn_export.detection.contract import (
     string_parameters,
     to_pbtxt,
 )
-
-log = logging.getLogger("attn_export.serve")
+from attn_export.triton_server.launcher import ARGS_FILE
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
 DEFAULT_MAX_BATCH = 8
-ARGS_FILE = "tritonserver.args"
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 _NUMPY_TO_V2 = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32", "uint8": "UINT8"}
 
@@ -102,6 +99,11 @@ class Network:
     @property
     def num_classes(self) -> int:
         return int(self.output_dims[-1]) - 4
+
+    @property
+    def model_file(self) -> str:
+        """The file name it has in a model's version folder."""
+        return "model.plan" if self.kind == "engine" else "model.onnx"
 
 
 @dataclass
@@ -291,8 +293,7 @@ def python_configs(
     name: str, net: Network, max_batch: int, instances: int, kind: str, defaults: Params, delay_us: int, extra: dict
 ) -> dict[str, tuple[dict, str]]:
     """``{model name: (config, model.py class)}`` for the one-model Python-backend repository."""
-    file = "model.plan" if net.kind == "engine" else "model.onnx"
-    params = {"model_file": file, "network_max_batch": net.max_batch or max_batch, **extra}
+    params = {"model_file": net.model_file, "network_max_batch": net.max_batch or max_batch, **extra}
     config = model_config(
         name, max_batch=max_batch, class_names=_class_names(net), input_size=net.input_size, defaults=defaults,
         instances=instances, instance_kind=kind, max_queue_delay_us=delay_us, parameters=params,
@@ -329,15 +330,11 @@ def ensemble_configs(
         "instance_group": cpu_group,
         "parameters": string_parameters({**common, "network_input": net.input_name, **extra}),
     }  # fmt: skip
-    net_cfg: dict = {"name": network, "max_batch_size": max_batch, "input": [net_in], "output": [net_out]}
-    if backend == "onnxruntime":
-        net_cfg = {"name": network, "platform": "onnxruntime_onnx", **{k: v for k, v in net_cfg.items() if k != "name"}}
-        net_cfg["default_model_filename"] = "model.onnx"
-    else:
-        net_cfg = {"name": network, "platform": "tensorrt_plan", **{k: v for k, v in net_cfg.items() if k != "name"}}
-        net_cfg["default_model_filename"] = "model.plan"
-    net_cfg["dynamic_batching"] = {"max_queue_delay_microseconds": int(delay_us)}
-    net_cfg["instance_group"] = group
+    net_cfg = {
+        "name": network, "platform": "onnxruntime_onnx" if backend == "onnxruntime" else "tensorrt_plan",
+        "max_batch_size": max_batch, "input": [net_in], "output": [net_out], "default_model_filename": net.model_file,
+        "dynamic_batching": {"max_queue_delay_microseconds": int(delay_us)}, "instance_group": group,
+    }  # fmt: skip
     post_params = {**common, "conf": defaults.conf, "iou": defaults.iou, "max_det": defaults.max_det}
     post_cfg = {
         "name": post, "backend": "python", "max_batch_size": max_batch,
@@ -480,8 +477,7 @@ def _write(
             (folder / "1" / "model.py").write_text(MODEL_PY.format(version=__version__, what=what, cls=cls))
         network_here = (backend == "python" and model_name == name) or model_name == f"{name}_network"
         if network_here:
-            target = folder / "1" / ("model.plan" if net.kind == "engine" else "model.onnx")
-            shutil.copyfile(net.path, target)
+            shutil.copyfile(net.path, folder / "1" / net.model_file)
     server_args: list[str] = []
     if libs:
         (staging / "plugins").mkdir()
