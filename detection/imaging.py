@@ -8,8 +8,8 @@ decoded: decompression bombs never get decoded), and images that fail to decode 
 
 Large images are shrunk cheaply before the letterbox: JPEG in the decoder itself (DCT scaling, Pillow's
 ``draft``), others by an integer box reduction, never below twice the letterbox size, so the
-letterbox sees at most about 4x the pixels it keeps. The letterbox computes exactly what
-:func:`attn_export.detection.postprocess.letterbox` (the one the model was trained with) computes, faster.
+letterbox sees at most about 4x the pixels it keeps. The letterbox is the one the model was trained
+with, :func:`attn_export.detection.postprocess.letterbox_u8`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from attn_export.detection.postprocess import PAD_VALUE, scale_boxes
+from attn_export.detection.postprocess import PAD_VALUE, letterbox_u8, scale_boxes, to_input
 
 #: Accepted image types: Pillow's format name -> MIME type.
 FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "BMP": "image/bmp"}
@@ -221,65 +221,6 @@ def decode_image(img: Image.Image, size: int = 320, keep_full: bool = False) -> 
     del small
     pixels, scale, pad = letterbox_u8(arr, size)
     return Decoded(pixels, width, height, fmt, scale, pad, arr.shape[:2], full)
-
-
-def _taps(n_out: int, n_in: int, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    src = (np.arange(n_out, dtype=np.float64) + 0.5) / scale - 0.5
-    src = np.clip(src, 0.0, n_in - 1)
-    i0 = np.floor(src).astype(np.intp)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    return i0, i1, (src - i0).astype(np.float32)
-
-
-def letterbox_u8(img: np.ndarray, size: int = 320) -> tuple[np.ndarray, float, tuple[int, int]]:
-    """The letterboxed image as CHW uint8 (4x smaller than the model input while it waits in the queue):
-    ``to_input`` of it is :func:`attn_export.detection.postprocess.letterbox`'s output, bit for bit.
-
-    The same bilinear taps and float32 arithmetic in the same order as there, done on channel planes
-    (CHW), whose gathers are cheap, instead of on HWC pixels: about 3x faster (a test checks the outputs
-    are identical).
-    """
-    h, w = img.shape[:2]
-    scale = min(size / h, size / w)
-    nh, nw = min(size, round(h * scale)), min(size, round(w * scale))
-    pad_x, pad_y = (size - nw) // 2, (size - nh) // 2
-    out = np.full((3, size, size), PAD_VALUE, np.uint8)
-    if (nh, nw) == (h, w):
-        out[:, pad_y : pad_y + nh, pad_x : pad_x + nw] = img.transpose(2, 0, 1)
-        return out, float(scale), (int(pad_x), int(pad_y))
-    y0, y1, fy = _taps(nh, h, scale)
-    x0, x1, fx = _taps(nw, w, scale)
-    r0 = np.ascontiguousarray(img[y0].transpose(2, 0, 1))  # (3, nh, w) uint8
-    r1 = np.ascontiguousarray(img[y1].transpose(2, 0, 1))
-    gx0, gx1 = (1 - fx)[None, None, :], fx[None, None, :]
-    # top = r0[x0] * (1 - fx) + r0[x1] * fx, bot likewise, res = top * (1 - fy) + bot * fy: in place
-    res = r0[:, :, x0].astype(np.float32)
-    res *= gx0
-    tmp = r0[:, :, x1].astype(np.float32)
-    tmp *= gx1
-    res += tmp
-    bot = r1[:, :, x0].astype(np.float32)
-    bot *= gx0
-    tmp = r1[:, :, x1].astype(np.float32)
-    tmp *= gx1
-    bot += tmp
-    res *= (1 - fy)[None, :, None]
-    bot *= fy[None, :, None]
-    res += bot
-    np.rint(res, out=res)  # a convex mix of 0..255: no clipping needed
-    out[:, pad_y : pad_y + nh, pad_x : pad_x + nw] = res  # exact: whole numbers in 0..255
-    return out, float(scale), (int(pad_x), int(pad_y))
-
-
-def to_input(pixels: np.ndarray) -> np.ndarray:
-    """uint8 (..., 3, S, S) -> the model input, float32 in [0, 1] (as the training letterbox divides)."""
-    return pixels.astype(np.float32) / np.float32(255.0)
-
-
-def letterbox(img: np.ndarray, size: int = 320) -> tuple[np.ndarray, float, tuple[int, int]]:
-    """:func:`attn_export.detection.postprocess.letterbox`, the same bits, faster (see :func:`letterbox_u8`)."""
-    pixels, scale, pad = letterbox_u8(img, size)
-    return to_input(pixels), scale, pad
 
 
 _COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))

@@ -1,7 +1,8 @@
 """Pre- and post-processing for the shapes detector, in numpy only (no torch, no OpenCV, no Pillow).
 
 - :func:`letterbox` resizes an image to fit ``size x size`` (aspect kept, bilinear) and pads it with
-  grey 114, centred; it returns the CHW float32 input in [0, 1], the scale and the padding.
+  grey 114, centred; it returns the CHW float32 input in [0, 1], the scale and the padding
+  (:func:`letterbox_u8`: the same as CHW uint8).
 - :func:`postprocess` turns the model's (B, N, 4 + C) output (boxes ``x1, y1, x2, y2`` in input
   pixels, then per-class scores in [0, 1]) into per-image detections: a confidence threshold, then
   class-aware greedy NMS, at most ``max_det`` per image, best first.
@@ -18,31 +19,22 @@ import numpy as np
 PAD_VALUE = 114
 
 
-def _resize_bilinear(img: np.ndarray, out_h: int, out_w: int, scale: float) -> np.ndarray:
-    """Bilinear resize (half-pixel centres, edge-clamped, like OpenCV's INTER_LINEAR) mapping the
-    output pixel centre ``p + 0.5`` to the input point ``(p + 0.5) / scale``; uint8 in and out."""
-    h, w = img.shape[:2]
-
-    def taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        src = (np.arange(n_out, dtype=np.float64) + 0.5) / scale - 0.5
-        src = np.clip(src, 0.0, n_in - 1)
-        i0 = np.floor(src).astype(np.intp)
-        i1 = np.minimum(i0 + 1, n_in - 1)
-        return i0, i1, (src - i0).astype(np.float32)
-
-    y0, y1, fy = taps(out_h, h)
-    x0, x1, fx = taps(out_w, w)
-    f = img.astype(np.float32)
-    top = f[y0][:, x0] * (1 - fx)[None, :, None] + f[y0][:, x1] * fx[None, :, None]
-    bot = f[y1][:, x0] * (1 - fx)[None, :, None] + f[y1][:, x1] * fx[None, :, None]
-    out = top * (1 - fy)[:, None, None] + bot * fy[:, None, None]
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+def _taps(n_out: int, n_in: int, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear taps (half-pixel centres, edge-clamped, like OpenCV's INTER_LINEAR): output pixel centre
+    ``p + 0.5`` maps to the input point ``(p + 0.5) / scale``."""
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) / scale - 0.5
+    src = np.clip(src, 0.0, n_in - 1)
+    i0 = np.floor(src).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (src - i0).astype(np.float32)
 
 
-def letterbox_uint8(img: np.ndarray, size: int = 320) -> tuple[np.ndarray, float, tuple[int, int]]:
-    """Resize ``img`` (H, W, 3) uint8 to fit ``size x size`` and pad with 114, centred.
+def letterbox_u8(img: np.ndarray, size: int = 320) -> tuple[np.ndarray, float, tuple[int, int]]:
+    """Resize ``img`` (H, W, 3) uint8 to fit ``size x size`` (bilinear) and pad with 114, centred.
 
-    Returns ``(HWC uint8 size x size, scale, (pad_x, pad_y))``.
+    Returns ``(CHW uint8 size x size, scale, (pad_x, pad_y))``: 4x smaller than the model input while it
+    waits in a queue (:func:`to_input` makes the input of it). The bilinear mix runs in float32 on
+    channel planes, whose gathers are cheap, and rounds to the nearest integer.
     """
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"letterbox: expected an (H, W, 3) image, got shape {img.shape}")
@@ -50,9 +42,37 @@ def letterbox_uint8(img: np.ndarray, size: int = 320) -> tuple[np.ndarray, float
     scale = min(size / h, size / w)
     nh, nw = min(size, round(h * scale)), min(size, round(w * scale))
     pad_x, pad_y = (size - nw) // 2, (size - nh) // 2
-    out = np.full((size, size, 3), PAD_VALUE, np.uint8)
-    out[pad_y : pad_y + nh, pad_x : pad_x + nw] = _resize_bilinear(img, nh, nw, scale) if (nh, nw) != (h, w) else img
+    out = np.full((3, size, size), PAD_VALUE, np.uint8)
+    if (nh, nw) == (h, w):
+        out[:, pad_y : pad_y + nh, pad_x : pad_x + nw] = img.transpose(2, 0, 1)
+        return out, float(scale), (int(pad_x), int(pad_y))
+    y0, y1, fy = _taps(nh, h, scale)
+    x0, x1, fx = _taps(nw, w, scale)
+    r0 = np.ascontiguousarray(img[y0].transpose(2, 0, 1))  # (3, nh, w) uint8
+    r1 = np.ascontiguousarray(img[y1].transpose(2, 0, 1))
+    gx0, gx1 = (1 - fx)[None, None, :], fx[None, None, :]
+    # top = r0[x0] * (1 - fx) + r0[x1] * fx, bot likewise, res = top * (1 - fy) + bot * fy: in place
+    res = r0[:, :, x0].astype(np.float32)
+    res *= gx0
+    tmp = r0[:, :, x1].astype(np.float32)
+    tmp *= gx1
+    res += tmp
+    bot = r1[:, :, x0].astype(np.float32)
+    bot *= gx0
+    tmp = r1[:, :, x1].astype(np.float32)
+    tmp *= gx1
+    bot += tmp
+    res *= (1 - fy)[None, :, None]
+    bot *= fy[None, :, None]
+    res += bot
+    np.rint(res, out=res)  # a convex mix of 0..255: no clipping needed
+    out[:, pad_y : pad_y + nh, pad_x : pad_x + nw] = res  # exact: whole numbers in 0..255
     return out, float(scale), (int(pad_x), int(pad_y))
+
+
+def to_input(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (..., 3, S, S) -> the model input, float32 in [0, 1]."""
+    return pixels.astype(np.float32) / np.float32(255.0)
 
 
 def letterbox(img: np.ndarray, size: int = 320) -> tuple[np.ndarray, float, tuple[int, int]]:
@@ -60,8 +80,8 @@ def letterbox(img: np.ndarray, size: int = 320) -> tuple[np.ndarray, float, tupl
 
     Stack the first elements for a batch: ``np.stack([letterbox(im)[0] for im in images])``.
     """
-    out, scale, pad = letterbox_uint8(img, size)
-    return np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0), scale, pad
+    pixels, scale, pad = letterbox_u8(img, size)
+    return to_input(pixels), scale, pad
 
 
 def scale_boxes(

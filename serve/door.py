@@ -34,7 +34,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 log = logging.getLogger("attn_export.serve")
@@ -53,6 +53,15 @@ class Busy(RuntimeError):
         self.reason = reason  # in_flight, bytes, pixels, queue
         self.message = message
         self.retry_after = retry_after
+
+
+def shed(busy: Busy, metrics=None) -> dict[str, str]:
+    """Count a request shed at a bound (``shed_requests_total`` by reason); the headers of its 503.
+
+    The one place a :class:`Busy` becomes an answer: every protocol renders it in its own form."""
+    if metrics is not None:
+        metrics.shed.labels(busy.reason).inc()
+    return {"Retry-After": str(busy.retry_after)}
 
 
 class RateMeter:
@@ -130,6 +139,28 @@ class Door:
             self.reading += 1
             self.bytes += declared_bytes
         return Ticket(self, declared_bytes)
+
+    def leave(self, ticket: Ticket, answered: bool, on_idle: Callable[[], None] | None = None) -> None:
+        """``ticket``'s request is over: its share is given back, an answer counts in the service rate, and
+        ``on_idle`` runs when nothing is left in flight."""
+        ticket.release()
+        if answered:
+            self.meter.record()
+        if self.requests == 0 and self.reading == 0 and on_idle is not None:
+            on_idle()
+
+    @contextlib.contextmanager
+    def passage(self, nbytes: int, on_idle: Callable[[], None] | None = None) -> Iterator[Ticket]:
+        """Admit a request that arrived whole (a gRPC message of ``nbytes``) and take its place at once;
+        :class:`Busy` past a bound. The block's normal end counts as an answer."""
+        ticket = self.admit(nbytes)
+        answered = False
+        try:
+            ticket.start()
+            yield ticket
+            answered = True
+        finally:
+            self.leave(ticket, answered, on_idle)
 
 
 class Ticket:
@@ -236,7 +267,7 @@ def scope_header(scope, name: bytes) -> str | None:
     return None
 
 
-async def _send_json(send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+async def _send_json(send, status: int, body: dict, headers: dict | None = None) -> None:
     import json
 
     data = json.dumps(body).encode()
@@ -298,10 +329,7 @@ class AdmissionMiddleware:
         try:
             ticket = self.door.admit(declared or 0)
         except Busy as e:
-            self._count("shed", e.reason)
-            await _send_json(
-                send, 503, {"error": "busy", "detail": e.message, "status": 503}, {"Retry-After": e.retry_after}
-            )
+            await self._busy(send, e)
             return
         self._gauges()
         scope[SCOPE_TICKET] = ticket
@@ -309,12 +337,12 @@ class AdmissionMiddleware:
         try:
             answered = await self._run(scope, receive, send, ticket, declared)
         finally:
-            ticket.release()
-            if answered:
-                self.door.meter.record()
+            self.door.leave(ticket, answered, self.on_idle)
             self._gauges()
-            if self.door.requests == 0 and self.door.reading == 0 and self.on_idle is not None:
-                self.on_idle()
+
+    async def _busy(self, send, e: Busy, **headers: str) -> None:
+        body = {"error": "busy", "detail": e.message, "status": 503}
+        await _send_json(send, 503, body, shed(e, self.metrics) | headers)
 
     async def _too_large(self, scope, receive, send, declared: int | None) -> None:
         """413 before parsing; the body is read and dropped up to a cap (so the client sees the answer)."""
@@ -370,11 +398,7 @@ class AdmissionMiddleware:
                     try:
                         ticket.add_bytes(len(body))
                     except Busy as e:
-                        self._count("shed", e.reason)
-                        await _send_json(
-                            send, 503, {"error": "busy", "detail": e.message, "status": 503},
-                            {"Retry-After": e.retry_after, "Connection": "close"},
-                        )  # fmt: skip
+                        await self._busy(send, e, Connection="close")
                         return None
                 chunks.append(body)
             if not message.get("more_body", False):
@@ -389,10 +413,7 @@ class AdmissionMiddleware:
         try:
             ticket.start()
         except Busy as e:
-            self._count("shed", e.reason)
-            await _send_json(
-                send, 503, {"error": "busy", "detail": e.message, "status": 503}, {"Retry-After": e.retry_after}
-            )
+            await self._busy(send, e)
             return False
         self._gauges()
         gone = asyncio.Event()

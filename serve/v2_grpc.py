@@ -4,9 +4,9 @@ Off unless ``grpc_port`` is set (``attn-export serve --grpc-port N``). The servi
 ``tritonclient[grpc]`` ships (``tritonclient.grpc.service_pb2`` / ``service_pb2_grpc``), so an unchanged
 ``tritonclient.grpc`` client talks to ``attn-export serve`` as it does to Triton. A ``grpc.aio`` server
 runs on the app's event loop, started in the app's lifespan once the model is loaded and stopped
-gracefully before the batcher closes; it answers from the same :class:`~attn_export.serve.app.Service`
-as ``/detect`` and ``/v2`` (the helpers of :mod:`attn_export.serve.v2_http`): the same model, the same
-micro-batcher and the same bounds. Every ``ModelInfer`` goes through the service's admission door
+gracefully before the batcher closes; it answers from the same :class:`~attn_export.serve.service.Service`
+as ``/detect`` and ``/v2`` (the protocol of :mod:`attn_export.serve.v2_protocol`): the same model, the same
+detection pipeline, micro-batcher and bounds. Every ``ModelInfer`` goes through the service's admission door
 (:mod:`attn_export.serve.door`: requests, bytes and image pixels in flight); a message is at most
 ``max_body_bytes``.
 
@@ -24,7 +24,6 @@ metadata ``retry-after`` say how many seconds to wait), DEADLINE_EXCEEDED past `
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Any
 
@@ -40,22 +39,23 @@ from attn_export.detection.contract import (
     request_params,
 )
 from attn_export.detection.contract import split_bytes as _split_bytes
-from attn_export.serve.door import Busy
-from attn_export.serve.v2_http import (
+from attn_export.serve.auth import key_refused
+from attn_export.serve.v2_protocol import (
     EXTENSIONS,
     SERVER_NAME,
     ProtocolError,
     check_input,
     defaults_of,
-    detect_tensors,
+    infer_tensors,
     model_config_of,
     model_metadata,
     model_or_error,
+    protocol_error,
 )
 
 log = logging.getLogger("attn_export.serve")
 
-#: HTTP statuses of :class:`~attn_export.serve.v2_http.ProtocolError` -> gRPC status code names
+#: HTTP statuses of :class:`~attn_export.serve.v2_protocol.ProtocolError` -> gRPC status code names
 STATUS_CODES = {
     400: "INVALID_ARGUMENT",
     401: "UNAUTHENTICATED",
@@ -148,7 +148,7 @@ def infer_response(pb, request, model: str, tensors: dict[str, np.ndarray], aske
 
 
 def make_servicer(svc):
-    """A ``GRPCInferenceServiceServicer`` answering from ``svc`` (an :class:`~attn_export.serve.app.Service`)."""
+    """A ``GRPCInferenceServiceServicer`` answering from ``svc`` (a :class:`~attn_export.serve.service.Service`)."""
     import grpc
     from google.protobuf import json_format
     from tritonclient.grpc import model_config_pb2, service_pb2_grpc
@@ -175,13 +175,14 @@ def make_servicer(svc):
                 response = await handler(request, context)
                 code = "OK"
                 return response
-            except ProtocolError as e:
-                code = _code_name(e.status)
-                await fail(context, e)
-            except Exception:
-                code = "INTERNAL"
-                log.exception("gRPC %s failed", method)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            except Exception as e:
+                answer = protocol_error(e, svc.metrics)
+                if answer is None:
+                    code = "INTERNAL"
+                    log.exception("gRPC %s failed", method)
+                    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+                code = _code_name(answer.status)
+                await fail(context, answer)
             finally:
                 counter.labels(method, code).inc()
 
@@ -225,32 +226,15 @@ def make_servicer(svc):
             response.models.add(name=m.name, version=MODEL_VERSION, state=state)
         return response
 
-    def check_key(context) -> None:
-        if settings.api_key is None:
-            return
-        given = dict(context.invocation_metadata() or ()).get("x-api-key")
-        expected = settings.api_key.get_secret_value()
-        if given is None or not hmac.compare_digest(str(given).encode(), expected.encode()):
-            raise ProtocolError(401, f"{'missing' if given is None else 'wrong'} API key: send it in x-api-key")
-
     async def infer(request, context):
-        check_key(context)
+        refused = key_refused(settings.api_key, dict(context.invocation_metadata() or ()).get("x-api-key"), "x-api-key")
+        if refused is not None:
+            raise ProtocolError(401, refused)
         m = model_or_error(svc, request.model_name, request.model_version)
         if svc.shutting_down:
             raise ProtocolError(503, "the server is shutting down", {"Retry-After": "5"})
-        door = svc.door
-        try:
-            ticket = door.admit(request.ByteSize())  # the message arrived whole (at most max_body_bytes)
-        except Busy as e:
-            svc.metrics.shed.labels(e.reason).inc()
-            raise ProtocolError(503, e.message, {"Retry-After": str(e.retry_after)}) from e
-        answered = False
-        try:
-            try:
-                ticket.start()
-            except Busy as e:
-                svc.metrics.shed.labels(e.reason).inc()
-                raise ProtocolError(503, e.message, {"Retry-After": str(e.retry_after)}) from e
+        # the message arrived whole (at most max_body_bytes): through the door at once
+        with svc.door.passage(request.ByteSize(), svc.on_idle) as ticket:
             images = infer_images(request, settings.max_images)
             given = {k: _parameter(v) for k, v in request.parameters.items()}
             try:
@@ -258,16 +242,8 @@ def make_servicer(svc):
             except ContractError as e:
                 raise ProtocolError(400, str(e)) from e
             asked = requested_outputs(request)
-            tensors = await detect_tensors(svc, m, images, params, ticket)
-            response = infer_response(pb, request, m.name, tensors, asked)
-            answered = True
-            return response
-        finally:
-            ticket.release()
-            if answered:
-                door.meter.record()
-            if door.requests == 0 and door.reading == 0:
-                svc.on_idle()
+            tensors = await infer_tensors(svc, images, params, ticket)
+            return infer_response(pb, request, m.name, tensors, asked)
 
     handlers = {
         "ServerLive": server_live,

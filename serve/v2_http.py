@@ -18,7 +18,6 @@ Errors are the protocol's ``{"error": MESSAGE}`` with a 4xx status for what the 
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import time
@@ -36,32 +35,25 @@ from attn_export.detection.contract import (
     OUTPUT_TYPES,
     OUTPUTS,
     ContractError,
-    Params,
     image_bytes,
-    json_config,
-    model_config,
-    output_dims,
-    pack,
     request_params,
     split_bytes,
 )
-from attn_export.detection.imaging import InputError, decode_image, open_image
-from attn_export.serve.batching import BatcherClosed, QueueFull
-from attn_export.serve.door import SCOPE_TICKET, Busy
+from attn_export.serve.door import SCOPE_TICKET
+from attn_export.serve.v2_protocol import (
+    EXTENSIONS,
+    SERVER_NAME,
+    ProtocolError,
+    check_input,
+    defaults_of,
+    infer_tensors,
+    model_config_of,
+    model_metadata,
+    model_or_error,
+    protocol_error,
+)
 
-SERVER_NAME = "attn-export"
-EXTENSIONS = ["binary_tensor_data", "parameters", "model_configuration", "model_repository"]
 HEADER_LENGTH = "inference-header-content-length"
-
-
-class ProtocolError(Exception):
-    """An answer in the protocol's error form: ``{"error": message}`` with ``status``."""
-
-    def __init__(self, status: int, message: str, headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
 
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -98,28 +90,6 @@ def _flatten(data: Any) -> list:
             out.extend(_flatten(item))
         return out
     return [data]
-
-
-def check_input(name: Any, datatype: Any, shape: Any, max_images: int, given_twice: bool = False) -> None:
-    """An input tensor's name, datatype and shape against the contract (HTTP and gRPC alike)."""
-    if name != INPUT:
-        raise ProtocolError(400, f"unexpected inference input {name!r}: the model takes one input, {INPUT!r}")
-    if given_twice:
-        raise ProtocolError(400, f"input {INPUT!r} is given twice")
-    if datatype != "BYTES":
-        raise ProtocolError(400, f"input {INPUT!r}: datatype must be BYTES, got {datatype!r}")
-    if (
-        not isinstance(shape, list)
-        or len(shape) != 2
-        or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
-        or shape[1] != 1
-        or shape[0] < 1
-    ):
-        raise ProtocolError(400, f"input {INPUT!r}: shape must be [batch, 1] with batch >= 1, got {shape!r}")
-    if shape[0] > max_images:
-        raise ProtocolError(
-            400, f"input {INPUT!r}: batch {shape[0]} is above this model's max_batch_size of {max_images}"
-        )
 
 
 def parse_infer(body: bytes, header_length: str | None, max_images: int) -> tuple[dict, list[bytes]]:
@@ -234,128 +204,10 @@ def infer_response(req: dict, model: str, tensors: dict[str, np.ndarray], output
     )
 
 
-# ------------------------------------------------------------------------------------------ shared with gRPC
-# What the HTTP routes below and the gRPC service of :mod:`attn_export.serve.v2_grpc` both answer, for
-# a :class:`attn_export.serve.app.Service` (read at request time: the model loads after the routes exist).
-def defaults_of(settings) -> Params:
-    return Params(settings.conf, settings.iou, settings.max_det)
-
-
-def model_or_error(svc, name: str, version: str = "") -> Any:
-    """The served model when ``name`` (and ``version``, when given) name it; else 404, or 503 while loading."""
-    m = svc.model
-    if m is None or svc.batcher is None:
-        raise ProtocolError(503, "the model is loading", {"Retry-After": "5"})
-    if name != m.name:
-        raise ProtocolError(404, f"unknown model: {name!r}; this server serves {m.name!r}")
-    if version not in ("", MODEL_VERSION):
-        raise ProtocolError(404, f"unknown version {version!r} of model {name!r}; it has version {MODEL_VERSION}")
-    return m
-
-
-def model_metadata(svc, m) -> dict:
-    """The model metadata (``GET /v2/models/NAME``; gRPC ``ModelMetadata``)."""
-    dims = output_dims(svc.settings.max_det)
-    return {
-        "name": m.name,
-        "versions": [MODEL_VERSION],
-        "platform": f"attn-export_{m.backend}",
-        "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1, 1]}],
-        "outputs": [{"name": n, "datatype": OUTPUT_TYPES[n][0], "shape": [-1, *dims[n]]} for n in OUTPUTS],
-    }
-
-
-def model_config_of(svc, m) -> dict:
-    """The model config in Triton's JSON shape (``GET .../config``; gRPC ``ModelConfig``)."""
-    settings = svc.settings
-    kind = "KIND_CPU" if m.runner.device == "cpu" else "KIND_GPU"
-    config = model_config(
-        m.name,
-        max_batch=settings.max_images,
-        class_names=m.class_names,
-        input_size=m.input_size,
-        defaults=defaults_of(settings),
-        backend="attn-export",
-        instance_kind=kind,
-        max_queue_delay_us=int(settings.max_wait_ms * 1000),
-        parameters={
-            "runtime": m.backend,
-            "provider": m.provider,
-            "max_pixels": settings.max_pixels,
-            "max_side": settings.max_side,
-        },
-    )
-    config["dynamic_batching"]["preferred_batch_size"] = [svc.batcher.max_batch]
-    config["platform"] = f"attn-export_{m.backend}"
-    config["version_policy"] = {"latest": {"num_versions": 1}}
-    return json_config(config)
-
-
-def not_ready_reason(svc) -> str:
-    return "shutting down" if svc.shutting_down else ("warming up" if svc.model else "loading the model")
-
-
-async def detect_tensors(svc, m, images: list[bytes], params: Params, ticket=None) -> dict[str, np.ndarray]:
-    """The contract's four output tensors for ``images``: their headers read (the pixels reserved on the
-    door's ``ticket``, :class:`ProtocolError` 503 past its bound), decoded on the CPU pool, run through
-    the service's batcher with every other request, post-processed on the CPU pool."""
-    settings = svc.settings
-
-    def decode_all() -> list:
-        # headers first, so the pixels are reserved on the door's budget before anything is decoded
-        opened = []
-        for i, data in enumerate(images):
-            try:
-                opened.append(open_image(data, settings.max_pixels, settings.max_side))
-            except InputError as e:
-                who = f"image {i}: " if len(images) > 1 else ""
-                raise ProtocolError(e.status, f"{who}{e.message}") from e
-        if ticket is not None:
-            try:
-                ticket.reserve_pixels(sum(img.size[0] * img.size[1] for img in opened))
-            except Busy as e:
-                svc.metrics.shed.labels(e.reason).inc()
-                raise ProtocolError(503, e.message, {"Retry-After": str(e.retry_after)}) from e
-        out = []
-        try:
-            for i, img in enumerate(opened):
-                try:
-                    out.append(decode_image(img, m.input_size))
-                except InputError as e:
-                    who = f"image {i}: " if len(images) > 1 else ""
-                    raise ProtocolError(e.status, f"{who}{e.message}") from e
-                opened[i] = None  # its pixels go with it
-        finally:
-            if ticket is not None:
-                ticket.release_pixels()
-        return out
-
-    decoded = await svc.run_cpu(decode_all)
-    try:
-        results = await asyncio.wait_for(
-            svc.batcher.submit(np.stack([d.pixels for d in decoded])), settings.request_timeout_s
-        )
-    except QueueFull as e:
-        svc.metrics.queue_full.inc()
-        svc.metrics.shed.labels("queue").inc()
-        raise ProtocolError(503, str(e), {"Retry-After": str(svc.door.retry_after())}) from e
-    except BatcherClosed as e:
-        raise ProtocolError(503, str(e), {"Retry-After": "5"}) from e
-    except asyncio.TimeoutError as e:
-        raise ProtocolError(504, f"no result within {settings.request_timeout_s:g} s") from e
-
-    def finish() -> dict[str, np.ndarray]:
-        from attn_export.triton_server.model import detections
-
-        preds = np.stack([r.output for r in results])
-        return pack(detections(preds, decoded, params), settings.max_det)
-
-    return await svc.run_cpu(finish)
-
-
 # ------------------------------------------------------------------------------------------ the router
 def oip_router(svc) -> APIRouter:
-    """The ``/v2`` routes for a :class:`attn_export.serve.app.Service` (read at request time: the model loads later)."""
+    """The ``/v2`` routes for a :class:`~attn_export.serve.service.Service` (read at request time: the model
+    loads later)."""
     router = APIRouter(prefix="/v2", include_in_schema=False)
     settings = svc.settings
 
@@ -364,8 +216,11 @@ def oip_router(svc) -> APIRouter:
         async def run(*args, **kwargs):
             try:
                 return await handler(*args, **kwargs)
-            except ProtocolError as e:
-                return error(e.status, e.message, e.headers)
+            except Exception as e:
+                answer = protocol_error(e, svc.metrics)
+                if answer is None:
+                    raise
+                return error(answer.status, answer.message, answer.headers)
 
         return run
 
@@ -380,7 +235,7 @@ def oip_router(svc) -> APIRouter:
     @router.get("/health/ready", summary="Readiness")
     async def ready():
         if not svc.ready:
-            return error(503, f"not ready: {not_ready_reason(svc)}", {"Retry-After": "5"})
+            return error(503, f"not ready: {svc.not_ready_reason()}", {"Retry-After": "5"})
         return Response(status_code=200)
 
     async def metadata(name: str, version: str = ""):
@@ -397,7 +252,7 @@ def oip_router(svc) -> APIRouter:
 
     async def infer(request: Request, name: str, version: str = ""):
         t0 = time.perf_counter()
-        # the API key is checked at the door (serve/app.py's LimitsMiddleware, PROTECTED_V2), before the body
+        # the API key is checked at the door (serve/middleware.py, PROTECTED_V2), before the body
         m = model_or_error(svc, name, version)
         if svc.shutting_down:
             raise ProtocolError(503, "the server is shutting down", {"Retry-After": "5"})
@@ -406,19 +261,12 @@ def oip_router(svc) -> APIRouter:
         encoding = request.headers.get("content-encoding")
         header_length = request.headers.get(HEADER_LENGTH)
 
-        def shed(e: Busy) -> ProtocolError:
-            svc.metrics.shed.labels(e.reason).inc()
-            return ProtocolError(503, e.message, {"Retry-After": str(e.retry_after)})
-
         def parse() -> tuple[dict, list[bytes]]:
             # on the CPU pool, like /detect's form parsing: gunzip, JSON and base64 of up to max_body_bytes
             # would otherwise hold the event loop (and the probes) for tens of milliseconds
             body = _decompress(raw, encoding, settings.max_body_bytes)
-            if ticket is not None and len(body) > len(raw):
-                try:  # the decompressed body is held too: it counts on the door's byte budget
-                    ticket.add_bytes(len(body) - len(raw))
-                except Busy as e:
-                    raise shed(e) from e
+            if ticket is not None and len(body) > len(raw):  # the decompressed body counts on the byte budget
+                ticket.add_bytes(len(body) - len(raw))
             return parse_infer(body, header_length, settings.max_images)
 
         req, images = await svc.run_cpu(parse)
@@ -429,7 +277,7 @@ def oip_router(svc) -> APIRouter:
         except ContractError as e:
             raise ProtocolError(400, str(e)) from e
         outputs = requested_outputs(req)
-        tensors = await detect_tensors(svc, m, images, params, ticket)
+        tensors = await infer_tensors(svc, images, params, ticket)
         accept_encoding = request.headers.get("accept-encoding")
         # the response body and its compression on the pool too, like the parsing
         response = await svc.run_cpu(lambda: compress(infer_response(req, m.name, tensors, outputs), accept_encoding))

@@ -24,9 +24,9 @@ the runs that made its starting weights (``history``, oldest first).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from attn_export.files import atomic_path
 from attn_export.shapes.data import CLASSES, MAX_OBJECTS
 
 VAL_SEED_OFFSET = 100_003  # quick validation uses seed + this: images never seen in training
@@ -41,16 +42,16 @@ VAL_SEED_OFFSET = 100_003  # quick validation uses seed + this: images never see
 
 def make_sample(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Letterboxed image (size, size, 3) uint8, boxes (K, 4) xyxy in its pixels, labels (K,) 0-based."""
-    from attn_export.detection.postprocess import letterbox_uint8
+    from attn_export.detection.postprocess import letterbox_u8
     from attn_export.shapes.data import generate
 
     img, anns = generate(seed, index)
-    boxed, scale, (px, py) = letterbox_uint8(img, size)
+    boxed, scale, (px, py) = letterbox_u8(img, size)
     boxes = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
     boxes[:, 2:] += boxes[:, :2]
     boxes = boxes * scale + np.array([px, py, px, py], np.float32)
     labels = np.array([a["category_id"] - 1 for a in anns], np.int64)
-    return boxed, boxes, labels
+    return np.ascontiguousarray(boxed.transpose(1, 2, 0)), boxes, labels
 
 
 def _make_chunk(args: tuple[int, int, int, int, str | None]):
@@ -65,9 +66,8 @@ def _make_chunk(args: tuple[int, int, int, int, str | None]):
         arrays = {"images": np.stack([s[0] for s in samples])}
         for i, (_, b, lab) in enumerate(samples):
             arrays[f"boxes{i}"], arrays[f"labels{i}"] = b, lab
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".npz") as tmp:
+            np.savez(tmp, **arrays)
     return samples
 
 
@@ -83,24 +83,19 @@ def build_dataset(seed: int, count: int, size: int, workers: int, log=print, cac
         Path(cache).mkdir(parents=True, exist_ok=True)
     jobs = [(seed, s, min(s + chunk, count), size, str(cache) if cache else None) for s in range(0, count, chunk)]
     t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            import multiprocessing as mp
 
-    def put(start: int, samples) -> None:
-        for j, (im, b, lab) in enumerate(samples):
-            images[start + j] = im
-            boxes[start + j, : len(b)] = b
-            labels[start + j, : len(lab)] = lab
-
-    if workers > 1:
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            for n, (job, samples) in enumerate(zip(jobs, pool.map(_make_chunk, jobs), strict=True)):
-                put(job[1], samples)
-                if (n + 1) % 20 == 0:
-                    log(f"data     {job[2]}/{count} images ({time.perf_counter() - t0:.0f}s)")
-    else:
-        for n, job in enumerate(jobs):
-            put(job[1], _make_chunk(job))
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")))
+            chunks = pool.map(_make_chunk, jobs)
+        else:
+            chunks = map(_make_chunk, jobs)
+        for n, (job, samples) in enumerate(zip(jobs, chunks, strict=True)):
+            for j, (im, b, lab) in enumerate(samples):
+                images[job[1] + j] = im
+                boxes[job[1] + j, : len(b)] = b
+                labels[job[1] + j, : len(lab)] = lab
             if (n + 1) % 20 == 0:
                 log(f"data     {job[2]}/{count} images ({time.perf_counter() - t0:.0f}s)")
     return images, boxes, labels

@@ -7,10 +7,10 @@ Pillow and onnxruntime) must be importable there: ``attn-export triton serve`` p
 interpreter's site-packages (``PYTHONPATH`` and ``ATTN_EXPORT_SITE_DIRS``); see docs/triton.md.
 
 - :class:`Detector` (``--backend python``): the whole contract in one model. ``execute`` gets the
-  dynamic batcher's requests, decodes and letterboxes every image with
-  :func:`attn_export.detection.imaging.decode` (the one ``/detect`` uses), runs them through the network in
-  one call (onnxruntime, or a TensorRT engine), then applies :func:`attn_export.detection.postprocess.postprocess`
-  and maps the boxes back to each image's pixels. A request whose image is bad gets its own error; the
+  dynamic batcher's requests and runs them through the detection pipeline of ``attn-export serve``
+  (:mod:`attn_export.detection.pipeline`): every image decoded and letterboxed, all of them through the
+  network in one call (onnxruntime, or a TensorRT engine), then NMS and the boxes mapped back to each
+  image's pixels. A request whose image is bad gets its own error; the
   others in the batch are answered.
 - :class:`Preprocess` and :class:`Postprocess`: the two Python steps of the ensemble around a network
   that runs in Triton's native onnxruntime or TensorRT backend (``--backend onnxruntime|tensorrt``).
@@ -25,14 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from attn_export.detection.contract import (
-    INPUT,
-    ContractError,
-    Params,
-    image_bytes,
-    pack,
-    request_params,
-)
+from attn_export.detection.contract import INPUT, ContractError, Params, image_bytes, request_params
+from attn_export.detection.postprocess import to_input
 
 log = logging.getLogger("attn_export.serve")
 
@@ -48,15 +42,6 @@ def config_parameters(config: dict) -> dict[str, str]:
 
 def defaults_from(params: dict[str, str]) -> Params:
     return Params(float(params["conf"]), float(params["iou"]), int(params["max_det"]))
-
-
-def detections(preds: np.ndarray, decoded: list, params: Params) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Model output rows (K, N, 4 + C) of ``decoded`` images -> per image ``(boxes in original pixels,
-    scores, class ids)``: the post-processing ``/detect`` applies."""
-    from attn_export.detection.postprocess import postprocess
-
-    dets = postprocess(preds, conf=params.conf, iou=params.iou, max_det=params.max_det)
-    return [(d.to_original(b), s, c) for d, (b, s, c) in zip(decoded, dets, strict=True)]
 
 
 def make_runner(path: Path, *, threads: int | None = None, gpu: bool = False, device_id: int = 0):
@@ -112,25 +97,30 @@ class _Base:
 
 class _Decoding(_Base):
     def _decode_setup(self, params: dict[str, str]) -> None:
-        self.size = int(params["input_size"])
-        self.max_pixels = int(params.get("max_pixels", 40_000_000))
-        self.max_side = int(params.get("max_side", 20_000))
+        from attn_export.detection.pipeline import Limits  # Pillow, numpy: only where the model runs
+
+        self.limits = Limits(
+            int(params["input_size"]), int(params.get("max_pixels", 40_000_000)), int(params.get("max_side", 20_000))
+        )
 
     def _decode(self, request) -> list:
-        from attn_export.detection.imaging import decode
+        from attn_export.detection.imaging import InputError
+        from attn_export.detection.pipeline import decode_all
 
         tensor = self.pb.get_input_tensor_by_name(request, INPUT)
         if tensor is None:
             raise ContractError(f"the request has no input {INPUT!r}")
         rows = tensor.as_numpy().reshape(-1)
-        out = []
+        images = []
         for j, row in enumerate(rows):
             try:
-                out.append(decode(image_bytes(row), self.size, self.max_pixels, self.max_side))
-            except ValueError as e:  # InputError, ContractError
-                who = f"image {j}: " if len(rows) > 1 else ""
-                raise ContractError(f"{who}{getattr(e, 'message', e)}") from e
-        return out
+                images.append(image_bytes(row))
+            except ContractError as e:
+                raise ContractError(f"image {j}: {e}" if len(rows) > 1 else str(e)) from e
+        try:
+            return decode_all(images, self.limits).decoded
+        except InputError as e:
+            raise ContractError(e.message) from e
 
 
 class Detector(_Decoding):
@@ -152,8 +142,6 @@ class Detector(_Decoding):
         self.chunk = int(params.get("network_max_batch") or self.config.get("max_batch_size") or 1) or 1
 
     def _infer(self, pixels: np.ndarray) -> np.ndarray:
-        from attn_export.detection.imaging import to_input
-
         parts = []
         for i in range(0, len(pixels), self.chunk):
             batch = to_input(pixels[i : i + self.chunk])
@@ -161,6 +149,8 @@ class Detector(_Decoding):
         return np.concatenate(parts)
 
     def execute(self, requests: list) -> list:
+        from attn_export.detection.pipeline import answer, stack
+
         pb = self.pb
         responses: list = [None] * len(requests)
         jobs = []
@@ -172,7 +162,7 @@ class Detector(_Decoding):
                 responses[i] = _error(pb, str(e))
         if jobs:
             try:
-                preds = self._infer(np.stack([d.pixels for _, _, decoded in jobs for d in decoded]))
+                preds = self._infer(np.concatenate([stack(decoded) for _, _, decoded in jobs]))
             except Exception as e:  # every request of the batch gets the error; the model stays up
                 log.exception("inference failed")
                 for i, _, _ in jobs:
@@ -184,7 +174,7 @@ class Detector(_Decoding):
             for i, params, decoded in jobs:
                 rows = preds[offset : offset + len(decoded)]
                 offset += len(decoded)
-                tensors = pack(detections(rows, decoded, params), self.defaults.max_det)
+                tensors = answer(rows, decoded, params, self.defaults.max_det)
                 responses[i] = pb.InferenceResponse(output_tensors=[pb.Tensor(k, v) for k, v in tensors.items()])
         return responses
 
@@ -198,7 +188,7 @@ class Preprocess(_Decoding):
         self.network_input = params["network_input"]
 
     def execute(self, requests: list) -> list:
-        from attn_export.detection.imaging import to_input
+        from attn_export.detection.pipeline import stack
 
         pb = self.pb
         responses = []
@@ -208,7 +198,7 @@ class Preprocess(_Decoding):
             except ContractError as e:
                 responses.append(_error(pb, str(e)))
                 continue
-            pixels = to_input(np.stack([d.pixels for d in decoded]))
+            pixels = to_input(stack(decoded))
             geometry = np.array(
                 [[d.scale, *d.pad, *d.decoded_hw, d.width, d.height] for d in decoded], dtype=np.float32
             )
@@ -230,6 +220,7 @@ class Postprocess(_Base):
 
     def execute(self, requests: list) -> list:
         from attn_export.detection.imaging import Decoded
+        from attn_export.detection.pipeline import answer
 
         pb = self.pb
         responses = []
@@ -245,6 +236,6 @@ class Postprocess(_Base):
                 Decoded(None, int(g[5]), int(g[6]), "", float(g[0]), (int(g[1]), int(g[2])), (int(g[3]), int(g[4])))
                 for g in geometry
             ]
-            tensors = pack(detections(preds, decoded, params), self.defaults.max_det)
+            tensors = answer(preds, decoded, params, self.defaults.max_det)
             responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(k, v) for k, v in tensors.items()]))
         return responses

@@ -8,8 +8,35 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attn_export.detection.imaging import InputError, decode, describe_unknown, draw, letterbox, sniff
-from attn_export.detection.postprocess import letterbox as reference_letterbox
+from attn_export.detection.imaging import InputError, decode, describe_unknown, draw, sniff
+from attn_export.detection.postprocess import PAD_VALUE, letterbox
+
+
+def reference_letterbox(img: np.ndarray, size: int) -> tuple[np.ndarray, float, tuple[int, int]]:
+    """The letterbox in plain HWC numpy (float32 bilinear, half-pixel centres, edge-clamped, rounded):
+    the one the served letterbox, on channel planes, must match bit for bit."""
+    h, w = img.shape[:2]
+    scale = min(size / h, size / w)
+    nh, nw = min(size, round(h * scale)), min(size, round(w * scale))
+    pad_x, pad_y = (size - nw) // 2, (size - nh) // 2
+
+    def taps(n_out: int, n_in: int):
+        src = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) / scale - 0.5, 0.0, n_in - 1)
+        i0 = np.floor(src).astype(np.intp)
+        return i0, np.minimum(i0 + 1, n_in - 1), (src - i0).astype(np.float32)
+
+    resized = img
+    if (nh, nw) != (h, w):
+        (y0, y1, fy), (x0, x1, fx) = taps(nh, h), taps(nw, w)
+        f = img.astype(np.float32)
+        top = f[y0][:, x0] * (1 - fx)[None, :, None] + f[y0][:, x1] * fx[None, :, None]
+        bot = f[y1][:, x0] * (1 - fx)[None, :, None] + f[y1][:, x1] * fx[None, :, None]
+        mixed = top * (1 - fy)[:, None, None] + bot * fy[:, None, None]
+        resized = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+    out = np.full((size, size, 3), PAD_VALUE, np.uint8)
+    out[pad_y : pad_y + nh, pad_x : pad_x + nw] = resized
+    x = np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
+    return x, float(scale), (int(pad_x), int(pad_y))
 
 
 @pytest.mark.parametrize(

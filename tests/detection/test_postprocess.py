@@ -9,7 +9,7 @@ from attn_export.detection.postprocess import (
     PAD_VALUE,
     box_iou,
     letterbox,
-    letterbox_uint8,
+    letterbox_u8,
     nms,
     postprocess,
     scale_boxes,
@@ -38,7 +38,7 @@ def test_letterbox_round_trip_of_boxes():
         h, w = (int(v) for v in rng.integers(200, 700, 2))
         xs, ys = np.sort(rng.uniform(0, w, (10, 2)), 1), np.sort(rng.uniform(0, h, (10, 2)), 1)
         boxes = np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], 1)
-        _, scale, (px, py) = letterbox_uint8(np.zeros((h, w, 3), np.uint8), 320)
+        _, scale, (px, py) = letterbox_u8(np.zeros((h, w, 3), np.uint8), 320)
         fwd = boxes * scale + np.array([px, py, px, py])
         back = scale_boxes(fwd, scale, (px, py), (h, w))
         assert np.allclose(back, boxes, atol=1e-3)
@@ -49,8 +49,8 @@ def test_letterbox_keeps_content_aligned():
     img = np.zeros((300, 450, 3), np.uint8)
     x0, y0, x1, y1 = 100, 40, 260, 200
     img[y0:y1, x0:x1] = 255
-    out, scale, pad = letterbox_uint8(img, 320)
-    ys, xs = np.nonzero(out[:, :, 0] > 127)
+    out, scale, pad = letterbox_u8(img, 320)
+    ys, xs = np.nonzero(out[0] > 127)
     found = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
     back = scale_boxes(found, scale, pad, img.shape[:2])
     assert np.abs(back - [x0, y0, x1, y1]).max() <= 1.0 / scale + 1e-3

@@ -722,3 +722,32 @@ def test_wheel_server_with_numpy_2_needs_the_stub_folder(monkeypatch):
     monkeypatch.setattr(triton_server, "_numpy_major", lambda: 2)
     with pytest.raises(triton_server.TritonNotFound, match=r"numpy < 2.*pip install --target .*triton-stub"):
         triton_server.find_tritonserver()
+
+
+def test_triton_serve_refuses_a_repository_of_the_old_module_path(detector_onnx, tmp_path, monkeypatch, capsys):
+    """A repository from before the move imports attn_export.serve.triton_model: refused (exit 2) before any
+    tritonserver starts, with the sed command that rewrites it, which does."""
+    import subprocess
+
+    from attn_export.cli import main
+    from attn_export.triton_server import launcher
+
+    repo = tmp_path / "repo"
+    write_repository(detector_onnx, repo, max_batch=MAX_BATCH)
+    model_py = repo / NAME / "1" / "model.py"
+    written = model_py.read_text()
+    assert "from attn_export.triton_server.model import Detector as TritonPythonModel" in written
+    model_py.write_text(written.replace("attn_export.triton_server.model", "attn_export.serve.triton_model"))
+    monkeypatch.setattr(launcher.shutil, "which", lambda name: None)
+    monkeypatch.setattr(launcher, "_pytriton_root", lambda: None)
+    sed = f"sed -i 's/attn_export.serve.triton_model/attn_export.triton_server.model/' {repo}/*/1/model.py"
+    for extra in ([], ["--print-command"]):
+        assert main(["triton", "serve", str(repo), *extra]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        assert sed in err and f"attn-export triton MODEL --repo {repo}" in err and NAME in err
+    with pytest.raises(launcher.OutdatedRepository):
+        launcher.TritonServer(repo).start()
+    subprocess.run(sed, shell=True, check=True)
+    assert model_py.read_text() == written
+    assert main(["triton", "serve", str(repo)]) == 3  # past the check: no tritonserver here
