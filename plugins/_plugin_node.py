@@ -14,16 +14,15 @@ kernel through the exporter's ``value_info``), and ``onnx.defs.has`` keeps answe
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
 
 from onnx.defs import OpSchema
 from onnxscript.values import Op, Opset
 
 from attn_export.plugins._trt_names import DOMAIN, NAMESPACE, VERSION
+from attn_export.plugins.registry import BY_PLUGIN, INT, INTS, OpSpec
 
-#: Attribute types of the plugin nodes' own attributes.
-INT = OpSchema.AttrType.INT
-INTS = OpSchema.AttrType.INTS
+#: ``OpSchema`` attribute type of each attribute kind of the registry.
+_ATTR_TYPES = {INT: OpSchema.AttrType.INT, INTS: OpSchema.AttrType.INTS}
 
 #: The element types the plugins take (both inputs and the output share one).
 TYPES = ("tensor(float)", "tensor(float16)", "tensor(bfloat16)")
@@ -52,16 +51,19 @@ def _plugin_op(name: str, inputs: tuple[str, ...], attributes: tuple[tuple[str, 
     return Op(PLUGIN_OPSET, name, schema)
 
 
-def plugin_op(name: str, inputs: Sequence[str], attributes: Mapping[str, OpSchema.AttrType]) -> Op:
-    """The onnxscript op that records one ``DOMAIN::name`` node with these inputs and attributes."""
-    return _plugin_op(name, tuple(inputs), tuple(attributes.items()))
+def plugin_op(spec: OpSpec) -> Op:
+    """The onnxscript op that records one ``DOMAIN::<plugin>`` node with the spec's inputs and attributes."""
+    return _plugin_op(spec.plugin, spec.inputs, tuple((name, _ATTR_TYPES[kind]) for name, kind in spec.attributes))
 
 
-def plugin_attrs(**attributes) -> dict:
-    """``plugin_namespace``, ``plugin_version`` and the op's attributes as plain ints / lists of ints."""
+def plugin_attrs(spec: OpSpec, *values) -> dict:
+    """``plugin_namespace``, ``plugin_version`` and the op's attributes (``values``, in the spec's order)
+    as plain ints / lists of ints."""
+    if len(values) != len(spec.attributes):
+        raise TypeError(f"{spec.plugin}: expected {len(spec.attributes)} attribute values, got {len(values)}")
     out: dict = {"plugin_namespace": NAMESPACE, "plugin_version": VERSION}
-    for key, value in attributes.items():
-        out[key] = [int(v) for v in value] if isinstance(value, (list, tuple)) else int(value)
+    for (key, kind), value in zip(spec.attributes, values, strict=True):
+        out[key] = [int(v) for v in value] if kind == INTS else int(value)
     return out
 
 
@@ -74,13 +76,7 @@ def attribute_order(name: str) -> tuple[str, ...]:
     list, which ``tensorrt.plugin`` builds from the registered function's parameters, in their order, and
     looks each field up in the node by name (ints arrive as int32 fields and are cast back to ``int``,
     int lists as int32 arrays). The AOT plugin then passes the fields to ``aot_impl`` positionally, in
-    that order. Keeping the node in the same order makes the graph read like the signature, and the
-    tests hold the three together (node, creator fields, signature).
+    that order. Keeping the node in the same order makes the graph read like the signature; both take
+    the order of :attr:`OpSpec.attributes <attn_export.plugins.registry.OpSpec.attributes>`.
     """
-    from attn_export.plugins._trt_names import DYNAMIC_CONV, INVOLUTION, OUTLOOK
-    from attn_export.plugins.dynamic_conv import plugin_node as dyn
-    from attn_export.plugins.involution import plugin_node as inv
-    from attn_export.plugins.outlook import plugin_node as outl
-
-    own = {INVOLUTION: inv.ATTRIBUTES, DYNAMIC_CONV: dyn.ATTRIBUTES, OUTLOOK: outl.ATTRIBUTES}[name]
-    return ("plugin_namespace", "plugin_version", *own)
+    return ("plugin_namespace", "plugin_version", *BY_PLUGIN[name].attribute_names)

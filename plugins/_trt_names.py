@@ -4,7 +4,10 @@ TensorRT's ONNX parser hands a node it does not know to the plugin registry, loo
 node's ``op_type`` (the plugin name), its ``plugin_namespace`` attribute and its optional
 ``plugin_version`` attribute; the other attributes become the plugin's fields. The names must not
 collide with ONNX op names (the parser checks built-in ops first), hence the ``AttnExport`` prefix.
+The plugin names themselves come from :mod:`attn_export.plugins.registry`.
 """
+
+from attn_export.plugins.registry import BY_OP, OPS
 
 #: The namespace every attn-export plugin is registered under (``tensorrt.plugin`` ids are "ns::name").
 NAMESPACE = "attn_export"
@@ -13,16 +16,12 @@ VERSION = "1"
 #: ONNX domain of the plugin nodes (the convention of TensorRT tooling for plugin nodes).
 DOMAIN = "trt.plugins"
 
-INVOLUTION = "AttnExportInvolution2d"
-DYNAMIC_CONV = "AttnExportDynamicConv2d"
-OUTLOOK = "AttnExportOutlookAggregate"
-
 #: op name -> plugin name
-PLUGINS = {
-    "involution2d": INVOLUTION,
-    "dynamic_conv2d": DYNAMIC_CONV,
-    "outlook_aggregate": OUTLOOK,
-}
+PLUGINS = {spec.op: spec.plugin for spec in OPS}
+
+INVOLUTION = BY_OP["involution2d"].plugin
+DYNAMIC_CONV = BY_OP["dynamic_conv2d"].plugin
+OUTLOOK = BY_OP["outlook_aggregate"].plugin
 
 
 def plugin_id(name: str) -> str:

@@ -7,17 +7,16 @@ the numpy code in ``plugins/<op>/numpy_ref.py``. It is slow, which is fine for v
 
 from __future__ import annotations
 
-from attn_export.plugins._trt_names import DOMAIN, PLUGINS
+import importlib
+
+from attn_export.plugins._trt_names import DOMAIN
+from attn_export.plugins.registry import OPS
 
 
 def reference_ops() -> list:
-    """The ``OpRun`` classes of the three plugin nodes (class name = plugin name, domain ``DOMAIN``)."""
-    from attn_export.plugins.dynamic_conv.numpy_ref import AttnExportDynamicConv2d
-    from attn_export.plugins.involution.numpy_ref import AttnExportInvolution2d
-    from attn_export.plugins.outlook.numpy_ref import AttnExportOutlookAggregate
-
-    ops = [AttnExportInvolution2d, AttnExportDynamicConv2d, AttnExportOutlookAggregate]
-    names = [cls.__name__ for cls in ops]
-    if sorted(names) != sorted(PLUGINS.values()) or any(cls.op_domain != DOMAIN for cls in ops):
-        raise RuntimeError(f"reference ops {names} do not match the plugin names {sorted(PLUGINS.values())}")
+    """The ``OpRun`` classes of the plugin nodes (class name = plugin name, domain ``DOMAIN``)."""
+    ops = [getattr(importlib.import_module(spec.numpy_ref), spec.plugin) for spec in OPS]
+    if any(cls.__name__ != spec.plugin or cls.op_domain != DOMAIN for cls, spec in zip(ops, OPS, strict=True)):
+        names = [cls.__name__ for cls in ops]
+        raise RuntimeError(f"reference ops {names} do not match the plugin names {[s.plugin for s in OPS]}")
     return ops

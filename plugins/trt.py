@@ -1,15 +1,23 @@
 """The TensorRT plugins of the attn-export ops: registration and the helpers they share.
 
 Each op has a ``tensorrt.plugin`` (quickly deployable Python plugin) definition in
-``attn_export.plugins.<op>.trt_plugin``: the output shape as shape expressions, a JIT implementation
-that runs the op (its CUDA kernel: Triton, or cuDNN where that is faster) from Python on TensorRT's
-stream, an autotune declaration (fp32, fp16 and bf16, linear layout) and, on TensorRT >= 10.9, an
-ahead-of-time (AOT) implementation that hands TensorRT the Triton kernel's PTX so that an engine
-runs without Python (e.g. under ``trtexec``).
+``attn_export.plugins.<op>.trt_plugin``, whose ``register`` defines:
 
-The scaffolding the three plugins share lives here (:func:`register_plugin`, :func:`autotune_combinations`,
-:func:`run_jit`, :func:`pointer_signature`, :func:`aot_launch`); each plugin module keeps only its own
-shape logic, launch plan and the signatures ``tensorrt.plugin`` reads.
+- the output shape, from the inputs' shape expressions (``plan.output_shape``);
+- ``impl`` (JIT): the op run from Python on TensorRT's stream (on CUDA its fastest kernel: Triton, or
+  cuDNN where that is faster), its result written into TensorRT's output buffer (:func:`run_jit`,
+  :func:`launch_op`);
+- ``autotune``: fp32, fp16 or bf16 for all three tensors (and the network's own mixed input types),
+  linear layout (:func:`autotune_combinations`);
+- ``aot_impl`` (TensorRT >= 10.9): the op's Triton kernel compiled ahead of time to PTX, through an
+  entry (``aot_entry``) whose parameters come in TensorRT's order (inputs, int32 scalars, output),
+  with the 1-D grid and the scalars of the op's launch plan (``plugins/<op>/plan.py``, the plan the
+  op's CUDA launcher uses too) as shape expressions of the batch, so that an engine runs without
+  Python (e.g. under ``trtexec``).
+
+The scaffolding the plugins share lives here (:func:`register_plugin`, :func:`autotune_combinations`,
+:func:`run_jit`, :func:`compile_entry`, :func:`aot_launch`); each plugin module keeps only the
+signatures ``tensorrt.plugin`` reads. The plugins are those of :mod:`attn_export.plugins.registry`.
 
 Nothing here imports TensorRT (or Triton) at import time: :func:`register_trt_plugins` imports them
 when called, and importing :mod:`attn_export.plugins` never does.
@@ -17,6 +25,7 @@ when called, and importing :mod:`attn_export.plugins` never does.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -25,18 +34,13 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from attn_export.plugins._trt_names import NAMESPACE, PLUGINS
+from attn_export.plugins._trt_names import NAMESPACE, plugin_id
+from attn_export.plugins.registry import BY_OP, OPS
 
 #: Oldest TensorRT with ``tensorrt.plugin`` (quickly deployable Python plugins).
 MIN_VERSION = (10, 6)
 #: Oldest TensorRT with ``tensorrt.plugin.aot_impl`` (engines that run without Python).
 AOT_MIN_VERSION = (10, 9)
-#: The plugin modules, one per op (``attn_export.plugins.<op>.trt_plugin``).
-PLUGIN_MODULES = {
-    "involution2d": "attn_export.plugins.involution.trt_plugin",
-    "dynamic_conv2d": "attn_export.plugins.dynamic_conv.trt_plugin",
-    "outlook_aggregate": "attn_export.plugins.outlook.trt_plugin",
-}
 #: Environment variable: PTX ISA version of the AOT kernels (e.g. ``84`` for PTX 8.4), for drivers
 #: older than the PTX that Triton's bundled toolchain writes by default.
 PTX_VERSION_ENV = "ATTN_EXPORT_AOT_PTX_VERSION"
@@ -118,7 +122,7 @@ def aot_supported(trt=None) -> bool:
 
 # ------------------------------------------------------------------------------------------ registration
 def register_trt_plugins(aot: bool | None = None) -> str:
-    """Register the three attn-export plugins with TensorRT's plugin registry; return the plugin mode.
+    """Register the attn-export plugins with TensorRT's plugin registry; return the plugin mode.
 
     ``aot=None`` adds the AOT implementations where TensorRT supports them (>= 10.9); ``aot=False``
     registers the JIT (Python) implementations only; ``aot=True`` insists on AOT. Idempotent and
@@ -151,8 +155,8 @@ def register_trt_plugins(aot: bool | None = None) -> str:
             trtp = importlib.import_module("tensorrt.plugin")
         except Exception as e:
             raise TensorRTError(f"TensorRT {trt.__version__}: tensorrt.plugin cannot be imported ({e})") from e
-        for module in PLUGIN_MODULES.values():
-            importlib.import_module(module).register(aot=use_aot)
+        for spec in OPS:
+            importlib.import_module(spec.trt_plugin).register(aot=use_aot)
         impls = registered_implementations(trtp)
         if aot and not all(i["aot"] for i in impls.values()):
             missing = sorted(n for n, i in impls.items() if not i["aot"])
@@ -169,17 +173,12 @@ def plugin_definition(trtp, name: str):
     return getattr(namespace, name, None) if namespace is not None else None
 
 
-def is_defined(trtp, name: str) -> bool:
-    """Whether ``tensorrt.plugin`` already holds a definition of ``NAMESPACE::name`` (from any caller)."""
-    return plugin_definition(trtp, name) is not None
-
-
 def registered_implementations(trtp) -> dict[str, dict[str, bool]]:
     """``{plugin name: {"jit": bool, "aot": bool}}``: which implementations ``tensorrt.plugin`` holds."""
     out = {}
-    for name in PLUGINS.values():
-        pdef = plugin_definition(trtp, name)
-        out[name] = {
+    for spec in OPS:
+        pdef = plugin_definition(trtp, spec.plugin)
+        out[spec.plugin] = {
             "jit": getattr(pdef, "impl_func", None) is not None,
             "aot": getattr(pdef, "aot_impl_func", None) is not None,
         }
@@ -213,9 +212,12 @@ def plugin_mode() -> str | None:
     return registered_mode(trtp) if trtp is not None else None
 
 
-def plugin_names() -> list[str]:
-    """The plugin names (``op_type`` of the plugin nodes), in op order."""
-    return list(PLUGINS.values())
+def plugin_constants(op: str, scalars: tuple[str, ...]) -> tuple[str, str, tuple[str, ...], int]:
+    """``(name, id, attributes, n_params)`` of op ``op``'s plugin: its name and ``tensorrt.plugin`` id, its
+    attributes in the registered signature's order (the ONNX node's too), and the number of parameters
+    TensorRT passes to its AOT entry (2 inputs, the kernel's int32 ``scalars``, 1 output)."""
+    spec = BY_OP[op]
+    return spec.plugin, plugin_id(spec.plugin), spec.attribute_names, len(spec.inputs) + len(scalars) + 1
 
 
 def register_plugin(module_name: str, name: str, define_jit, define_aot, aot: bool) -> None:
@@ -238,43 +240,6 @@ def register_plugin(module_name: str, name: str, define_jit, define_aot, aot: bo
             return  # defined elsewhere in this process: leave it be
         if aot and pdef.aot_impl_func is None:
             define_aot(trt, trtp)
-
-
-# ------------------------------------------------------------------------------------------ shape expressions
-# The plugins' shape logic is written against the operators ``tensorrt.plugin.ShapeExpr`` supports:
-# indexing of the input's ``shape_expr``, and ``expr + int``, ``expr - int``, ``expr * int``,
-# ``expr // int`` and the same with an expression on the right. There are no reflected operators
-# (``2 * expr`` fails) and no truth value, so every helper keeps the expression on the left and never
-# branches on it. Plain ints satisfy the same protocol, which is how the JIT path and the tests use it.
-def add(expr, constant: int):
-    """``expr + constant`` without a negative constant (written as a subtraction instead)."""
-    return expr + constant if constant >= 0 else expr - (-constant)
-
-
-def cdiv(expr, divisor: int):
-    """``ceil(expr / divisor)`` for a positive int ``divisor``, using only ``+`` and ``//``."""
-    return (expr + (divisor - 1)) // divisor
-
-
-def conv_out(size, kernel, stride: int, padding: int, dilation: int):
-    """``(size + 2*padding - dilation*(kernel - 1) - 1) // stride + 1`` (the ops' ``out_size``).
-
-    ``size`` may be a shape expression; ``kernel`` an int or (for ``dynamic_conv2d``, whose kernel size
-    is the weight's shape) a shape expression too.
-    """
-    if isinstance(kernel, int):
-        return add(size, 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-    return (add(size, 2 * padding + dilation - 1) - kernel * dilation) // stride + 1
-
-
-def next_pow2(n: int) -> int:
-    """Smallest power of two >= n (n >= 1), as ``triton.next_power_of_2``."""
-    return 1 << (max(int(n), 1) - 1).bit_length()
-
-
-def static_dims(shape) -> tuple[int | None, ...]:
-    """Concrete dims of a TensorRT shape, with None for the dynamic ones (-1)."""
-    return tuple(int(d) if int(d) >= 0 else None for d in shape)
 
 
 # ------------------------------------------------------------------------------------------ types, autotune
@@ -506,6 +471,38 @@ def check_shared_memory(name: str, shared: int) -> None:
         "gets without raising its limit, and it is not verified that TensorRT raises it for AOT plugins; use "
         f"JIT plugins (plugins='jit'), or set {LARGE_SHARED_ENV}=1 to try"
     )
+
+
+def expand_dtypes(dtype: str | tuple[str, ...], count: int) -> tuple[str, ...]:
+    """One Triton type name per pointer: ``dtype`` for all ``count`` of them, or ``dtype`` as given (one each)."""
+    return (dtype,) * count if isinstance(dtype, str) else tuple(dtype)
+
+
+def compile_entry(
+    entry,
+    pointers: tuple[str, ...],
+    dtypes: tuple[str, ...],
+    scalars: tuple[str, ...],
+    constexprs: Mapping[str, object],
+    target=None,
+) -> AOTKernel:
+    """Compile an op's AOT entry: ``pointers`` are its inputs then its output (typed by ``dtypes``), with the
+    int32 ``scalars`` between them (TensorRT's order); see :func:`compile_aot`."""
+    signature = pointer_signature(pointers[:-1], dtypes, scalars, pointers[-1])
+    return compile_aot(entry, signature, constexprs, len(pointers) + len(scalars), target=target)
+
+
+def aot_compiler(entry, pointers: tuple[str, ...], scalars: tuple[str, ...], constexprs):
+    """An op's cached ``aot_kernel(dtype, *args, target=None)``: its AOT entry (``entry()``) compiled by
+    :func:`compile_entry` for ``dtype`` (one Triton type name, or one per pointer) and the constexprs
+    ``constexprs(*args)``."""
+
+    @functools.lru_cache(maxsize=64)
+    def aot_kernel(dtype: str | tuple[str, ...], *args, target=None) -> AOTKernel:
+        dtypes = expand_dtypes(dtype, len(pointers))
+        return compile_entry(entry(), pointers, dtypes, scalars, constexprs(*args), target)
+
+    return aot_kernel
 
 
 def pointer_signature(

@@ -17,24 +17,25 @@ N = output channels and K = input channels x taps::
   fp16 and bf16 load as they are. Under ``TRITON_INTERPRET=1`` one small tile shape is tried, so the
   CPU tests stay fast.
 - ``_dynamic_conv2d_fwd`` with :func:`dynamic_conv2d_cuda_fixed`: the fixed-tile kernel of the
-  TensorRT plugin (``plugins/dynamic_conv/trt_plugin.py`` compiles it ahead of time with its own launch
-  plan; its parameters are that plugin's contract). Loops over the taps and, per tap, over chunks of
-  ``BLOCK_CI`` input channels. fp32 uses IEEE products there (``DOT_PRECISION="ieee"``).
+  TensorRT plugin (``plugins/dynamic_conv/trt_plugin.py`` compiles it ahead of time; both launch it
+  with the plan of ``plan.py``, and its parameters are that plugin's contract). Loops over the taps
+  and, per tap, over chunks of ``BLOCK_CI`` input channels. fp32 uses IEEE products there (``DOT_PRECISION="ieee"``).
 
 The op's own CUDA kernel (``op.py``) does not use either: there the batch-folded cuDNN convolution is
-the fastest correct path (the issue's H200 measurement: 0.27 ms against 4.2 ms for the first Triton
+the fastest correct path (on an H200, B32 C256 28x28 k3: 0.27 ms against 4.2 ms for a Triton
 kernel).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+from attn_export.plugins._cuda_common import NUM_WARPS, contiguous_pair, program_tile
+from attn_export.plugins.dynamic_conv.op import Ints
+from attn_export.plugins.dynamic_conv.plan import blocks, check_attributes, launch_plan, output_shape
 
 
 @triton.jit
@@ -66,13 +67,7 @@ def _dynamic_conv2d_fwd(
     BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    co_blk = pid % n_coblk
-    rest = pid // n_coblk
-    p_blk = rest % n_pblk
-    bg = (rest // n_pblk).to(tl.int64)  # sample * GROUPS + group, int64 for the base offsets below
-    b = bg // GROUPS
-    g = bg % GROUPS
+    co_blk, p_blk, _, b, g = program_tile(n_coblk, n_pblk, GROUPS)
 
     hw = H * W
     howo = HO * WO
@@ -120,75 +115,32 @@ def _dynamic_conv2d_fwd(
     )
 
 
-def _block(n: int, lo: int, hi: int) -> int:
-    return min(max(triton.next_power_of_2(n), lo), hi)
+def _prepare(name: str, x: Tensor, weight: Tensor, stride: Ints, padding: Ints, dilation: Ints):
+    """``(x, weight, out, ready)``: the inputs made contiguous and the output allocated; ``ready`` is False
+    where ``out`` is already the result (an empty output, or zeros for an empty reduction)."""
+    x, weight = contiguous_pair(name, ("x", "weight"), x, weight)
+    ho, wo = output_shape(x.shape, weight.shape, stride, padding, dilation, 1)[2:]
+    out = torch.empty((x.shape[0], weight.shape[1], ho, wo), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return x, weight, out, False
+    if weight.shape[2] == 0:  # an empty reduction
+        return x, weight, out.zero_(), False
+    return x, weight, out, True
 
 
 def dynamic_conv2d_cuda_fixed(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-) -> torch.Tensor:
+    x: Tensor, weight: Tensor, stride: Ints, padding: Ints, dilation: Ints, groups: int
+) -> Tensor:
     """Per-sample convolution with the TensorRT plugin's fixed-tile kernel (its launch plan); as ``op.reference``."""
-    if x.dtype not in _SUPPORTED or weight.dtype != x.dtype:
-        raise TypeError(
-            f"dynamic_conv2d_cuda_fixed: x and weight must share one of {_SUPPORTED}, got {x.dtype} and {weight.dtype}"
-        )
-    x = x.contiguous()
-    weight = weight.contiguous()
-    b, cin, h, w = x.shape
-    cout, cin_g, kh, kw = weight.shape[1:]
-    sh, sw = (int(v) for v in stride)
-    ph, pw = (int(v) for v in padding)
-    dh, dw = (int(v) for v in dilation)
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    out = torch.empty((b, cout, ho, wo), dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
+    x, weight, out, ready = _prepare("dynamic_conv2d_cuda_fixed", x, weight, stride, padding, dilation)
+    if not ready:
         return out
-    if cin_g == 0:  # an empty reduction
-        return out.zero_()
-
-    cout_g = cout // groups
-    # tl.dot needs every tile dimension >= 16.
-    block_co = _block(cout_g, 16, 64)
-    block_ci = _block(cin_g, 16, 32)
-    block_p = _block(ho * wo, 16, 64)
-    n_pblk = triton.cdiv(ho * wo, block_p)
-    n_coblk = triton.cdiv(cout_g, block_co)
-    grid = (b * groups * n_pblk * n_coblk,)
-    _dynamic_conv2d_fwd[grid](
-        x,
-        weight,
-        out,
-        cin,
-        h,
-        w,
-        cout,
-        ho,
-        wo,
-        groups,
-        cin_g,
-        cout_g,
-        n_pblk,
-        n_coblk,
-        SH=sh,
-        SW=sw,
-        PH=ph,
-        PW=pw,
-        DH=dh,
-        DW=dw,
-        KH=kh,
-        KW=kw,
-        BLOCK_CO=block_co,
-        BLOCK_CI=block_ci,
-        BLOCK_P=block_p,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,  # None: the backend default
-        num_warps=4,
-    )
+    ho, wo = out.shape[2:]
+    tiles = blocks(weight.shape[1] // groups, weight.shape[2], ho * wo)  # tl.dot needs every tile dimension >= 16
+    precision = "ieee" if x.dtype == torch.float32 else None  # None: the backend default
+    plan = launch_plan(x.shape, weight.shape, stride, padding, dilation, groups, weight.shape[3:], *tiles, precision)
+    grid, scalars, constexprs = plan
+    _dynamic_conv2d_fwd[(grid,)](x, weight, out, *scalars, **constexprs, num_warps=NUM_WARPS)
     return out
 
 
@@ -251,14 +203,8 @@ def _dynamic_conv2d_igemm(
     howo = HO * WO
     n_m = tl.cdiv(howo, BLOCK_M)
     n_n = tl.cdiv(COUT_G, BLOCK_N)
-    pid = tl.program_id(0)
     # output-channel tiles fastest: neighbouring programs share one gathered input tile (L2 reuse)
-    tile_n = pid % n_n
-    rest = pid // n_n
-    tile_m = rest % n_m
-    bg = (rest // n_m).to(tl.int64)  # sample * GROUPS + group, int64 for the base offsets below
-    b = bg // GROUPS
-    g = bg % GROUPS
+    tile_n, tile_m, _, b, g = program_tile(n_n, n_m, GROUPS)
 
     KHW: tl.constexpr = KH * KW
     hw = H * W
@@ -318,36 +264,25 @@ def tf32_allowed() -> bool:
 
 
 def dynamic_conv2d_cuda(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
+    x: Tensor,
+    weight: Tensor,
+    stride: Ints,
+    padding: Ints,
+    dilation: Ints,
     groups: int,
     *,
     allow_tf32: bool | None = None,
-) -> torch.Tensor:
+) -> Tensor:
     """Per-sample convolution with the autotuned implicit-GEMM kernel; same arguments and result as
     ``op.reference``. ``allow_tf32`` (fp32 only): TF32 tensor-core products; None follows torch's
     ``torch.backends.cuda.matmul.allow_tf32``."""
-    if x.dtype not in _SUPPORTED or weight.dtype != x.dtype:
-        raise TypeError(
-            f"dynamic_conv2d_cuda: x and weight must share one of {_SUPPORTED}, got {x.dtype} and {weight.dtype}"
-        )
-    x = x.contiguous()
-    weight = weight.contiguous()
+    x, weight, out, ready = _prepare("dynamic_conv2d_cuda", x, weight, stride, padding, dilation)
+    if not ready:
+        return out
     b, cin, h, w = x.shape
     cout, cin_g, kh, kw = weight.shape[1:]
-    sh, sw = (int(v) for v in stride)
-    ph, pw = (int(v) for v in padding)
-    dh, dw = (int(v) for v in dilation)
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    out = torch.empty((b, cout, ho, wo), dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
-    if cin_g == 0:  # an empty reduction
-        return out.zero_()
+    ho, wo = out.shape[2:]
+    (sh, sw), (ph, pw), (dh, dw) = check_attributes(stride, padding, dilation, groups)
     if x.dtype == torch.float32:
         tf32 = tf32_allowed() if allow_tf32 is None else bool(allow_tf32)
         precision = "tf32" if tf32 else "ieee"

@@ -30,7 +30,7 @@ Scan over the batch, one Conv per sample (kept)                  1    6.9
 (torch eager, this op)                                           -    5.8
 ============================================================  =====  =====
 
-The whole ``ODConv2d(64, 64, 3, padding=1)`` exported (issue 13), 2 threads, ms per call, median of
+The whole ``ODConv2d(64, 64, 3, padding=1)`` exported, 2 threads, ms per call, median of
 11-15 interleaved rounds on a shared 2-core machine (load average 5-7, so only the ratios between
 ORT variants mean much), with the block's channel and filter attentions folded into the kernel:
 

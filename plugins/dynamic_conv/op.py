@@ -6,18 +6,15 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from attn_export.plugins._taps import out_size
 
+#: The int pairs (rows, columns) of ``stride``, ``padding`` and ``dilation``.
+Ints = Sequence[int]
 
-def check_args(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-) -> tuple[int, int]:
+
+def check_args(x: Tensor, weight: Tensor, stride: Ints, padding: Ints, dilation: Ints, groups: int) -> tuple[int, int]:
     """Validate the arguments; return the output size ``(Ho, Wo)``."""
     if x.dim() != 4:
         raise ValueError(f"dynamic_conv2d: x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
@@ -47,19 +44,12 @@ def check_args(
     return ho, wo
 
 
-def _folded(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _folded(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     b, cin, h, w = x.shape
     return x.reshape(1, b * cin, h, w), weight.reshape(b * weight.shape[1], *weight.shape[2:])
 
 
-def reference(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-) -> torch.Tensor:
+def reference(x: Tensor, weight: Tensor, stride: Ints, padding: Ints, dilation: Ints, groups: int) -> Tensor:
     """Plain torch: one grouped convolution with the batch folded into the groups (eager only)."""
     ho, wo = check_args(x, weight, stride, padding, dilation, groups)
     xf, wf = _folded(x, weight)
@@ -68,14 +58,7 @@ def reference(
 
 
 @torch.library.custom_op("attn_export::dynamic_conv2d", mutates_args=())
-def dynamic_conv2d(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-) -> torch.Tensor:
+def dynamic_conv2d(x: Tensor, weight: Tensor, stride: Ints, padding: Ints, dilation: Ints, groups: int) -> Tensor:
     """Per-sample convolution. ``x``: (B, Cin, H, W); ``weight``: (B, Cout, Cin/groups, kH, kW)."""
     return reference(x, weight, stride, padding, dilation, groups)
 
@@ -89,8 +72,8 @@ def _(x, weight, stride, padding, dilation, groups):
 @dynamic_conv2d.register_kernel("cuda")
 def _(x, weight, stride, padding, dilation, groups):
     # The batch-folded grouped convolution (cuDNN) is the fastest correct path on CUDA: 0.27 ms at
-    # B32 C256 28x28 k3 on an H200 against 4.2 ms for the first Triton kernel (issue 10). The Triton
-    # implicit GEMM (``cuda_kernel.py``) serves the TensorRT plugin, where there is no cuDNN call.
+    # B32 C256 28x28 k3 on an H200 against 4.2 ms for a Triton kernel. The Triton kernels
+    # (``cuda_kernel.py``) serve the TensorRT plugin, where there is no cuDNN call.
     if len({x.device, weight.device}) > 1:
         raise ValueError(f"all inputs must be on one device, got {sorted({str(x.device), str(weight.device)})}")
     return reference(x, weight, stride, padding, dilation, groups)

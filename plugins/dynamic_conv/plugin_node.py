@@ -7,13 +7,13 @@ Attributes: ``plugin_namespace``, ``plugin_version``, the int lists ``stride``, 
 
 from __future__ import annotations
 
-from attn_export.plugins._plugin_node import INT, INTS, plugin_attrs, plugin_op
-from attn_export.plugins._trt_names import DYNAMIC_CONV
+from attn_export.plugins._plugin_node import plugin_attrs, plugin_op
+from attn_export.plugins.registry import BY_OP
 
-ATTRIBUTES = {"stride": INTS, "padding": INTS, "dilation": INTS, "groups": INT}
-OP = plugin_op(DYNAMIC_CONV, ("x", "weight"), ATTRIBUTES)
+SPEC = BY_OP["dynamic_conv2d"]
+ATTRIBUTES = SPEC.attribute_names
+OP = plugin_op(SPEC)
 
 
 def plugin(x, weight, stride, padding, dilation, groups: int):
-    attrs = plugin_attrs(stride=list(stride), padding=list(padding), dilation=list(dilation), groups=groups)
-    return OP(x, weight, **attrs)
+    return OP(x, weight, **plugin_attrs(SPEC, stride, padding, dilation, groups))

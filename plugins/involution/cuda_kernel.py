@@ -10,7 +10,7 @@ with ``t = a*k + bb`` and zeros outside the image. Work split: a 1-D grid; each 
 output pixels, and loops over the ``k*k`` taps: per tap it loads one weight row (shared by all the
 block's channels) and gathers one ``BLOCK_C x BLOCK_P`` tile of x (masked for padding and ragged
 edges). Accumulates in fp32; stores in the input dtype. This is the kernel the op and the TensorRT
-plugin run (the plugin compiles ``_involution2d_fwd`` with its own launch plan).
+plugin run, with one launch plan (``plan.py``; the plugin compiles ``_involution2d_fwd`` ahead of time).
 
 A candidate, :func:`involution2d_cuda_rows`, keeps each padded input row in registers and takes the
 column taps from it with ``tl.gather`` (warp shuffles when compiled for sm_90), reading x ``k`` times
@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+from attn_export.plugins._cuda_common import NUM_WARPS, contiguous_pair, program_tile
+from attn_export.plugins.involution.plan import blocks, launch_plan
 
 
 @triton.jit
@@ -48,13 +49,7 @@ def _involution2d_fwd(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    c_blk = pid % n_cblk
-    rest = pid // n_cblk
-    p_blk = rest % n_pblk
-    bg = (rest // n_pblk).to(tl.int64)  # sample * G + group, int64 for the base offsets below
-    b = bg // G
-    g = bg % G
+    c_blk, p_blk, bg, b, g = program_tile(n_cblk, n_pblk, G)  # bg = sample * G + group
 
     hw = H * W
     howo = Ho * Wo
@@ -97,46 +92,16 @@ def involution2d_cuda(
     x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int, padding: int, dilation: int
 ) -> torch.Tensor:
     """Involution forward with the Triton kernel; same arguments and result as ``op.reference``."""
-    if x.dtype not in _SUPPORTED or weight.dtype != x.dtype:
-        raise TypeError(
-            f"involution2d_cuda: x and weight must share one of {_SUPPORTED}, got {x.dtype} and {weight.dtype}"
-        )
-    x = x.contiguous()
-    weight = weight.contiguous()
-    b, c, h, w = x.shape
-    g = weight.shape[1]
+    x, weight = contiguous_pair("involution2d_cuda", ("x", "weight"), x, weight)
+    b, c = x.shape[:2]
     ho, wo = weight.shape[-2:]
-    cg = c // g
     out = torch.empty((b, c, ho, wo), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-
-    block_p = min(max(triton.next_power_of_2(ho * wo), 16), 128)
-    block_c = min(triton.next_power_of_2(cg), max(4096 // block_p, 1), 32)
-    n_pblk = triton.cdiv(ho * wo, block_p)
-    n_cblk = triton.cdiv(cg, block_c)
-    grid = (b * g * n_pblk * n_cblk,)
-    _involution2d_fwd[grid](
-        x,
-        weight,
-        out,
-        c,
-        h,
-        w,
-        ho,
-        wo,
-        g,
-        cg,
-        n_pblk,
-        n_cblk,
-        STRIDE=stride,
-        PAD=padding,
-        DIL=dilation,
-        K=kernel_size,
-        BLOCK_C=block_c,
-        BLOCK_P=block_p,
-        num_warps=4,
-    )
+    block_c, block_p = blocks(c // weight.shape[1], ho * wo)
+    plan = launch_plan(x.shape, weight.shape, kernel_size, stride, padding, dilation, block_c, block_p)
+    grid, scalars, constexprs = plan
+    _involution2d_fwd[(grid,)](x, weight, out, *scalars, **constexprs, num_warps=NUM_WARPS)
     return out
 
 
@@ -173,13 +138,7 @@ def _involution2d_rows(
     the ``k`` column taps from it in registers (``tl.gather`` along the row: warp shuffles when compiled),
     so x is read k times per output row instead of k*k times; the per-pixel weights are shared by the
     channels."""
-    pid = tl.program_id(0)
-    c_blk = pid % n_cblk
-    rest = pid // n_cblk
-    h_blk = rest % n_hblk
-    bg = (rest // n_hblk).to(tl.int64)  # sample * G + group, int64 for the base offsets below
-    b = bg // G
-    g = bg % G
+    c_blk, h_blk, bg, b, g = program_tile(n_cblk, n_hblk, G)  # bg = sample * G + group
 
     hw = H * W
     howo = Ho * Wo
@@ -217,12 +176,7 @@ def involution2d_cuda_rows(
     """Involution forward with the row-reuse kernel (a candidate, timed beside the default one by
     ``attn-export bench --device cuda``; not yet what the op runs). Same arguments and result as
     ``op.reference``; a padded input row wider than :data:`ROWS_MAX_WIDTH` is a ``ValueError``."""
-    if x.dtype not in _SUPPORTED or weight.dtype != x.dtype:
-        raise TypeError(
-            f"involution2d_cuda_rows: x and weight must share one of {_SUPPORTED}, got {x.dtype} and {weight.dtype}"
-        )
-    x = x.contiguous()
-    weight = weight.contiguous()
+    x, weight = contiguous_pair("involution2d_cuda_rows", ("x", "weight"), x, weight)
     b, c, h, w = x.shape
     g = weight.shape[1]
     ho, wo = weight.shape[-2:]
@@ -260,6 +214,6 @@ def involution2d_cuda_rows(
         BLOCK_W=block_w,
         BLOCK_WIN=block_win,
         ROWS=rows,
-        num_warps=4,
+        num_warps=NUM_WARPS,
     )
     return out

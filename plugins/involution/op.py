@@ -73,7 +73,7 @@ def _(x, weight, kernel_size, stride=1, padding=0, dilation=1):
 
 @involution2d.register_kernel("cuda")
 def _(x, weight, kernel_size, stride=1, padding=0, dilation=1):
-    from attn_export.plugins import use_cuda_kernel
+    from attn_export.plugins._kernels import use_cuda_kernel
 
     if not use_cuda_kernel(x, weight):
         return reference(x, weight, kernel_size, stride, padding, dilation)

@@ -7,13 +7,13 @@ Inputs ``x`` (B, C, H, W) and ``weight`` (B, G, k*k, Ho, Wo); output (B, C, Ho, 
 
 from __future__ import annotations
 
-from attn_export.plugins._plugin_node import INT, plugin_attrs, plugin_op
-from attn_export.plugins._trt_names import INVOLUTION
+from attn_export.plugins._plugin_node import plugin_attrs, plugin_op
+from attn_export.plugins.registry import BY_OP
 
-ATTRIBUTES = {"kernel_size": INT, "stride": INT, "padding": INT, "dilation": INT}
-OP = plugin_op(INVOLUTION, ("x", "weight"), ATTRIBUTES)
+SPEC = BY_OP["involution2d"]
+ATTRIBUTES = SPEC.attribute_names
+OP = plugin_op(SPEC)
 
 
 def plugin(x, weight, kernel_size: int, stride: int = 1, padding: int = 0, dilation: int = 1):
-    attrs = plugin_attrs(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation)
-    return OP(x, weight, **attrs)
+    return OP(x, weight, **plugin_attrs(SPEC, kernel_size, stride, padding, dilation))

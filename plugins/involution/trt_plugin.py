@@ -2,19 +2,8 @@
 
 The ONNX node (target ``trt``) has inputs ``x`` (B, C, H, W) and ``weight`` (B, G, k*k, Ho, Wo) and
 the int attributes ``kernel_size``, ``stride``, ``padding``, ``dilation`` (in that order); the output
-is (B, C, Ho, Wo) in the input's type. :func:`register` defines, with ``tensorrt.plugin``:
-
-- the output shape, :func:`output_shape` applied to the inputs' shape expressions;
-- ``impl`` (JIT): the op run from Python on TensorRT's stream (on CUDA its Triton kernel), its result
-  written into TensorRT's output buffer (:func:`launch`);
-- ``autotune``: fp32, fp16 or bf16 for all three tensors (and the network's own mixed input types),
-  linear layout (:func:`attn_export.plugins.trt.autotune_combinations`);
-- ``aot_impl`` (TensorRT >= 10.9): the Triton kernel compiled ahead of time to PTX, through an entry
-  (:func:`aot_entry`) whose parameters come in TensorRT's order (inputs, int32 scalars, output), with
-  a 1-D grid and the scalars as shape expressions of the batch, so the engine runs without Python.
-
-The AOT launch geometry (grid, scalars, block sizes) is :func:`launch_plan`, equal to what
-``cuda_kernel.involution2d_cuda`` uses (a test holds them together).
+is (B, C, Ho, Wo) in the input's type. Defined as :mod:`attn_export.plugins.trt` describes, with the
+launch plan of :mod:`attn_export.plugins.involution.plan`.
 
 No ``from __future__ import annotations`` here: ``tensorrt.plugin`` reads the annotations of the
 registered functions as objects.
@@ -23,65 +12,10 @@ registered functions as objects.
 import functools
 
 from attn_export.plugins import trt as _trt
-from attn_export.plugins._trt_names import INVOLUTION, plugin_id
+from attn_export.plugins._shape_expr import static_dims
+from attn_export.plugins.involution import plan
 
-PLUGIN_NAME = INVOLUTION
-PLUGIN_ID = plugin_id(INVOLUTION)
-#: The plugin's attributes, in the order of the registered function's signature (the ONNX node's
-#: order must equal it: see :func:`attn_export.plugins._plugin_node.attribute_order`).
-ATTRIBUTES = ("kernel_size", "stride", "padding", "dilation")
-#: Kernel parameters TensorRT passes to the AOT entry: 2 inputs, 9 int32 scalars, 1 output.
-SCALARS = ("C", "H", "W", "Ho", "Wo", "G", "CG", "n_pblk", "n_cblk")
-N_SCALARS = len(SCALARS)
-N_PARAMS = 2 + N_SCALARS + 1
-
-
-# ------------------------------------------------------------------------------------------ pure shape logic
-def check_attributes(kernel_size: int, stride: int, padding: int, dilation: int) -> None:
-    if kernel_size < 1 or stride < 1 or dilation < 1 or padding < 0:
-        raise ValueError(
-            f"{PLUGIN_NAME}: need kernel_size, stride, dilation >= 1 and padding >= 0, got kernel_size={kernel_size}, "
-            f"stride={stride}, padding={padding}, dilation={dilation}"
-        )
-
-
-def output_shape(x, weight, kernel_size: int, stride: int, padding: int, dilation: int) -> tuple:
-    """(B, C, Ho, Wo) from the shapes (shape expressions or ints) of ``x`` and ``weight``."""
-    check_attributes(kernel_size, stride, padding, dilation)
-    ho = _trt.conv_out(x[2], kernel_size, stride, padding, dilation)
-    wo = _trt.conv_out(x[3], kernel_size, stride, padding, dilation)
-    return (x[0], x[1], ho, wo)
-
-
-def blocks(cg: int | None, howo: int | None) -> tuple[int, int]:
-    """``(BLOCK_C, BLOCK_P)`` as the Triton launcher picks them; None (a dynamic size) takes the largest."""
-    block_p = 128 if howo is None else min(max(_trt.next_pow2(howo), 16), 128)
-    block_c = min(32 if cg is None else _trt.next_pow2(cg), max(4096 // block_p, 1), 32)
-    return block_c, block_p
-
-
-def launch_plan(x, weight, kernel_size: int, stride: int, padding: int, dilation: int, block_c: int, block_p: int):
-    """``(grid, scalars, constexprs)`` of the kernel for shapes of ``x`` and ``weight``.
-
-    With ints this is the JIT launch; with shape expressions the AOT one (grid and scalars symbolic in
-    the batch). ``scalars`` are the kernel's int32 arguments between the pointers, in its order.
-    """
-    b, c, h, w = x[0], x[1], x[2], x[3]
-    g, ho, wo = weight[1], weight[3], weight[4]
-    cg = c // g
-    n_pblk = _trt.cdiv(ho * wo, block_p)
-    n_cblk = _trt.cdiv(cg, block_c)
-    grid = b * g * n_pblk * n_cblk
-    scalars = (c, h, w, ho, wo, g, cg, n_pblk, n_cblk)
-    constexprs = {
-        "STRIDE": stride,
-        "PAD": padding,
-        "DIL": dilation,
-        "K": kernel_size,
-        "BLOCK_C": block_c,
-        "BLOCK_P": block_p,
-    }
-    return grid, scalars, constexprs
+PLUGIN_NAME, PLUGIN_ID, ATTRIBUTES, N_PARAMS = _trt.plugin_constants("involution2d", plan.SCALARS)
 
 
 # ------------------------------------------------------------------------------------------ kernels
@@ -89,9 +23,9 @@ def launch(x, weight, out, kernel_size: int, stride: int, padding: int, dilation
     """The JIT plugin's body on torch tensors: ``involution2d`` (on CUDA its Triton kernel) into ``out``."""
     import torch
 
-    import attn_export.plugins  # noqa: F401  (registers the ops)
+    import attn_export.plugins.involution.op  # noqa: F401  (registers the op)
 
-    check_attributes(kernel_size, stride, padding, dilation)
+    plan.check_attributes(kernel_size, stride, padding, dilation)
     op = torch.ops.attn_export.involution2d
     _trt.launch_op(PLUGIN_NAME, op, (x, weight), out, kernel_size, stride, padding, dilation)
 
@@ -131,38 +65,15 @@ def aot_entry():
     return triton.jit(involution2d_aot)
 
 
-@functools.lru_cache(maxsize=64)
-def aot_kernel(
-    dtype: str | tuple[str, str, str],
-    kernel_size: int,
-    stride: int,
-    padding: int,
-    dilation: int,
-    block_c: int,
-    block_p: int,
-    target=None,
-) -> _trt.AOTKernel:
-    """The AOT entry compiled for ``dtype`` (``"fp32"``/``"fp16"``/``"bf16"``, or one per x, weight and
-    output) and these constexprs (cached). The kernel reads every load as fp32, so mixed types work."""
-    dtypes = (dtype,) * 3 if isinstance(dtype, str) else tuple(dtype)
-    signature = _trt.pointer_signature(("x_ptr", "w_ptr"), dtypes, SCALARS, "out_ptr")
-    constexprs = {
-        "STRIDE": stride,
-        "PAD": padding,
-        "DIL": dilation,
-        "K": kernel_size,
-        "BLOCK_C": block_c,
-        "BLOCK_P": block_p,
-    }
-    return _trt.compile_aot(aot_entry(), signature, constexprs, N_PARAMS, target=target)
+#: ``aot_kernel(dtype, *args, target=None)``: the AOT entry compiled (cached) for ``dtype`` (``"fp32"``,
+#: ``"fp16"``, ``"bf16"``, or one per x, weight and output) and ``plan.constexprs(*args)``. The kernel
+#: reads every load as fp32, so mixed types work.
+aot_kernel = _trt.aot_compiler(aot_entry, ("x_ptr", "w_ptr", "out_ptr"), plan.SCALARS, plan.constexprs)
 
 
 # ------------------------------------------------------------------------------------------ registration
 def register(*, aot: bool = True) -> None:
-    """Define the plugin with ``tensorrt.plugin`` (idempotent); with ``aot`` also its AOT implementation.
-
-    Imports TensorRT: call through :func:`attn_export.plugins.trt.register_trt_plugins`.
-    """
+    """Define the plugin (with ``aot``, its AOT implementation too): :func:`attn_export.plugins.trt.register_plugin`."""
     _trt.register_plugin(__name__, PLUGIN_NAME, _define_jit, _define_aot, aot)
 
 
@@ -171,7 +82,7 @@ def _define_jit(trt, trtp) -> None:
     def involution2d_desc(
         x: trtp.TensorDesc, weight: trtp.TensorDesc, kernel_size: int, stride: int, padding: int, dilation: int
     ) -> trtp.TensorDesc:
-        shape = output_shape(x.shape_expr, weight.shape_expr, kernel_size, stride, padding, dilation)
+        shape = plan.output_shape(x.shape_expr, weight.shape_expr, kernel_size, stride, padding, dilation)
         return trtp.from_shape_expr(shape, dtype=x.dtype)
 
     @trtp.autotune(PLUGIN_ID)
@@ -207,13 +118,13 @@ def _define_aot(trt, trtp) -> None:
         outputs: tuple[trtp.TensorDesc],
         tactic: int,
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
-        xs, ws = _trt.static_dims(x.shape), _trt.static_dims(weight.shape)
+        xs, ws = static_dims(x.shape), static_dims(weight.shape)
         cg = xs[1] // ws[1] if xs[1] is not None and ws[1] is not None else None
         howo = ws[3] * ws[4] if ws[3] is not None and ws[4] is not None else None
-        block_c, block_p = blocks(cg, howo)
+        block_c, block_p = plan.blocks(cg, howo)
         dtypes = _trt.io_dtypes(trt, (x, weight), outputs)
         kernel = aot_kernel(dtypes, kernel_size, stride, padding, dilation, block_c, block_p)
-        grid, scalars, _ = launch_plan(
+        grid, scalars, _ = plan.launch_plan(
             x.shape_expr, weight.shape_expr, kernel_size, stride, padding, dilation, block_c, block_p
         )
         return _trt.aot_launch(trtp, kernel, grid, scalars)

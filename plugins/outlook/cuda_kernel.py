@@ -14,10 +14,10 @@ Stride phases. Which taps reach an output pixel depends only on its phase ``(y %
 ``i = qy + (ry + p - a) / s`` (an exact division). So the output is split into its ``s x s`` phases and
 each block of pixels lies in one phase: every pixel of a program has the same tap set, found with
 scalar arithmetic on non-negative numbers, and the only per-pixel tests left are bounds tests
-(``0 <= i < h``, inside the image). The first kernel tested the divisibility ``(y + p - a) % s == 0``
-per pixel, and compiled on CUDA it gave wrong sums at stride 2 in fp32 (see the issue note).
+(``0 <= i < h``, inside the image). A per-pixel divisibility test ``(y + p - a) % s == 0`` instead,
+compiled on CUDA, gives wrong sums at stride 2 in fp32.
 
-Work split (the TensorRT plugin's launch plan, which compiles this same kernel ahead of time): a 1-D
+Work split (``plan.py``, shared with the TensorRT plugin, which compiles this same kernel ahead of time): a 1-D
 grid of ``B * heads * n_pblk * n_cblk`` programs, ``n_pblk = cdiv(H*W, BLOCK_P)``; each program owns
 one ``(sample, head)`` and a block of ``BLOCK_C`` channels of that head (the attention weights it loads
 serve all of them), and walks the phase-major list of pixel blocks (each phase cut into blocks of
@@ -37,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+from attn_export.plugins._cuda_common import NUM_WARPS, contiguous_pair, program_tile
+from attn_export.plugins.outlook.plan import blocks, launch_plan, window_grid
 
 
 @triton.jit
@@ -137,13 +138,7 @@ def _outlook_aggregate_fwd(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    c_blk = pid % n_cblk
-    rest = pid // n_cblk
-    p_blk = rest % n_pblk
-    bh = (rest // n_pblk).to(tl.int64)  # sample * HEADS + head, int64 for the base offsets below
-    b = bh // HEADS
-    m = bh % HEADS
+    c_blk, p_blk, bh, b, m = program_tile(n_cblk, n_pblk, HEADS)  # bh = sample * HEADS + head
 
     KK: tl.constexpr = K * K
     hw = H * W
@@ -180,46 +175,15 @@ def outlook_aggregate_cuda(
     v: torch.Tensor, attn: torch.Tensor, kernel_size: int, padding: int, stride: int
 ) -> torch.Tensor:
     """Outlook aggregation with the Triton kernel; same arguments and result as ``op.reference``."""
-    if v.dtype not in _SUPPORTED or attn.dtype != v.dtype:
-        raise TypeError(
-            f"outlook_aggregate_cuda: v and attn must share one of {_SUPPORTED}, got {v.dtype} and {attn.dtype}"
-        )
-    v = v.contiguous()
-    attn = attn.contiguous()
-    b, c, h, w = v.shape
-    heads = attn.shape[1]
-    gh = (h + 2 * padding - kernel_size) // stride + 1
-    gw = (w + 2 * padding - kernel_size) // stride + 1
-    ch = c // heads
+    v, attn = contiguous_pair("outlook_aggregate_cuda", ("v", "attn"), v, attn)
     out = torch.empty_like(v, memory_format=torch.contiguous_format)
     if out.numel() == 0:
         return out
+    gh, gw = window_grid(v.shape, kernel_size, padding, stride)
     if gh <= 0 or gw <= 0:  # no windows: nothing is folded back
         return out.zero_()
-
-    block_p = min(max(triton.next_power_of_2(h * w), 16), 64)
-    block_c = min(triton.next_power_of_2(ch), 32)
-    n_pblk = triton.cdiv(h * w, block_p)
-    n_cblk = triton.cdiv(ch, block_c)
-    grid = (b * heads * n_pblk * n_cblk,)
-    _outlook_aggregate_fwd[grid](
-        v,
-        attn,
-        out,
-        c,
-        h,
-        w,
-        gh,
-        gw,
-        heads,
-        ch,
-        n_pblk,
-        n_cblk,
-        K=kernel_size,
-        PAD=padding,
-        STRIDE=stride,
-        BLOCK_C=block_c,
-        BLOCK_P=block_p,
-        num_warps=4,
-    )
+    _, c, h, w = v.shape
+    block_c, block_p = blocks(c // attn.shape[1], h * w)
+    grid, scalars, constexprs = launch_plan(v.shape, attn.shape, kernel_size, padding, stride, block_c, block_p)
+    _outlook_aggregate_fwd[(grid,)](v, attn, out, *scalars, **constexprs, num_warps=NUM_WARPS)
     return out

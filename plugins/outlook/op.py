@@ -81,7 +81,7 @@ def _(v, attn, kernel_size=3, padding=1, stride=1):
 
 @outlook_aggregate.register_kernel("cuda")
 def _(v, attn, kernel_size=3, padding=1, stride=1):
-    from attn_export.plugins import use_cuda_kernel
+    from attn_export.plugins._kernels import use_cuda_kernel
 
     if not use_cuda_kernel(v, attn):
         return reference(v, attn, kernel_size, padding, stride)

@@ -6,13 +6,13 @@ Inputs ``v`` (B, C, H, W) and ``attn`` (B, heads, h*w, k*k, k*k); output (B, C, 
 
 from __future__ import annotations
 
-from attn_export.plugins._plugin_node import INT, plugin_attrs, plugin_op
-from attn_export.plugins._trt_names import OUTLOOK
+from attn_export.plugins._plugin_node import plugin_attrs, plugin_op
+from attn_export.plugins.registry import BY_OP
 
-ATTRIBUTES = {"kernel_size": INT, "padding": INT, "stride": INT}
-OP = plugin_op(OUTLOOK, ("v", "attn"), ATTRIBUTES)
+SPEC = BY_OP["outlook_aggregate"]
+ATTRIBUTES = SPEC.attribute_names
+OP = plugin_op(SPEC)
 
 
 def plugin(v, attn, kernel_size: int = 3, padding: int = 1, stride: int = 1):
-    attrs = plugin_attrs(kernel_size=kernel_size, padding=padding, stride=stride)
-    return OP(v, attn, **attrs)
+    return OP(v, attn, **plugin_attrs(SPEC, kernel_size, padding, stride))

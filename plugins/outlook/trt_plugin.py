@@ -2,16 +2,8 @@
 
 The ONNX node (target ``trt``) has inputs ``v`` (B, C, H, W) and ``attn`` (B, heads, h*w, k*k, k*k) and
 the int attributes ``kernel_size``, ``padding``, ``stride`` (in that order); the output has ``v``'s
-shape and type. :func:`register` defines, with ``tensorrt.plugin``:
-
-- the output shape (``v``'s shape expressions, :func:`output_shape`);
-- ``impl`` (JIT): the op run from Python on TensorRT's stream (on CUDA its Triton kernel), its result
-  written into TensorRT's output buffer (:func:`launch`);
-- ``autotune``: fp32, fp16 or bf16 for all three tensors (and the network's own mixed input types),
-  linear layout (:func:`attn_export.plugins.trt.autotune_combinations`);
-- ``aot_impl`` (TensorRT >= 10.9): the Triton kernel compiled ahead of time to PTX, through an entry
-  (:func:`aot_entry`) whose parameters come in TensorRT's order (inputs, int32 scalars, output), with
-  a 1-D grid and the scalars as shape expressions of the batch, so the engine runs without Python.
+shape and type. Defined as :mod:`attn_export.plugins.trt` describes, with the
+launch plan of :mod:`attn_export.plugins.outlook.plan`.
 
 No ``from __future__ import annotations`` here: ``tensorrt.plugin`` reads the annotations of the
 registered functions as objects.
@@ -20,66 +12,10 @@ registered functions as objects.
 import functools
 
 from attn_export.plugins import trt as _trt
-from attn_export.plugins._trt_names import OUTLOOK, plugin_id
+from attn_export.plugins._shape_expr import static_dims
+from attn_export.plugins.outlook import plan
 
-PLUGIN_NAME = OUTLOOK
-PLUGIN_ID = plugin_id(OUTLOOK)
-#: The plugin's attributes, in the order of the registered function's signature (the ONNX node's
-#: order must equal it: see :func:`attn_export.plugins._plugin_node.attribute_order`).
-ATTRIBUTES = ("kernel_size", "padding", "stride")
-#: Kernel parameters TensorRT passes to the AOT entry: 2 inputs, 9 int32 scalars, 1 output.
-SCALARS = ("C", "H", "W", "GH", "GW", "HEADS", "CH", "n_pblk", "n_cblk")
-N_SCALARS = len(SCALARS)
-N_PARAMS = 2 + N_SCALARS + 1
-
-
-# ------------------------------------------------------------------------------------------ pure shape logic
-def check_attributes(kernel_size: int, padding: int, stride: int) -> None:
-    if kernel_size < 1 or stride < 1 or padding < 0:
-        raise ValueError(
-            f"{PLUGIN_NAME}: need kernel_size, stride >= 1 and padding >= 0, got kernel_size={kernel_size}, "
-            f"padding={padding}, stride={stride}"
-        )
-
-
-def output_shape(v, attn, kernel_size: int, padding: int, stride: int) -> tuple:
-    """``v``'s shape (B, C, H, W): the windows are folded back onto the input grid."""
-    check_attributes(kernel_size, padding, stride)
-    return (v[0], v[1], v[2], v[3])
-
-
-def window_grid(v, kernel_size: int, padding: int, stride: int) -> tuple:
-    """``(h, w)``, the grid of window centres (``out_size`` with dilation 1)."""
-    return (
-        _trt.conv_out(v[2], kernel_size, stride, padding, 1),
-        _trt.conv_out(v[3], kernel_size, stride, padding, 1),
-    )
-
-
-def blocks(ch: int | None, hw: int | None) -> tuple[int, int]:
-    """``(BLOCK_C, BLOCK_P)`` as the Triton launcher picks them; None (a dynamic size) takes the largest."""
-    block_p = 64 if hw is None else min(max(_trt.next_pow2(hw), 16), 64)
-    block_c = 32 if ch is None else min(_trt.next_pow2(ch), 32)
-    return block_c, block_p
-
-
-def launch_plan(v, attn, kernel_size: int, padding: int, stride: int, block_c: int, block_p: int):
-    """``(grid, scalars, constexprs)`` of the kernel for shapes of ``v`` and ``attn``.
-
-    With ints this is the JIT launch; with shape expressions the AOT one (grid and scalars symbolic in
-    the batch). ``scalars`` are the kernel's int32 arguments between the pointers, in its order.
-    """
-    check_attributes(kernel_size, padding, stride)
-    b, c, h, w = v[0], v[1], v[2], v[3]
-    heads = attn[1]
-    gh, gw = window_grid(v, kernel_size, padding, stride)
-    ch = c // heads
-    n_pblk = _trt.cdiv(h * w, block_p)
-    n_cblk = _trt.cdiv(ch, block_c)
-    grid = b * heads * n_pblk * n_cblk
-    scalars = (c, h, w, gh, gw, heads, ch, n_pblk, n_cblk)
-    constexprs = {"K": kernel_size, "PAD": padding, "STRIDE": stride, "BLOCK_C": block_c, "BLOCK_P": block_p}
-    return grid, scalars, constexprs
+PLUGIN_NAME, PLUGIN_ID, ATTRIBUTES, N_PARAMS = _trt.plugin_constants("outlook_aggregate", plan.SCALARS)
 
 
 # ------------------------------------------------------------------------------------------ kernels
@@ -87,9 +23,9 @@ def launch(v, attn, out, kernel_size: int, padding: int, stride: int) -> None:
     """The JIT plugin's body on torch tensors: ``outlook_aggregate`` (on CUDA its Triton kernel) into ``out``."""
     import torch
 
-    import attn_export.plugins  # noqa: F401  (registers the ops)
+    import attn_export.plugins.outlook.op  # noqa: F401  (registers the op)
 
-    check_attributes(kernel_size, padding, stride)
+    plan.check_attributes(kernel_size, padding, stride)
     op = torch.ops.attn_export.outlook_aggregate
     _trt.launch_op(PLUGIN_NAME, op, (v, attn), out, kernel_size, padding, stride)
 
@@ -128,30 +64,15 @@ def aot_entry():
     return triton.jit(outlook_aggregate_aot)
 
 
-@functools.lru_cache(maxsize=64)
-def aot_kernel(
-    dtype: str | tuple[str, str, str],
-    kernel_size: int,
-    padding: int,
-    stride: int,
-    block_c: int,
-    block_p: int,
-    target=None,
-) -> _trt.AOTKernel:
-    """The AOT entry compiled for ``dtype`` (``"fp32"``/``"fp16"``/``"bf16"``, or one per v, attn and
-    output) and these constexprs (cached). The kernel reads every load as fp32, so mixed types work."""
-    dtypes = (dtype,) * 3 if isinstance(dtype, str) else tuple(dtype)
-    signature = _trt.pointer_signature(("v_ptr", "attn_ptr"), dtypes, SCALARS, "out_ptr")
-    constexprs = {"K": kernel_size, "PAD": padding, "STRIDE": stride, "BLOCK_C": block_c, "BLOCK_P": block_p}
-    return _trt.compile_aot(aot_entry(), signature, constexprs, N_PARAMS, target=target)
+#: ``aot_kernel(dtype, *args, target=None)``: the AOT entry compiled (cached) for ``dtype`` (``"fp32"``,
+#: ``"fp16"``, ``"bf16"``, or one per v, attn and output) and ``plan.constexprs(*args)``. The kernel
+#: reads every load as fp32, so mixed types work.
+aot_kernel = _trt.aot_compiler(aot_entry, ("v_ptr", "attn_ptr", "out_ptr"), plan.SCALARS, plan.constexprs)
 
 
 # ------------------------------------------------------------------------------------------ registration
 def register(*, aot: bool = True) -> None:
-    """Define the plugin with ``tensorrt.plugin`` (idempotent); with ``aot`` also its AOT implementation.
-
-    Imports TensorRT: call through :func:`attn_export.plugins.trt.register_trt_plugins`.
-    """
+    """Define the plugin (with ``aot``, its AOT implementation too): :func:`attn_export.plugins.trt.register_plugin`."""
     _trt.register_plugin(__name__, PLUGIN_NAME, _define_jit, _define_aot, aot)
 
 
@@ -160,7 +81,7 @@ def _define_jit(trt, trtp) -> None:
     def outlook_aggregate_desc(
         v: trtp.TensorDesc, attn: trtp.TensorDesc, kernel_size: int, padding: int, stride: int
     ) -> trtp.TensorDesc:
-        shape = output_shape(v.shape_expr, attn.shape_expr, kernel_size, padding, stride)
+        shape = plan.output_shape(v.shape_expr, attn.shape_expr, kernel_size, padding, stride)
         return trtp.from_shape_expr(shape, dtype=v.dtype)
 
     @trtp.autotune(PLUGIN_ID)
@@ -194,10 +115,12 @@ def _define_aot(trt, trtp) -> None:
         outputs: tuple[trtp.TensorDesc],
         tactic: int,
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
-        vs, a = _trt.static_dims(v.shape), _trt.static_dims(attn.shape)
+        vs, a = static_dims(v.shape), static_dims(attn.shape)
         ch = vs[1] // a[1] if vs[1] is not None and a[1] is not None else None
         hw = vs[2] * vs[3] if vs[2] is not None and vs[3] is not None else None
-        block_c, block_p = blocks(ch, hw)
+        block_c, block_p = plan.blocks(ch, hw)
         kernel = aot_kernel(_trt.io_dtypes(trt, (v, attn), outputs), kernel_size, padding, stride, block_c, block_p)
-        grid, scalars, _ = launch_plan(v.shape_expr, attn.shape_expr, kernel_size, padding, stride, block_c, block_p)
+        grid, scalars, _ = plan.launch_plan(
+            v.shape_expr, attn.shape_expr, kernel_size, padding, stride, block_c, block_p
+        )
         return _trt.aot_launch(trtp, kernel, grid, scalars)

@@ -34,14 +34,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import attn_export.plugins  # noqa: F401  (registers the torch ops)
+from attn_export.plugins import _shape_expr as shape_expr
 from attn_export.plugins import trt as trt_plugins
 from attn_export.plugins._plugin_node import attribute_order
 from attn_export.plugins._trt_names import NAMESPACE, PLUGINS
 from attn_export.plugins.dynamic_conv import op as dconv_op
+from attn_export.plugins.dynamic_conv import plan as dconv_plan
 from attn_export.plugins.dynamic_conv import trt_plugin as dconv_trt
 from attn_export.plugins.involution import op as inv_op
+from attn_export.plugins.involution import plan as inv_plan
 from attn_export.plugins.involution import trt_plugin as inv_trt
 from attn_export.plugins.outlook import op as outlook_op
+from attn_export.plugins.outlook import plan as outlook_plan
 from attn_export.plugins.outlook import trt_plugin as outlook_trt
 
 OPS = torch.ops.attn_export
@@ -161,8 +165,8 @@ def outlook_shapes(case):
 def test_involution_output_shape_matches_fake_kernel(case):
     xs, ws, attrs = involution_shapes(case)
     expected = fake_shape(OPS.involution2d, xs, ws, args=attrs)
-    assert evaluate(inv_trt.output_shape(sym_shape(xs), sym_shape(ws), *attrs)) == expected
-    assert inv_trt.output_shape(xs, ws, *attrs) == expected
+    assert evaluate(inv_plan.output_shape(sym_shape(xs), sym_shape(ws), *attrs)) == expected
+    assert inv_plan.output_shape(xs, ws, *attrs) == expected
 
 
 @pytest.mark.parametrize("case", DCONV_CASES)
@@ -170,15 +174,15 @@ def test_dynamic_conv_output_shape_matches_fake_kernel(case):
     xs, ws, (s, p, d, g) = dconv_shapes(case)
     expected = fake_shape(OPS.dynamic_conv2d, xs, ws, args=(list(s), list(p), list(d), g))
     as_arrays = [np.asarray(v, dtype=np.int32) for v in (s, p, d)]  # how tensorrt.plugin passes int lists
-    assert evaluate(dconv_trt.output_shape(sym_shape(xs), sym_shape(ws), *as_arrays, g)) == expected
-    assert dconv_trt.output_shape(xs, ws, s, p, d, g) == expected
+    assert evaluate(dconv_plan.output_shape(sym_shape(xs), sym_shape(ws), *as_arrays, g)) == expected
+    assert dconv_plan.output_shape(xs, ws, s, p, d, g) == expected
 
 
 @pytest.mark.parametrize("case", OUTLOOK_CASES)
 def test_outlook_output_shape_matches_fake_kernel(case):
     vs, attn_s, attrs = outlook_shapes(case)
     expected = fake_shape(OPS.outlook_aggregate, vs, attn_s, args=attrs)
-    assert evaluate(outlook_trt.output_shape(sym_shape(vs), sym_shape(attn_s), *attrs)) == expected
+    assert evaluate(outlook_plan.output_shape(sym_shape(vs), sym_shape(attn_s), *attrs)) == expected
 
 
 def test_shape_logic_never_needs_reflected_operators():
@@ -188,19 +192,19 @@ def test_shape_logic_never_needs_reflected_operators():
     with pytest.raises(TypeError):
         bool(Sym(3))
     # a negative constant is written as a subtraction; kernel sizes may be expressions (dynamic_conv)
-    assert trt_plugins.add(Sym(5), -7).value == -2
-    assert trt_plugins.conv_out(Sym(9), Sym(3), 2, 1, 2).value == inv_op.out_size(9, 3, 2, 1, 2)
-    assert trt_plugins.cdiv(Sym(17), 8).value == 3
+    assert shape_expr.add(Sym(5), -7).value == -2
+    assert shape_expr.conv_out(Sym(9), Sym(3), 2, 1, 2).value == inv_op.out_size(9, 3, 2, 1, 2)
+    assert shape_expr.cdiv(Sym(17), 8).value == 3
 
 
 @pytest.mark.parametrize(
     ("module", "attrs"),
     [
-        (inv_trt, (0, 1, 0, 1)),
-        (inv_trt, (3, 1, -1, 1)),
-        (outlook_trt, (3, 1, 0)),
-        (dconv_trt, ([1], [0, 0], [1, 1], 1)),
-        (dconv_trt, ([1, 1], [0, 0], [1, 1], 0)),
+        (inv_plan, (0, 1, 0, 1)),
+        (inv_plan, (3, 1, -1, 1)),
+        (outlook_plan, (3, 1, 0)),
+        (dconv_plan, ([1], [0, 0], [1, 1], 1)),
+        (dconv_plan, ([1, 1], [0, 0], [1, 1], 0)),
     ],
 )
 def test_bad_attributes_are_rejected_with_the_plugin_name(module, attrs):
@@ -253,14 +257,14 @@ def test_involution_launch_plan_is_the_cuda_kernels_launchers(monkeypatch, case)
         "_involution2d_fwd",
         lambda m: m.involution2d_cuda(x, w, *attrs),
     )
-    block_c, block_p = inv_trt.blocks(xs[1] // ws[1], ws[3] * ws[4])
-    plan_grid, scalars, constexprs = inv_trt.launch_plan(xs, ws, *attrs, block_c, block_p)
+    block_c, block_p = inv_plan.blocks(xs[1] // ws[1], ws[3] * ws[4])
+    plan_grid, scalars, constexprs = inv_plan.launch_plan(xs, ws, *attrs, block_c, block_p)
     assert grid == (plan_grid,)
-    assert tuple(args[3:]) == scalars and len(scalars) == inv_trt.N_SCALARS
+    assert tuple(args[3:]) == scalars and len(scalars) == len(inv_plan.SCALARS)
     assert {k: v for k, v in kwargs.items() if k != "num_warps"} == constexprs
     assert kwargs["num_warps"] == trt_plugins.NUM_WARPS
     # the same plan from shape expressions (the AOT path) evaluates to the same numbers
-    sym_grid, sym_scalars, _ = inv_trt.launch_plan(sym_shape(xs), sym_shape(ws), *attrs, block_c, block_p)
+    sym_grid, sym_scalars, _ = inv_plan.launch_plan(sym_shape(xs), sym_shape(ws), *attrs, block_c, block_p)
     assert (sym_grid.value, evaluate(sym_scalars)) == (plan_grid, scalars)
 
 
@@ -275,14 +279,14 @@ def test_dynamic_conv_launch_plan_is_the_cuda_kernels_launchers(monkeypatch, cas
         "_dynamic_conv2d_fwd",
         lambda m: m.dynamic_conv2d_cuda_fixed(x, w, s, p, d, g),
     )
-    ho, wo = dconv_trt.output_shape(xs, ws, s, p, d, g)[2:]
-    blocks = dconv_trt.blocks(ws[1] // g, ws[2], ho * wo)
-    plan = dconv_trt.launch_plan(xs, ws, s, p, d, g, ws[3:], *blocks, dconv_trt.dot_precision("fp32"))
+    ho, wo = dconv_plan.output_shape(xs, ws, s, p, d, g)[2:]
+    blocks = dconv_plan.blocks(ws[1] // g, ws[2], ho * wo)
+    plan = dconv_plan.launch_plan(xs, ws, s, p, d, g, ws[3:], *blocks, dconv_plan.dot_precision("fp32"))
     plan_grid, scalars, constexprs = plan
     assert grid == (plan_grid,)
-    assert tuple(args[3:]) == scalars and len(scalars) == dconv_trt.N_SCALARS
+    assert tuple(args[3:]) == scalars and len(scalars) == len(dconv_plan.SCALARS)
     assert {k: v for k, v in kwargs.items() if k != "num_warps"} == constexprs
-    sym = dconv_trt.launch_plan(sym_shape(xs), sym_shape(ws), s, p, d, g, ws[3:], *blocks, "ieee")
+    sym = dconv_plan.launch_plan(sym_shape(xs), sym_shape(ws), s, p, d, g, ws[3:], *blocks, "ieee")
     assert (sym[0].value, evaluate(sym[1])) == (plan_grid, scalars)
 
 
@@ -297,19 +301,19 @@ def test_outlook_launch_plan_is_the_cuda_kernels_launchers(monkeypatch, case):
         "_outlook_aggregate_fwd",
         lambda m: m.outlook_aggregate_cuda(v, a, *attrs),
     )
-    block_c, block_p = outlook_trt.blocks(vs[1] // attn_s[1], vs[2] * vs[3])
-    plan_grid, scalars, constexprs = outlook_trt.launch_plan(vs, attn_s, *attrs, block_c, block_p)
+    block_c, block_p = outlook_plan.blocks(vs[1] // attn_s[1], vs[2] * vs[3])
+    plan_grid, scalars, constexprs = outlook_plan.launch_plan(vs, attn_s, *attrs, block_c, block_p)
     assert grid == (plan_grid,)
-    assert tuple(args[3:]) == scalars and len(scalars) == outlook_trt.N_SCALARS
+    assert tuple(args[3:]) == scalars and len(scalars) == len(outlook_plan.SCALARS)
     assert {k: v for k, v in kwargs.items() if k != "num_warps"} == constexprs
-    sym = outlook_trt.launch_plan(sym_shape(vs), sym_shape(attn_s), *attrs, block_c, block_p)
+    sym = outlook_plan.launch_plan(sym_shape(vs), sym_shape(attn_s), *attrs, block_c, block_p)
     assert (sym[0].value, evaluate(sym[1])) == (plan_grid, scalars)
 
 
 def test_dynamic_sizes_take_the_largest_blocks():
-    assert inv_trt.blocks(None, None) == (32, 128)
-    assert dconv_trt.blocks(None, None, None) == (64, 32, 64)
-    assert outlook_trt.blocks(None, None) == (32, 64)
+    assert inv_plan.blocks(None, None) == (32, 128)
+    assert dconv_plan.blocks(None, None, None) == (64, 32, 64)
+    assert outlook_plan.blocks(None, None) == (32, 64)
 
 
 # ------------------------------------------------------------------------------------------ kernels, run
@@ -347,8 +351,8 @@ def test_involution_aot_entry_and_jit_launch_match_reference(case):
     inv_trt.launch(x, w, out, *attrs)
     torch.testing.assert_close(out.cpu().double(), expected, atol=1e-4, rtol=1e-4)
     # the AOT entry, called as TensorRT calls it: inputs, the int32 scalars, the output
-    block_c, block_p = inv_trt.blocks(xs[1] // ws[1], ws[3] * ws[4])
-    grid, scalars, constexprs = inv_trt.launch_plan(xs, ws, *attrs, block_c, block_p)
+    block_c, block_p = inv_plan.blocks(xs[1] // ws[1], ws[3] * ws[4])
+    grid, scalars, constexprs = inv_plan.launch_plan(xs, ws, *attrs, block_c, block_p)
     out2 = torch.full(expected.shape, float("nan"), device=device)
     inv_trt.aot_entry()[(grid,)](x, w, *scalars, out2, **constexprs, num_warps=trt_plugins.NUM_WARPS)
     torch.testing.assert_close(out2.cpu().double(), expected, atol=1e-4, rtol=1e-4)
@@ -365,8 +369,8 @@ def test_dynamic_conv_aot_entry_and_jit_launch_match_reference(case):
     dconv_trt.launch(x, w, out, np.asarray(s, np.int32), np.asarray(p, np.int32), np.asarray(d, np.int32), g)
     torch.testing.assert_close(out.cpu().double(), expected, atol=1e-4, rtol=1e-4)
     ho, wo = expected.shape[2:]
-    blocks = dconv_trt.blocks(ws[1] // g, ws[2], ho * wo)
-    grid, scalars, constexprs = dconv_trt.launch_plan(xs, ws, s, p, d, g, ws[3:], *blocks, "ieee")
+    blocks = dconv_plan.blocks(ws[1] // g, ws[2], ho * wo)
+    grid, scalars, constexprs = dconv_plan.launch_plan(xs, ws, s, p, d, g, ws[3:], *blocks, "ieee")
     out2 = torch.full(expected.shape, float("nan"), device=device)
     dconv_trt.aot_entry()[(grid,)](x, w, *scalars, out2, **constexprs, num_warps=trt_plugins.NUM_WARPS)
     torch.testing.assert_close(out2.cpu().double(), expected, atol=1e-4, rtol=1e-4)
@@ -382,8 +386,8 @@ def test_outlook_aot_entry_and_jit_launch_match_reference(case):
     out = torch.full(expected.shape, float("nan"), device=device)
     outlook_trt.launch(v, a, out, *attrs)
     torch.testing.assert_close(out.cpu().double(), expected, atol=1e-4, rtol=1e-4)
-    block_c, block_p = outlook_trt.blocks(vs[1] // attn_s[1], vs[2] * vs[3])
-    grid, scalars, constexprs = outlook_trt.launch_plan(vs, attn_s, *attrs, block_c, block_p)
+    block_c, block_p = outlook_plan.blocks(vs[1] // attn_s[1], vs[2] * vs[3])
+    grid, scalars, constexprs = outlook_plan.launch_plan(vs, attn_s, *attrs, block_c, block_p)
     out2 = torch.full(expected.shape, float("nan"), device=device)
     outlook_trt.aot_entry()[(grid,)](v, a, *scalars, out2, **constexprs, num_warps=trt_plugins.NUM_WARPS)
     torch.testing.assert_close(out2.cpu().double(), expected, atol=1e-4, rtol=1e-4)
@@ -796,22 +800,23 @@ def test_aot_launch_parameters_through_tensorrt_plugin(real_trtp, monkeypatch, k
     assert compiled[0][0] == tuple(names[t] for t in types)
     a, b = shapes
     if module is inv_trt:
-        blocks = inv_trt.blocks(a[1] // b[1], b[3] * b[4])
-        grid, scalars, _ = inv_trt.launch_plan(a, b, *attrs.values(), *blocks)
+        blocks = inv_plan.blocks(a[1] // b[1], b[3] * b[4])
+        grid, scalars, _ = inv_plan.launch_plan(a, b, *attrs.values(), *blocks)
     elif module is dconv_trt:
         s, p, d, g = attrs.values()
         ho, wo = out_shape[2:]
-        blocks = dconv_trt.blocks(b[1] // g, b[2], ho * wo)
-        grid, scalars, _ = dconv_trt.launch_plan(a, b, s, p, d, g, b[3:], *blocks, None)
+        blocks = dconv_plan.blocks(b[1] // g, b[2], ho * wo)
+        grid, scalars, _ = dconv_plan.launch_plan(a, b, s, p, d, g, b[3:], *blocks, None)
     else:
-        blocks = outlook_trt.blocks(a[1] // b[1], a[2] * a[3])
-        grid, scalars, _ = outlook_trt.launch_plan(a, b, *attrs.values(), *blocks)
+        blocks = outlook_plan.blocks(a[1] // b[1], a[2] * a[3])
+        grid, scalars, _ = outlook_plan.launch_plan(a, b, *attrs.values(), *blocks)
     assert compiled[0][1][-len(blocks) :] == blocks
     assert launch.grid_x.expr.value == grid and launch.block_x.expr.value == 128
     assert launch.shared_mem.expr.value == 1024
-    assert setter.nbSymExprs == module.N_SCALARS
-    assert [setter.items[i].expr.value for i in range(module.N_SCALARS)] == list(scalars)
-    assert all(setter.items[i].dtype == trt.PluginArgDataType.INT32 for i in range(module.N_SCALARS))
+    n_scalars = len({inv_trt: inv_plan, dconv_trt: dconv_plan, outlook_trt: outlook_plan}[module].SCALARS)
+    assert setter.nbSymExprs == n_scalars
+    assert [setter.items[i].expr.value for i in range(n_scalars)] == list(scalars)
+    assert all(setter.items[i].dtype == trt.PluginArgDataType.INT32 for i in range(n_scalars))
 
 
 @pytest.mark.parametrize(("kind", "case"), PLUGIN_CASES[::2])
