@@ -116,18 +116,15 @@ def _versions() -> str:
 
 
 def _write_report(path: Path, data: dict) -> None:
-    import os
+    from attn_export.files import write_text
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2))
 
 
 def run_export(args: argparse.Namespace) -> int:
     from attn_export.export import ExportError, export_onnx, load_model
     from attn_export.export.checkpoint import parse_shape
-    from attn_export.export.onnx_export import parse_batch
+    from attn_export.export.profile import parse_batch
 
     t0 = time.perf_counter()
     stage = "arguments"

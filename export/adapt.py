@@ -87,9 +87,14 @@ def _missing(m: nn.Module, *names: str) -> list[str]:
     return [n for n in names if not hasattr(m, n)]
 
 
-def _ours(m: nn.Module) -> bool:
-    from attn_export.export.onnx_export import block_types
+def block_types() -> tuple[type[nn.Module], ...]:
+    """The attn-export block classes (imported on first use, not with this module)."""
+    from attn_export.blocks import GSoPBlock, Involution2d, ODConv2d, OutlookAttention, SKConv
 
+    return (Involution2d, ODConv2d, OutlookAttention, GSoPBlock, SKConv)
+
+
+def _ours(m: nn.Module) -> bool:
     return isinstance(m, block_types())
 
 
@@ -283,7 +288,8 @@ def _clone_args(args: tuple) -> tuple:
     return tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
 
 
-def _capture_inputs(model: nn.Module, paths: list[str], sample: torch.Tensor) -> dict[str, tuple]:
+def capture_inputs(model: nn.Module, paths: list[str], sample: torch.Tensor) -> dict[str, tuple]:
+    """A copy of the arguments each module at ``paths`` receives (its first call) when ``model`` runs ``sample``."""
     mods = dict(model.named_modules())
     seen: dict[str, tuple] = {}
     handles = []
@@ -355,7 +361,7 @@ def adapt(model: nn.Module, sample: torch.Tensor, atol: float = 1e-6) -> tuple[n
                 break
     if not candidates:
         return model, []
-    inputs = _capture_inputs(model, fitting, sample) if fitting else {}
+    inputs = capture_inputs(model, fitting, sample) if fitting else {}
     records = []
     for path, mod, ad, why in candidates:
         rec = AdaptRecord(path, type(mod).__name__, "left", adapter=ad.name)

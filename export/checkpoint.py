@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from attn_export.export.errors import ExportError
+from attn_export.export.errors import ExportError, first_line
+from attn_export.files import atomic_path
 
 FORMAT = "attn-export/1"
 
@@ -78,7 +79,6 @@ def save_checkpoint(
     if arch not in architectures():
         raise ExportError(f"unknown architecture {arch!r}; known: {', '.join(sorted(architectures()))}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "arch": arch,
@@ -87,12 +87,8 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": dict(meta or {}),
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -139,11 +135,6 @@ def _looks_like_torch_file(path: Path) -> bool:
     return zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [t for t in str(e).strip().splitlines() if t.strip()]
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-
-
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
@@ -176,7 +167,7 @@ def load_model(path: str | os.PathLike, trust_checkpoint: bool = False) -> Loade
             raise ExportError(f"{path}: cannot unpickle the model: {type(e2).__name__}: {e2}") from e2
         return _from_pickle(obj, path)
     except Exception as e:  # a corrupt file makes the weights-only unpickler raise nearly anything
-        raise ExportError(f"{path}: not a PyTorch checkpoint, or a corrupt one ({_first_line(e)})") from e
+        raise ExportError(f"{path}: not a PyTorch checkpoint, or a corrupt one ({first_line(e)})") from e
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         return _from_checkpoint(obj, path)
     if _is_state_dict(obj) or (

@@ -7,10 +7,13 @@
 - ``<name>.engine``: the serialized engine;
 - ``<name>.timing.cache``: TensorRT's timing cache, loaded before the build when present and saved
   after it, so rebuilding (another batch range, fp16, a retrained model) skips most kernel timing;
-- ``<name>.engine.json``: what the engine expects and was built with (:func:`engine_metadata`).
+- ``<name>.engine.json``: what the engine expects and was built with (:func:`engine_metadata`, written
+  and read by :mod:`attn_export.runtime.engine`).
 
 :func:`trtexec_command` prints the equivalent ``trtexec`` build and :func:`trtexec_run_command` the
-benchmark of a built engine; :func:`check_trt_environment` says what is missing for a build.
+benchmark of a built engine; :func:`check_trt_environment` says what is missing for a build. The
+half-precision step is :mod:`attn_export.export.trt_precision`; :func:`verify_engine` compares the
+engine with PyTorch (:mod:`attn_export.export.compare`).
 
 TensorRT is imported only inside the functions that need it.
 """
@@ -18,7 +21,6 @@ TensorRT is imported only inside the functions that need it.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import shlex
@@ -28,12 +30,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from attn_export.export import precision_graph as pg
 from attn_export.export.errors import ExportError
+from attn_export.export.profile import check_input_shape, parse_batch, profile_shapes
+from attn_export.export.trt_precision import convert_graph, graph_precision, low_graph_path_for, precision_plan
+from attn_export.files import write_bytes
+from attn_export.runtime.engine import ENGINE_FORMAT, write_engine_metadata
 
 log = logging.getLogger("attn_export")
 
-#: ``format`` field of the metadata JSON.
-ENGINE_FORMAT = "attn-export-trt-engine/1"
 #: Default workspace (``MemoryPoolType.WORKSPACE``) limit in GiB.
 DEFAULT_WORKSPACE_GB = 4.0
 #: ``plugins`` argument of :func:`build_engine`.
@@ -82,12 +87,6 @@ class EngineBuildResult:
 
 
 # ------------------------------------------------------------------------------------------ paths
-def metadata_path_for(engine_path: str | os.PathLike) -> Path:
-    """``model.engine`` -> ``model.engine.json``."""
-    engine_path = Path(engine_path)
-    return engine_path.with_name(engine_path.name + ".json")
-
-
 def timing_cache_path_for(engine_path: str | os.PathLike) -> Path:
     """``model.engine`` -> ``model.timing.cache`` (beside the engine; shared by the engines of one folder
     stem, which is what a timing cache is for: it is keyed by layer, GPU and TensorRT version)."""
@@ -96,27 +95,6 @@ def timing_cache_path_for(engine_path: str | os.PathLike) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ pure helpers
-def check_batch(batch: Sequence[int]) -> tuple[int, int, int]:
-    """``(min, opt, max)`` with ``1 <= min <= opt <= max``."""
-    vals = tuple(int(b) for b in batch)
-    if len(vals) != 3 or not (1 <= vals[0] <= vals[1] <= vals[2]):
-        raise ExportError(f"batch: expected (MIN, OPT, MAX) with 1 <= MIN <= OPT <= MAX, got {tuple(batch)}")
-    return vals  # type: ignore[return-value]
-
-
-def check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
-    dims = tuple(int(d) for d in input_shape)
-    if not dims or min(dims) < 1:
-        raise ExportError(f"input shape: expected positive dims without the batch (e.g. 3,224,224), got {input_shape}")
-    return dims
-
-
-def profile_shapes(input_shape: Sequence[int], batch: Sequence[int]) -> tuple[tuple[int, ...], ...]:
-    """The optimisation profile's (min, opt, max) input shapes: each batch size prepended to the shape."""
-    dims = check_input_shape(input_shape)
-    return tuple((b, *dims) for b in check_batch(batch))
-
-
 def _dims(shape: Sequence[int]) -> str:
     return "x".join(str(int(d)) for d in shape)
 
@@ -156,7 +134,7 @@ def engine_metadata(
     """
     from attn_export import __version__
 
-    batch = check_batch(batch)
+    batch = parse_batch(batch)
     in_dims = check_input_shape(input_shape)
 
     def shape(dims: Sequence[int | str]) -> list:
@@ -188,38 +166,6 @@ def engine_metadata(
         "trtexec": trtexec,
     }
     return meta
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-
-
-def write_bytes_atomically(path: str | os.PathLike, data) -> int:
-    """Write ``data`` (bytes or a buffer) to a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(memoryview(data))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path.stat().st_size
-
-
-def write_metadata(path: str | os.PathLike, metadata: Mapping) -> Path:
-    """The metadata as indented JSON, written atomically."""
-    path = Path(path)
-    write_bytes_atomically(path, (json.dumps(metadata, indent=2) + "\n").encode())
-    return path
-
-
-def read_engine_metadata(engine_path: str | os.PathLike) -> dict | None:
-    """The metadata JSON beside an engine, or None where there is none."""
-    path = metadata_path_for(engine_path)
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())
 
 
 def plugin_nodes(onnx_path: str | os.PathLike) -> dict[str, int]:
@@ -479,7 +425,7 @@ def build_engine(
         raise ExportError(f"plugins: choose one of {', '.join(PLUGIN_CHOICES)}, got {plugins!r}")
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     shapes = profile_shapes(input_shape, batch)
-    batch = check_batch(batch)
+    batch = parse_batch(batch)
     if not onnx_path.is_file():
         raise ExportError(f"{onnx_path}: no such ONNX file")
     if engine_path.is_dir():
@@ -517,7 +463,7 @@ def build_engine(
 
     low = "fp16" if fp16 else ("bf16" if bf16 else None)
     trt11 = not hasattr(trt.BuilderFlag, "FP16")  # TensorRT 11: strongly typed only, precision is the graph's
-    graph_type = _graph_precision(onnx_path)  # a graph already in fp16/bf16 is built as its types say
+    graph_type = graph_precision(onnx_path)  # a graph already in fp16/bf16 is built as its types say
     if low and graph_type not in ("fp32", low):
         raise ExportError(f"{onnx_path} is already a {graph_type} graph; build it without --fp16/--bf16")
     typed_graph = graph_type != "fp32"
@@ -526,10 +472,10 @@ def build_engine(
     cache_path = Path(timing_cache) if timing_cache else timing_cache_path_for(engine_path)
     parse_path, plan, source = onnx_path, None, None
     if low:
-        plan, source = _precision_plan(onnx_path, low, input_name, shapes[0][1:], precision_samples, say)
+        plan, source = precision_plan(onnx_path, low, input_name, shapes[0][1:], precision_samples, say)
         if trt11:
             parse_path = low_graph_path_for(engine_path, low)
-            _write_onnx_atomically(_convert(source, plan), parse_path)
+            write_bytes(parse_path, convert_graph(source, plan).SerializeToString())
             say("precision", f"{low} graph for strongly typed TensorRT {trt.__version__}: {parse_path}")
 
     logger = _make_logger(trt, messages)
@@ -577,8 +523,6 @@ def build_engine(
     input_dtype = _dtype_name(tensor.dtype)
     layer_args: list[str] = []
     if low:
-        from attn_export.export import precision_graph as pg
-
         detail = {"low": low, "fp32_nodes": len(plan.fp32), "reasons": plan.reasons()}
         if trt11:
             detail.update(mode="strongly typed graph", graph=parse_path.name)
@@ -637,9 +581,9 @@ def build_engine(
     build_seconds = time.perf_counter() - t_build
     say("build", f"engine built in {build_seconds:.1f}s")
 
-    size = write_bytes_atomically(engine_path, serialized)
+    size = write_bytes(engine_path, serialized)
     try:
-        write_bytes_atomically(cache_path, config.get_timing_cache().serialize())
+        write_bytes(cache_path, config.get_timing_cache().serialize())
     except Exception as e:  # a cache that cannot be saved costs time on the next build, nothing else
         say("cache", f"could not save the timing cache to {cache_path}: {e}")
         cache_path = None  # type: ignore[assignment]
@@ -667,7 +611,7 @@ def build_engine(
         precision_detail=detail,
         trtexec=trtexec,
     )
-    meta_path = write_metadata(metadata_path_for(engine_path), meta)
+    meta_path = write_engine_metadata(engine_path, meta)
     say(
         "write",
         f"{engine_path} ({size / 1e6:.1f} MB), {meta_path.name}" + (f", {cache_path.name}" if cache_path else ""),
@@ -675,55 +619,6 @@ def build_engine(
     return EngineBuildResult(
         engine_path, meta_path, cache_path, meta, size, time.perf_counter() - t_start, messages=list(messages)
     )
-
-
-def low_graph_path_for(engine_path: str | os.PathLike, low: str) -> Path:
-    """``model.engine`` -> ``model.fp16.onnx`` (the strongly typed graph a TensorRT 11 fp16 build parses)."""
-    engine_path = Path(engine_path)
-    return engine_path.with_name(f"{engine_path.stem}.{low}.onnx")
-
-
-def _precision_plan(onnx_path: Path, low: str, input_name: str, input_shape, samples, say: Progress):
-    """``(plan, fp32 model)`` of the precision step for ``onnx_path``; fp16 measures activation ranges."""
-    import numpy as np
-    import onnx
-
-    from attn_export.export import precision_graph as pg
-
-    model = onnx.load(str(onnx_path))
-    ranges = {}
-    if low == "fp16":
-        if samples is None:
-            samples = [np.random.default_rng(0).standard_normal((1, *input_shape), dtype=np.float32)]
-        try:
-            ranges = pg.measure_ranges(model, samples, input_name)
-        except Exception as e:  # the structural rules still apply; say what was not measured
-            say("precision", f"activation ranges not measured ({type(e).__name__}: {e}); structural rules only")
-    plan = pg.plan_precision(model, low, ranges)
-    kinds = ", ".join(f"{k} {v}" for k, v in plan.reasons().items()) or "none"
-    say("precision", f"{low}: {len(plan.fp32)} node(s) kept fp32 ({kinds})")
-    return plan, model
-
-
-def _convert(model, plan):
-    from attn_export.export import precision_graph as pg
-
-    try:
-        return pg.convert(model, plan)
-    except ValueError as e:
-        raise ExportError(f"precision step: {e}") from e
-
-
-def _write_onnx_atomically(model, path: Path) -> None:
-    write_bytes_atomically(path, model.SerializeToString())
-
-
-def _graph_precision(onnx_path: Path) -> str:
-    import onnx
-
-    from attn_export.export import precision_graph as pg
-
-    return pg.graph_precision(onnx.load(str(onnx_path), load_external_data=False))
 
 
 # ------------------------------------------------------------------------------------------ parity
@@ -738,21 +633,11 @@ def verify_engine(
     rtol: float,
     seed: int | None = None,
 ):
-    """Run PyTorch and a built engine (any :class:`~attn_export.runtime.runners.Runner`) on the same fresh
-    random inputs and compare every output: the engine's parity report."""
-    import secrets
-
-    import numpy as np
-
-    from attn_export.export.verify import VerifyReport, compare_outputs
+    """The engine's parity report: PyTorch and a built engine (any
+    :class:`~attn_export.runtime.runners.Runner`) compared by :func:`attn_export.export.compare.compare_runners`."""
+    from attn_export.export.compare import compare_runners
     from attn_export.runtime.runners import TorchRunner
 
-    seed = secrets.randbits(31) if seed is None else seed
-    rng = np.random.default_rng(seed)
-    torch_runner = TorchRunner(model, [input_name], list(output_names))
-    report = VerifyReport(f"TensorRT engine ({runner.describe()})", seed, [int(b) for b in batches])
-    for b in batches:
-        x = rng.standard_normal((int(b), *input_shape), dtype=np.float32)
-        ref = torch_runner.infer({input_name: x})
-        report.outputs += compare_outputs(ref, runner.infer({input_name: x}), int(b), atol, rtol)
-    return report
+    backend = f"TensorRT engine ({runner.describe()})"
+    reference = TorchRunner(model, [input_name], list(output_names))
+    return compare_runners(reference, runner, backend, input_name, input_shape, batches, output_names, atol, rtol, seed)

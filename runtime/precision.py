@@ -32,8 +32,8 @@ prints the figures, docs/precision.md has them):
   :meth:`attn_export.blocks.GSoPBlock.attention` whatever the input dtype. The covariance sums
   ``H*W`` products: with features of about 20 on a 20x20 map those sums pass 65,504 and fp16 gave
   NaN. Everything else in the block runs in the input dtype.
-- The dynamic-kernel ops accumulate in fp32 (their CPU references now as their CUDA kernels and the
-  TensorRT plugins do): involution's 49 taps summed in bf16 doubled the block's error.
+- The dynamic-kernel ops accumulate in fp32 (their CPU references as well as their CUDA kernels and
+  the TensorRT plugins): involution's 49 taps summed in bf16 doubled the block's error.
 - The detector decodes boxes and scores in fp32 (bf16 spaces coordinates above 256 px 2 px apart).
 - Softmax (ODConv's kernel attention, SKConv's branch attention, Outlook's attention over taps):
   torch's softmax already accumulates reduced-precision inputs in fp32, and its output (weights in

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from attn_export.runtime.engine import read_engine_metadata
 from attn_export.runtime.runners import Runner
 
 
@@ -46,7 +47,6 @@ class TensorRTRunner(Runner):
         import tensorrt as trt
         import torch
 
-        from attn_export.export.trt_build import read_engine_metadata
         from attn_export.plugins import trt as trt_plugins
 
         if not torch.cuda.is_available():

@@ -1,5 +1,5 @@
-"""The Python API behind the CLI: ``export_onnx``, ``load_model``/``save_checkpoint``, and the comparison
-rule of :mod:`attn_export.export.verify` (``|out - ref| <= atol + rtol * |ref|`` element-wise)."""
+"""The Python API behind the CLI: ``export_onnx``, ``load_model``/``save_checkpoint``, and the argument
+parsers (the comparison with PyTorch is tests/export/test_compare.py)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ from weights import randomize_
 from attn_export.blocks import Involution2d, SKConv
 from attn_export.export import ExportError, ExportResult, export_onnx, load_model, save_checkpoint
 from attn_export.export.checkpoint import FORMAT, parse_shape
-from attn_export.export.onnx_export import parse_batch
-from attn_export.export.verify import OutputCheck, VerifyReport, compare_arrays, compare_outputs
+from attn_export.export.profile import parse_batch
 
 
 def small_net() -> nn.Module:
@@ -179,121 +178,3 @@ def test_checkpoint_with_wrong_kwargs(tmp_path):
     )
     with pytest.raises(ExportError, match="cannot build SKConv"):
         load_model(path)
-
-
-# --- 6. compare_arrays -----------------------------------------------------------------------------------
-ATOL, RTOL = 1e-4, 1e-3
-REF = np.array([[0.0, 1.0, -2.0], [100.0, -0.5, 3e-5]], dtype=np.float64)
-
-
-@pytest.mark.parametrize("index", [(0, 0), (0, 2), (1, 0), (1, 2)])
-@pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_compare_arrays_tolerance_boundary(index, sign):
-    bound = ATOL + RTOL * abs(REF[index])
-    inside = REF.copy()
-    inside[index] += sign * 0.99 * bound
-    check = compare_arrays("y", 2, REF, inside, ATOL, RTOL)
-    assert check.passed
-    assert check.max_abs == pytest.approx(0.99 * bound, rel=1e-9)
-
-    outside = REF.copy()
-    outside[index] += sign * 1.01 * bound
-    check = compare_arrays("y", 2, REF, outside, ATOL, RTOL)
-    assert not check.passed
-    assert check.max_abs == pytest.approx(1.01 * bound, rel=1e-9)
-    assert (check.name, check.batch, check.shape, check.atol, check.rtol) == ("y", 2, [2, 3], ATOL, RTOL)
-
-
-def test_compare_arrays_identical_and_float32():
-    ref = np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32)
-    check = compare_arrays("y", 4, ref, ref.copy(), ATOL, RTOL)
-    assert check.passed
-    assert check.max_abs == check.mean_abs == check.p99_abs == check.max_rel == 0.0
-
-
-def test_compare_arrays_relative_part_matters():
-    # 0.05 off on 100.0 is within atol + rtol * 100 = 0.1001; the same error on 1.0 is not.
-    assert compare_arrays("y", 1, np.array([100.0]), np.array([100.05]), ATOL, RTOL).passed
-    assert not compare_arrays("y", 1, np.array([1.0]), np.array([1.05]), ATOL, RTOL).passed
-
-
-def test_compare_arrays_statistics():
-    ref = np.zeros(100)
-    out = np.zeros(100)
-    out[:10] = 1e-5
-    out[-1] = 2e-5
-    check = compare_arrays("y", 1, ref, out, ATOL, RTOL)
-    assert check.passed
-    assert check.max_abs == pytest.approx(2e-5)
-    assert check.mean_abs == pytest.approx((10 * 1e-5 + 2e-5) / 100)
-    assert 0 < check.p99_abs <= check.max_abs
-
-
-def test_compare_arrays_shape_mismatch():
-    check = compare_arrays("y", 2, np.zeros((2, 3)), np.zeros((2, 4)), ATOL, RTOL)
-    assert not check.passed
-    assert check.shape == [2, 3] and check.graph_shape == [2, 4]
-    assert check.max_abs is None  # nothing to compare: no inf
-    assert "at batch 2 PyTorch gave shape (2, 3) while the graph gives (2, 4)" in check.problem
-    check = compare_arrays("y", 2, np.zeros((2, 3)), np.zeros((3, 2)), ATOL, RTOL)
-    assert not check.passed and check.problem
-
-
-def test_compare_arrays_batch_axis_dropped_at_batch_1():
-    ref = np.random.default_rng(0).standard_normal(10)
-    check = compare_arrays("output", 1, ref, ref[None].astype(np.float32), ATOL, RTOL)
-    assert not check.passed
-    assert check.shape == [10] and check.graph_shape == [1, 10]
-    assert check.max_abs is not None and check.max_abs < 1e-6  # the values themselves agree
-    assert "PyTorch gave shape (10,) while the graph gives (1, 10)" in check.problem
-    assert "drops its batch axis at batch 1" in check.problem
-
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # np.quantile over inf
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_compare_arrays_non_finite_output_fails(bad):
-    out = REF.copy()
-    out[0, 1] = bad
-    assert not compare_arrays("y", 2, REF, out, ATOL, RTOL).passed
-
-
-def test_compare_arrays_nan_in_reference_only_fails():
-    ref = REF.copy()
-    ref[1, 1] = np.nan
-    assert not compare_arrays("y", 2, ref, REF, ATOL, RTOL).passed
-
-
-def test_compare_arrays_nan_in_different_places_fails():
-    ref, out = REF.copy(), REF.copy()
-    ref[0, 0] = np.nan
-    out[1, 1] = np.nan
-    assert not compare_arrays("y", 2, ref, out, ATOL, RTOL).passed
-
-
-def test_compare_arrays_empty():
-    assert compare_arrays("y", 0, np.zeros((0, 3)), np.zeros((0, 3)), ATOL, RTOL).passed
-
-
-def test_compare_outputs_missing_output_fails():
-    checks = compare_outputs({"a": REF, "b": REF}, {"a": REF}, 2, ATOL, RTOL)
-    assert [(c.name, c.passed) for c in checks] == [("a", True), ("b", False)]
-
-
-def _check(name: str, batch: int, passed: bool) -> OutputCheck:
-    return OutputCheck(name, batch, [batch, 3], 0.0, 0.0, 0.0, 0.0, ATOL, RTOL, passed)
-
-
-def test_verify_report_verdicts_and_table():
-    report = VerifyReport("backend", 5, [1, 2])
-    assert not report.passed  # no outputs checked is not a pass
-    report.outputs = [_check("output", 1, True), _check("output", 2, False)]
-    report.blocks = [_check("stem", 1, True), _check("mid", 1, False), _check("head", 1, False)]
-    assert not report.passed
-    assert report.first_divergent_block == "mid"
-    table = report.table()
-    assert "FAIL" in table and "verification FAILED" in table
-    assert "first block to diverge: mid" in table
-    data = json.loads(json.dumps(report.to_dict()))
-    assert data["passed"] is False and data["first_divergent_block"] == "mid" and data["seed"] == 5
-    report.outputs[1] = _check("output", 2, True)
-    assert report.passed  # block differences alone do not fail the export

@@ -22,7 +22,11 @@ from torch import nn
 from attn_export import __version__
 from attn_export.export import ExportError
 from attn_export.export import trt_build as tb
+from attn_export.export.profile import profile_shapes
+from attn_export.export.trt_precision import low_graph_path_for
+from attn_export.files import write_bytes
 from attn_export.plugins import trt as trt_plugins
+from attn_export.runtime.engine import ENGINE_FORMAT, metadata_path_for, read_engine_metadata, write_engine_metadata
 
 
 # ------------------------------------------------------------------------------------------ trtexec
@@ -99,8 +103,8 @@ def test_bad_batches_are_rejected(batch):
 
 def test_bad_input_shape_is_rejected():
     with pytest.raises(ExportError, match="positive dims"):
-        tb.profile_shapes((3, 0, 8), (1, 1, 1))
-    assert tb.profile_shapes([3, 4, 5], (1, 2, 3)) == ((1, 3, 4, 5), (2, 3, 4, 5), (3, 3, 4, 5))
+        profile_shapes((3, 0, 8), (1, 1, 1))
+    assert profile_shapes([3, 4, 5], (1, 2, 3)) == ((1, 3, 4, 5), (2, 3, 4, 5), (3, 3, 4, 5))
 
 
 # ------------------------------------------------------------------------------------------ environment
@@ -178,7 +182,7 @@ def _metadata(**overrides):
 
 def test_engine_metadata_fields():
     meta = _metadata()
-    assert meta["format"] == tb.ENGINE_FORMAT
+    assert meta["format"] == ENGINE_FORMAT
     assert meta["engine"] == "model.engine" and meta["onnx"] == "model.onnx"
     assert meta["inputs"] == [{"name": "input", "shape": ["batch", 3, 32, 32], "dtype": "float32"}]
     assert meta["outputs"] == [{"name": "output", "shape": ["batch", 10], "dtype": "float32"}]
@@ -202,25 +206,21 @@ def test_engine_metadata_without_plugins_or_classes():
     assert "created" in _metadata(created=None)
 
 
-def test_metadata_is_written_atomically_and_read_back(tmp_path):
+def test_built_metadata_round_trips(tmp_path):
     engine = tmp_path / "model.engine"
-    path = tb.write_metadata(tb.metadata_path_for(engine), _metadata())
-    assert path == tmp_path / "model.engine.json"
-    assert tb.read_engine_metadata(engine) == _metadata()
-    assert tb.read_engine_metadata(tmp_path / "other.engine") is None
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.engine.json"]  # no temporary file left
+    write_engine_metadata(engine, _metadata())
+    assert read_engine_metadata(engine) == _metadata()  # plain JSON: nothing lost on the way
 
 
-def test_bytes_are_written_atomically(tmp_path):
+def test_engine_bytes_are_written_atomically(tmp_path):
     target = tmp_path / "blob.bin"
-    assert tb.write_bytes_atomically(target, bytearray(b"abc")) == 3
-    assert tb.write_bytes_atomically(target, memoryview(b"hello")) == 5
+    assert write_bytes(target, bytearray(b"abc")) == 3
+    assert write_bytes(target, memoryview(b"hello")) == 5
     assert target.read_bytes() == b"hello"
     assert [p.name for p in tmp_path.iterdir()] == ["blob.bin"]
 
 
 def test_paths_beside_the_engine(tmp_path):
-    assert tb.metadata_path_for("out/model.engine").as_posix() == "out/model.engine.json"
     assert tb.timing_cache_path_for("out/model.engine").as_posix() == "out/model.timing.cache"
     assert tb.timing_cache_path_for("model.plan").as_posix() == "model.timing.cache"
 
@@ -274,7 +274,7 @@ INPUT_SHAPE = (3, 32, 32)
 
 
 def _export(model, path, target):
-    """``export_onnx(..., target=...)``; skips where that target is not available (yet)."""
+    """``export_onnx(..., target=...)``; skips where that target is not available."""
     from attn_export.export import export_onnx
 
     try:
@@ -315,7 +315,7 @@ def test_build_plugin_engine_and_run_it(tmp_path, plugins):
         plugins=plugins,
     )
     assert result.engine_path == engine and engine.stat().st_size == result.size_bytes > 0
-    assert result.metadata_path == tb.metadata_path_for(engine)
+    assert result.metadata_path == metadata_path_for(engine)
     assert result.timing_cache_path == tb.timing_cache_path_for(engine) and result.timing_cache_path.exists()
     meta = json.loads(result.metadata_path.read_text())
     assert meta["inputs"][0]["shape"] == ["batch", *INPUT_SHAPE]
@@ -489,7 +489,7 @@ def test_build_tells_tensorrt_what_trtexec_is_told(stand_in, mixed_graph, tmp_pa
         from attn_export.export import precision_graph as pg
 
         assert detail["mode"] == "strongly typed graph"
-        assert network.parsed == str(tb.low_graph_path_for(engine, low)) and detail["graph"] == f"net.{low}.onnx"
+        assert network.parsed == str(low_graph_path_for(engine, low)) and detail["graph"] == f"net.{low}.onnx"
         graph = onnx.load(network.parsed)
         assert pg.graph_precision(graph) == low
         assert network.inputs[0].dtype == network.outputs[0].dtype == trt.DataType.FLOAT

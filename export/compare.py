@@ -1,15 +1,23 @@
-"""Compare runners' outputs: per-output error statistics and a pass/fail per tolerance.
+"""Compare runners with PyTorch: one comparator for every backend, one report, one table.
 
-Running and comparing are separate steps with plain result objects (Polygraphy's shape). A check
-passes when every element satisfies ``|out - ref| <= atol + rtol * |ref|``.
+:func:`compare_runners` runs a reference (:class:`~attn_export.runtime.runners.TorchRunner`) and a
+runner from :mod:`attn_export.runtime` (onnxruntime on the portable graph, ONNX's reference evaluator
+on the plugin graph, a TensorRT engine) on the same fresh random inputs and compares every output
+(Polygraphy's ``Comparator.run``). Running and comparing are separate steps with plain result objects:
+:func:`compare_outputs` gives per-output error statistics, :class:`VerifyReport` holds them and prints
+the table. A check passes when every element satisfies ``|out - ref| <= atol + rtol * |ref|``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from attn_export.export.errors import ExportError, first_line
+from attn_export.runtime.runners import Runner
 
 
 @dataclass
@@ -160,3 +168,63 @@ def compare_outputs(
             continue
         checks.append(compare_arrays(label, batch, r, out[key], atol, rtol))
     return checks
+
+
+def _block_labels(paths: Sequence[str], count: int) -> list[str]:
+    if count == len(paths):
+        return list(paths)
+    return [f"block[{i}]" for i in range(count)]  # a block called more than once: label by call order
+
+
+def compare_runners(
+    reference: Runner,
+    runner: Runner,
+    backend: str,
+    input_name: str,
+    input_shape: Sequence[int],
+    batches: Sequence[int],
+    output_names: Sequence[str],
+    atol: float,
+    rtol: float,
+    seed: int | None = None,
+    *,
+    probe: Runner | None = None,
+    block_paths: Sequence[str] = (),
+) -> VerifyReport:
+    """Run ``reference`` and ``runner`` on the same fresh random inputs (standard normal, one batch of
+    each size in ``batches``, from ``seed``) and compare every output; ``backend`` names ``runner`` in
+    the report.
+
+    ``reference`` returns the model's outputs in order, which ``runner`` returns under
+    ``output_names``. With a ``probe`` (``runner``'s backend on the graph that also returns the
+    outputs of the blocks at ``block_paths``, after the model's), ``reference`` returns those block
+    outputs after the model's too, and they are compared block by block (the report's ``blocks``).
+    A runner that fails raises :class:`ExportError` naming the batch.
+    """
+    seed = secrets.randbits(31) if seed is None else seed
+    rng = np.random.default_rng(seed)
+    report = VerifyReport(backend, seed, [int(b) for b in batches])
+    n = len(output_names)
+    for b in report.batches:
+        x = rng.standard_normal((b, *input_shape), dtype=np.float32)
+        try:
+            ref = list(reference.infer({input_name: x}).values())
+        except Exception as e:
+            raise ExportError(
+                f"verification: the PyTorch model fails on a batch of {b} ({first_line(e)}); the model "
+                "must run at every batch size the ONNX graph accepts"
+            ) from e
+        try:
+            got = runner.infer({input_name: x})
+            got_all = probe.infer({input_name: x}) if probe is not None else {}
+        except Exception as e:
+            raise ExportError(
+                f"verification: {backend} cannot run the exported graph on a batch of {b} ({first_line(e)})"
+            ) from e
+        report.outputs += compare_outputs(dict(zip(output_names, ref[:n], strict=True)), got, b, atol, rtol)
+        if probe is not None:
+            labels = _block_labels(block_paths, len(ref) - n)
+            refs = dict(zip(labels, ref[n:], strict=True))
+            got_blocks = dict(zip(labels, list(got_all.values())[n:], strict=False))
+            report.blocks += compare_outputs(refs, got_blocks, b, atol, rtol)
+    return report

@@ -1,0 +1,39 @@
+"""The dynamic batch range and the input shape, shared by the ONNX export and the engine build."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from attn_export.export.errors import ExportError
+
+
+def parse_batch(batch: str | Sequence[int]) -> tuple[int, int, int]:
+    """``(min, opt, max)`` with ``1 <= min <= opt <= max``, from ``"1:4:32"`` (``"8"`` means ``1:8:8``)
+    or a sequence of three sizes."""
+    if isinstance(batch, str):
+        try:
+            vals = [int(p) for p in batch.split(":")]
+        except ValueError:
+            vals = []
+        if len(vals) == 1:
+            vals = [1, vals[0], vals[0]]
+    else:
+        vals = [int(b) for b in batch]
+    if len(vals) != 3 or not (1 <= vals[0] <= vals[1] <= vals[2]):
+        shown = repr(batch) if isinstance(batch, str) else str(tuple(batch))
+        raise ExportError(f"--batch: expected MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX, got {shown}")
+    return vals[0], vals[1], vals[2]
+
+
+def check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    """The input's shape without the batch, as positive ints."""
+    dims = tuple(int(d) for d in input_shape)
+    if not dims or min(dims) < 1:
+        raise ExportError(f"input shape: expected positive dims without the batch (e.g. 3,224,224), got {input_shape}")
+    return dims
+
+
+def profile_shapes(input_shape: Sequence[int], batch: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """The optimisation profile's (min, opt, max) input shapes: each batch size prepended to the shape."""
+    dims = check_input_shape(input_shape)
+    return tuple((b, *dims) for b in parse_batch(batch))
