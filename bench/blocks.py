@@ -48,8 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
-#: The blocks, in table order.
-BLOCKS = ("involution", "odconv", "outlook", "gsop", "skconv")
+from attn_export.bench.specs import BLOCKS, Spec, official_and_ours, specs
+
 #: Targets: ours on onnxruntime at most this fraction of the official eager time, per block ...
 TARGET_PER_BLOCK = 0.5
 #: ... and as the geometric mean over the blocks.
@@ -59,60 +59,6 @@ ATOL, RTOL = 1e-4, 1e-3
 #: Pause before each timed sample: onnxruntime's and OpenMP's worker threads spin for a while after a
 #: call, and would otherwise steal the cores from the next variant in the round.
 PAUSE_S = 0.02
-
-
-@dataclass
-class Spec:
-    """One block of the benchmark: how to build the official module and our block."""
-
-    name: str
-    config: str  # the constructor call, for the table
-    official: Callable[[], object]
-    input_shape: tuple[int, ...]  # without the batch
-    ours: Callable[[object], object] | None = None  # built from the official module; None: adapt_model
-    note: str = ""
-
-
-def specs(channels: int = 64, size: int = 40) -> dict[str, Spec]:
-    """The five blocks at the documented defaults (official defaults where the official code has them)."""
-    from attn_export.bench import upstream as O
-    from attn_export.blocks import SKConv
-
-    c, s = channels, size
-    return {
-        "involution": Spec(
-            "involution",
-            f"involution({c}, kernel_size=7, stride=1)  [group_channels 16, reduction 4: official]",
-            lambda: O.involution(c, 7, 1),
-            (c, s, s),
-        ),
-        "odconv": Spec(
-            "odconv",
-            f"ODConv2d({c}, {c}, 3, padding=1, reduction=0.0625, kernel_num=4)",
-            lambda: O.ODConv2d(c, c, 3, padding=1, reduction=0.0625, kernel_num=4),
-            (c, s, s),
-        ),
-        "outlook": Spec(
-            "outlook",
-            f"OutlookAttention({c}, num_heads={max(1, c // 32)}, kernel_size=3, padding=1, stride=1)  [(B, H, W, C)]",
-            lambda: O.OutlookAttention(c, max(1, c // 32), 3, 1, 1),
-            (s, s, c),
-        ),
-        "gsop": Spec(
-            "gsop",
-            f"GSoP({c}, dim=128)  [att_dim 128: official default]",
-            lambda: O.GSoP(c, 128),
-            (c, s, s),
-        ),
-        "skconv": Spec(
-            "skconv",
-            f"SKConv({c}, M=2, G=32, r=16, L=32)  [ours: SKConv({c}, branches=2, groups=32)]",
-            lambda: O.SKConv(c, M=2, G=32, r=16, L=32),
-            (c, s, s),
-            ours=lambda off: SKConv(c, branches=2, groups=32, reduction=16, min_dim=32),
-            note="different function from the port (dilated 3x3 branches, conv+BN fuse); parity vs our eager",
-        ),
-    }
 
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -128,7 +74,7 @@ def _quiet() -> Iterator[None]:
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
-    from attn_export.export.onnx_export import capture_output
+    from attn_export.export.torch_export import capture_output
 
     try:
         with warnings.catch_warnings(), capture_output():
@@ -154,22 +100,6 @@ def _short(e: BaseException) -> str:
     text = (lines[0] if lines else "").replace("\x1b[96m", "").replace("\x1b[0m", "")
     text = re.sub(r"<class '[\w.]*?(\w+)'>", r"\1", text)
     return f"{where}{type(root).__name__}: {text}"[:200]
-
-
-def _randomize_norms(model, seed: int) -> None:
-    """Non-trivial BatchNorm statistics and affine parameters, so parity checks mean something."""
-    import torch
-    from torch import nn
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-                m.weight.copy_(1 + 0.2 * torch.randn(n, generator=g))
-                m.bias.copy_(0.1 * torch.randn(n, generator=g))
 
 
 def _max_err(got: np.ndarray, ref: np.ndarray) -> tuple[float, bool]:
@@ -256,35 +186,16 @@ def _eager_fn(module, x) -> Callable[[], object]:
 def prepare(spec: Spec, batch: int, threads: int, tmp: Path, seed: int) -> dict[str, Variant]:
     """Build, export and parity-check the four variants of one block."""
     import torch
-    from torch import nn
 
     from attn_export.export import export_onnx
-    from attn_export.export.adapt import adapt_model
 
-    torch.manual_seed(seed)
-    official = spec.official()
-    official.eval()  # never chained: train()/eval() may return None in upstream code
-    _randomize_norms(official, seed)
     rng = np.random.default_rng(seed)
     x_np = rng.standard_normal((batch, *spec.input_shape), dtype=np.float32)
     x = torch.from_numpy(x_np)
+    # ours: the official weights through the adapters (or our own block where no mapping exists)
+    official, ours = official_and_ours(spec, seed, x)
     with torch.inference_mode():
         ref_official = official(x).numpy()
-
-    # ours: the official weights through the adapters (or our own block where no mapping exists)
-    if spec.ours is None:
-        holder = nn.Sequential(copy.deepcopy(official))
-        holder.eval()
-        records = adapt_model(holder, x)
-        ours = holder[0]
-        if not records or records[0].action != "adapted":
-            why = records[0].reason if records else "no adapter recognised it"
-            raise RuntimeError(f"{spec.name}: the official module was not adapted: {why}")
-    else:
-        ours = spec.ours(official)
-        ours.eval()
-        _randomize_norms(ours, seed + 1)
-    with torch.inference_mode():
         ref_ours = ours(x).numpy()
     ref = ref_official if spec.ours is None else ref_ours
 
@@ -461,7 +372,7 @@ def _met(flag: bool | None, missing: str = "n/a") -> str:
     return missing if flag is None else ("met" if flag else "NOT met")
 
 
-def _machine(threads: int) -> str:
+def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -578,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "rounds": args.rounds,
         "versions": _versions(),
-        "machine": _machine(args.threads),
+        "machine": _machine(),
         "load_average_1min": {"start": load_start, "end": _load()},
     }
     env["busy"] = busy_warning(env["load_average_1min"], args.threads)

@@ -14,6 +14,12 @@ names, parameter names and forward semantics), written afresh, not copied:
   ``chan_att`` METHOD beside ``conv1``..``conv3``, with a stride-2 ``conv_for_DR`` when ``planes <= 64``;
 - ``SKConv``: the widely used SKNet PyTorch port (growing kernels, ``Linear`` ``fc`` and ``fcs``).
 
+A few keyword options that the official code does not have let the tests of :mod:`attn_export.blocks`
+compare every configuration of our blocks with these modules; their defaults are the official
+behaviour: ``involution(reduction_ratio=, group_channels=, ceil_mode=)`` (``ceil_mode`` pooling, so odd
+sizes work with ``stride > 1``), ``ODConv2d(min_channel=)`` (passed to ``Attention``),
+``GSoP(pre_act=, dr_stride=, row_relu=)`` (``row_relu``: a ReLU after the row convolution).
+
 They serve two purposes: (1) they are the foreign modules that the adapters of
 :mod:`attn_export.export.adapt` must recognise and swap for attn-export's blocks, and (2) they are
 the eager baseline of the benchmark. They are NOT for use in models: use :mod:`attn_export.blocks`.
@@ -59,18 +65,26 @@ class _ConvModule(nn.Module):
 class involution(nn.Module):  # the official class name
     """Official naive involution: per-pixel kernels applied to ``nn.Unfold`` patches."""
 
-    def __init__(self, channels: int, kernel_size: int, stride: int) -> None:
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int,
+        stride: int,
+        *,
+        reduction_ratio: int = 4,
+        group_channels: int = 16,
+        ceil_mode: bool = False,
+    ) -> None:
         super().__init__()
         self.kernel_size = kernel_size
         self.stride = stride
         self.channels = channels
-        reduction_ratio = 4
-        self.group_channels = 16
+        self.group_channels = group_channels
         self.groups = self.channels // self.group_channels
         self.conv1 = _ConvModule(channels, channels // reduction_ratio, norm=True, act=True)
         self.conv2 = _ConvModule(channels // reduction_ratio, kernel_size**2 * self.groups, norm=False, act=False)
         if stride > 1:
-            self.avgpool = nn.AvgPool2d(stride, stride)
+            self.avgpool = nn.AvgPool2d(stride, stride, ceil_mode=ceil_mode)
         self.unfold = nn.Unfold(kernel_size, 1, (kernel_size - 1) // 2, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,6 +194,8 @@ class ODConv2d(nn.Module):
         groups: int = 1,
         reduction: float = 0.0625,
         kernel_num: int = 4,
+        *,
+        min_channel: int = 16,
     ) -> None:
         super().__init__()
         self.in_planes = in_planes
@@ -191,7 +207,13 @@ class ODConv2d(nn.Module):
         self.groups = groups
         self.kernel_num = kernel_num
         self.attention = Attention(
-            in_planes, out_planes, kernel_size, groups=groups, reduction=reduction, kernel_num=kernel_num
+            in_planes,
+            out_planes,
+            kernel_size,
+            groups=groups,
+            reduction=reduction,
+            kernel_num=kernel_num,
+            min_channel=min_channel,
         )
         self.weight = nn.Parameter(
             torch.randn(kernel_num, out_planes, in_planes // groups, kernel_size, kernel_size), requires_grad=True
@@ -306,19 +328,26 @@ class OutlookAttention(nn.Module):
 
 # --- ZilinGao/Global-Second-order-Pooling-Convnet ---------------------------------------------------------
 def CovpoolLayer(x: torch.Tensor) -> torch.Tensor:  # the MPNCOV name
-    """MPNCOV covariance pooling: (B, d, H, W) -> (B, d, d) as ``x I_hat x^T`` with the centring matrix."""
+    """MPNCOV covariance pooling: (B, d, H, W) -> (B, d, d) as ``x I_hat x^T`` with the centring matrix.
+
+    ``I_hat`` is built in float32 as upstream, or in float64 for a float64 input (upstream rounds it to
+    float32 first, which a float64 comparison would see)."""
     batch_size, dim, h, w = x.shape
     m = h * w
     x = x.reshape(batch_size, dim, m)
-    i_hat = (-1.0 / m / m) * torch.ones(m, m, device=x.device) + (1.0 / m) * torch.eye(m, m, device=x.device)
+    kw = dict(device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+    i_hat = (-1.0 / m / m) * torch.ones(m, m, **kw) + (1.0 / m) * torch.eye(m, m, **kw)
     i_hat = i_hat.view(1, m, m).repeat(batch_size, 1, 1).type(x.dtype)
     return x.bmm(i_hat).bmm(x.transpose(1, 2))
 
 
 def _chan_att(self, out: torch.Tensor) -> torch.Tensor:
     """The official ``chan_att`` order: relu_normal -> conv_for_DR -> bn_for_DR -> relu -> covariance ->
-    row_bn -> row_conv_group -> fc_adapt_channels -> sigmoid (no activation after the row conv)."""
-    out = self.relu_normal(out)
+    row_bn -> row_conv_group -> fc_adapt_channels -> sigmoid (no activation after the row conv).
+    Options (not upstream): ``pre_act=False`` skips relu_normal, ``row_relu=True`` adds a ReLU after
+    the row conv."""
+    if self.pre_act:
+        out = self.relu_normal(out)
     out = self.conv_for_DR(out)
     out = self.bn_for_DR(out)
     out = self.relu(out)
@@ -326,12 +355,17 @@ def _chan_att(self, out: torch.Tensor) -> torch.Tensor:
     out = out.view(out.size(0), out.size(1), out.size(2), 1).contiguous()
     out = self.row_bn(out)
     out = self.row_conv_group(out)  # B, 4d, 1, 1
+    if self.row_relu:
+        out = self.relu(out)
     out = self.fc_adapt_channels(out)  # B, C, 1, 1
     return self.sigmoid(out)
 
 
-def _gsop_parts(module: nn.Module, channels: int, dim: int, stride: int) -> None:
+def _gsop_parts(
+    module: nn.Module, channels: int, dim: int, stride: int, pre_act: bool = True, row_relu: bool = False
+) -> None:
     module.ch_dim = dim
+    module.pre_act, module.row_relu = pre_act, row_relu
     module.conv_for_DR = nn.Conv2d(channels, dim, kernel_size=1, stride=stride, bias=True)
     module.bn_for_DR = nn.BatchNorm2d(dim)
     module.row_bn = nn.BatchNorm2d(dim)
@@ -344,11 +378,13 @@ def _gsop_parts(module: nn.Module, channels: int, dim: int, stride: int) -> None
 class GSoP(nn.Module):
     """The official GSoP channel attention (``chan_att`` of the GSoP ResNet bottleneck) as a module."""
 
-    def __init__(self, in_channels: int, dim: int) -> None:
+    def __init__(
+        self, in_channels: int, dim: int, *, pre_act: bool = True, dr_stride: int = 1, row_relu: bool = False
+    ) -> None:
         super().__init__()
         self.relu = nn.ReLU(inplace=True)
         self.relu_normal = nn.ReLU(inplace=False)
-        _gsop_parts(self, in_channels, dim, 1)
+        _gsop_parts(self, in_channels, dim, dr_stride, pre_act, row_relu)
 
     chan_att = _chan_att
 

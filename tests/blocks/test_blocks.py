@@ -1,16 +1,16 @@
 """The five reference blocks against independent re-implementations of the official code.
 
-Each reference below is written from the paper / official repository layout (d-li14 involution with
-``nn.Unfold``; OSVAI ODConv with the batch folded into the groups; sail-sg VOLO with ``nn.Unfold`` and
-``F.fold``; GSoP ``chan_att`` with the MPNCOV centring-matrix covariance; SKNet with per-branch ``fcs``
-layers) and never calls the ops of :mod:`attn_export.plugins`. The same (randomised) weights are loaded
-into both, and they are compared in float64, in eval mode and in train mode (batch statistics).
+The references are the official-layout stand-ins of :mod:`attn_export.bench.upstream` (d-li14 involution
+with ``nn.Unfold``; OSVAI ODConv with the batch folded into the groups; sail-sg VOLO with ``nn.Unfold``
+and ``F.fold``; GSoP ``chan_att`` with the MPNCOV centring-matrix covariance), written from the official
+repositories' layouts, and ``RefSKConv`` below (SKNet with per-branch ``fcs`` layers); none calls the ops
+of :mod:`attn_export.plugins` or the blocks. The same (randomised) weights are loaded into both, and they
+are compared in float64, in eval mode and in train mode (batch statistics).
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 
 import pytest
 import torch
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from weights import randomize_
 
+from attn_export.bench import upstream as official
 from attn_export.blocks import GSoPBlock, Involution2d, ODConv2d, OutlookAttention, SKConv
 
 F64 = torch.float64
@@ -81,32 +82,6 @@ MODES = [pytest.param(False, id="eval"), pytest.param(True, id="train")]
 # ==================================================================================================
 
 
-class RefInvolution(nn.Module):
-    """The official naive involution (mmcv ConvModule names), with ``ceil_mode`` pooling so that odd
-    sizes work with ``stride > 1`` (``ceil_mode=False`` gives the official floor pooling)."""
-
-    def __init__(self, channels, kernel_size, stride, reduction=4, group_channels=16, ceil_mode=True):
-        super().__init__()
-        self.kernel_size, self.stride, self.channels = kernel_size, stride, channels
-        self.group_channels = group_channels
-        self.groups = channels // group_channels
-        mid = channels // reduction
-        self.conv1 = nn.Sequential(
-            OrderedDict(conv=nn.Conv2d(channels, mid, 1, bias=False), bn=nn.BatchNorm2d(mid), activate=nn.ReLU())
-        )
-        self.conv2 = nn.Sequential(OrderedDict(conv=nn.Conv2d(mid, kernel_size**2 * self.groups, 1)))
-        if stride > 1:
-            self.avgpool = nn.AvgPool2d(stride, stride, ceil_mode=ceil_mode)
-        self.unfold = nn.Unfold(kernel_size, 1, (kernel_size - 1) // 2, stride)
-
-    def forward(self, x):
-        weight = self.conv2(self.conv1(x if self.stride == 1 else self.avgpool(x)))
-        b, _, h, w = weight.shape
-        weight = weight.view(b, self.groups, self.kernel_size**2, h, w).unsqueeze(2)
-        out = self.unfold(x).view(b, self.groups, self.group_channels, self.kernel_size**2, h, w)
-        return (weight * out).sum(dim=3).view(b, self.channels, h, w)
-
-
 INVOLUTION_CASES = [
     # channels, kernel_size, stride, reduction, group_channels, H, W
     pytest.param(16, 7, 1, 4, 16, 9, 9, id="c16-k7-s1-g1-9x9"),
@@ -118,7 +93,8 @@ INVOLUTION_CASES = [
 
 
 def involution_pair(c, k, s, r, gc, ceil_mode=True):
-    return pair(Involution2d(c, k, s, r, gc), RefInvolution(c, k, s, r, gc, ceil_mode), seed=c + k + s)
+    ref = official.involution(c, k, s, reduction_ratio=r, group_channels=gc, ceil_mode=ceil_mode)
+    return pair(Involution2d(c, k, s, r, gc), ref, seed=c + k + s)
 
 
 @pytest.mark.parametrize("train", MODES)
@@ -143,111 +119,6 @@ def test_involution_even_size_matches_official_floor_pooling():
 # ==================================================================================================
 
 
-class RefODConvAttention(nn.Module):
-    def __init__(self, in_planes, out_planes, kernel_size, groups, reduction, kernel_num, min_channel):
-        super().__init__()
-        attention_channel = max(int(in_planes * reduction), min_channel)
-        self.kernel_size, self.kernel_num, self.temperature = kernel_size, kernel_num, 1.0
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Conv2d(in_planes, attention_channel, 1, bias=False)
-        self.bn = nn.BatchNorm2d(attention_channel)
-        self.relu = nn.ReLU()
-        self.channel_fc = nn.Conv2d(attention_channel, in_planes, 1, bias=True)
-        if in_planes == groups and in_planes == out_planes:  # depth-wise convolution
-            self.func_filter = self.skip
-        else:
-            self.filter_fc = nn.Conv2d(attention_channel, out_planes, 1, bias=True)
-            self.func_filter = self.get_filter_attention
-        if kernel_size == 1:  # point-wise convolution
-            self.func_spatial = self.skip
-        else:
-            self.spatial_fc = nn.Conv2d(attention_channel, kernel_size * kernel_size, 1, bias=True)
-            self.func_spatial = self.get_spatial_attention
-        if kernel_num == 1:
-            self.func_kernel = self.skip
-        else:
-            self.kernel_fc = nn.Conv2d(attention_channel, kernel_num, 1, bias=True)
-            self.func_kernel = self.get_kernel_attention
-
-    @staticmethod
-    def skip(_):
-        return 1.0
-
-    def get_channel_attention(self, x):
-        return torch.sigmoid(self.channel_fc(x).view(x.size(0), -1, 1, 1) / self.temperature)
-
-    def get_filter_attention(self, x):
-        return torch.sigmoid(self.filter_fc(x).view(x.size(0), -1, 1, 1) / self.temperature)
-
-    def get_spatial_attention(self, x):
-        spatial = self.spatial_fc(x).view(x.size(0), 1, 1, 1, self.kernel_size, self.kernel_size)
-        return torch.sigmoid(spatial / self.temperature)
-
-    def get_kernel_attention(self, x):
-        return F.softmax(self.kernel_fc(x).view(x.size(0), -1, 1, 1, 1, 1) / self.temperature, dim=1)
-
-    def forward(self, x):
-        x = self.relu(self.bn(self.fc(self.avgpool(x))))
-        return self.get_channel_attention(x), self.func_filter(x), self.func_spatial(x), self.func_kernel(x)
-
-
-class RefODConv(nn.Module):
-    def __init__(
-        self, in_planes, out_planes, kernel_size, stride, padding, dilation, groups, reduction, kernel_num, min_channel
-    ):
-        super().__init__()
-        self.in_planes, self.out_planes, self.kernel_size = in_planes, out_planes, kernel_size
-        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-        self.kernel_num = kernel_num
-        self.attention = RefODConvAttention(
-            in_planes, out_planes, kernel_size, groups, reduction, kernel_num, min_channel
-        )
-        self.weight = nn.Parameter(torch.randn(kernel_num, out_planes, in_planes // groups, kernel_size, kernel_size))
-
-    def update_temperature(self, temperature):
-        self.attention.temperature = temperature
-
-    def forward(self, x):
-        if self.kernel_size == 1 and self.kernel_num == 1:
-            return self._forward_impl_pw1x(x)
-        return self._forward_impl_common(x)
-
-    def _forward_impl_common(self, x):
-        channel_attention, filter_attention, spatial_attention, kernel_attention = self.attention(x)
-        batch_size, _, height, width = x.size()
-        x = x * channel_attention
-        x = x.reshape(1, -1, height, width)
-        aggregate_weight = spatial_attention * kernel_attention * self.weight.unsqueeze(dim=0)
-        aggregate_weight = torch.sum(aggregate_weight, dim=1).view(
-            [-1, self.in_planes // self.groups, self.kernel_size, self.kernel_size]
-        )
-        output = F.conv2d(
-            x,
-            weight=aggregate_weight,
-            bias=None,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups * batch_size,
-        )
-        output = output.view(batch_size, self.out_planes, output.size(-2), output.size(-1))
-        return output * filter_attention
-
-    def _forward_impl_pw1x(self, x):
-        channel_attention, filter_attention, _, _ = self.attention(x)
-        x = x * channel_attention
-        output = F.conv2d(
-            x,
-            weight=self.weight.squeeze(dim=0),
-            bias=None,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
-        )
-        return output * filter_attention
-
-
 ODCONV_CASES = [
     # in, out, k, stride, padding, dilation, groups, reduction, kernel_num, min_channel, H, W
     pytest.param(16, 32, 3, 1, 1, 1, 1, 0.0625, 4, 16, 7, 7, id="16to32-k3-n4-7x7"),
@@ -262,7 +133,7 @@ ODCONV_CASES = [
 
 def odconv_pair(cin, cout, k, s, p, d, g, r, n, mc):
     block = ODConv2d(cin, cout, k, s, p, d, g, reduction=r, kernel_num=n, min_channel=mc)
-    return pair(block, RefODConv(cin, cout, k, s, p, d, g, r, n, mc), seed=cin + cout + k + n)
+    return pair(block, official.ODConv2d(cin, cout, k, s, p, d, g, r, n, min_channel=mc), seed=cin + cout + k + n)
 
 
 @pytest.mark.parametrize("train", MODES)
@@ -303,48 +174,6 @@ def test_odconv_update_temperature(temperature):
 # ==================================================================================================
 
 
-class RefOutlookAttention(nn.Module):
-    def __init__(
-        self,
-        dim,
-        num_heads,
-        kernel_size=3,
-        padding=1,
-        stride=1,
-        qkv_bias=False,
-        qk_scale=None,
-        attn_drop=0.0,
-        proj_drop=0.0,
-    ):
-        super().__init__()
-        head_dim = dim // num_heads
-        self.num_heads, self.kernel_size, self.padding, self.stride = num_heads, kernel_size, padding, stride
-        self.scale = qk_scale or head_dim**-0.5
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.attn = nn.Linear(dim, kernel_size**4 * num_heads)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.unfold = nn.Unfold(kernel_size=kernel_size, padding=padding, stride=stride)
-        self.pool = nn.AvgPool2d(kernel_size=stride, stride=stride, ceil_mode=True)
-
-    def forward(self, x):
-        B, H, W, C = x.shape
-        v = self.v(x).permute(0, 3, 1, 2)
-        h, w = math.ceil(H / self.stride), math.ceil(W / self.stride)
-        kk = self.kernel_size * self.kernel_size
-        v = self.unfold(v).reshape(B, self.num_heads, C // self.num_heads, kk, h * w).permute(0, 1, 4, 3, 2)
-        attn = self.pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        attn = self.attn(attn).reshape(B, h * w, self.num_heads, kk, kk).permute(0, 2, 1, 3, 4)
-        attn = attn * self.scale
-        attn = attn.softmax(dim=-1)
-        attn = self.attn_drop(attn)
-        x = (attn @ v).permute(0, 1, 4, 3, 2).reshape(B, C * kk, h * w)
-        x = F.fold(x, output_size=(H, W), kernel_size=self.kernel_size, padding=self.padding, stride=self.stride)
-        x = self.proj(x.permute(0, 2, 3, 1))
-        return self.proj_drop(x)
-
-
 OUTLOOK_CASES = [
     # dim, heads, k, padding, stride, qkv_bias, qk_scale, H, W
     pytest.param(16, 2, 3, 1, 1, False, None, 7, 7, id="d16-h2-k3-s1-7x7"),
@@ -357,7 +186,8 @@ OUTLOOK_CASES = [
 
 def outlook_pair(dim, heads, k, p, s, qkv_bias=False, qk_scale=None, attn_drop=0.0, proj_drop=0.0):
     kw = dict(qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=proj_drop)
-    return pair(OutlookAttention(dim, heads, k, p, s, **kw), RefOutlookAttention(dim, heads, k, p, s, **kw), seed=dim)
+    ref = official.OutlookAttention(dim, heads, k, p, s, **kw)
+    return pair(OutlookAttention(dim, heads, k, p, s, **kw), ref, seed=dim)
 
 
 @pytest.mark.parametrize("train", MODES)
@@ -385,47 +215,6 @@ def test_outlook_dropout_matches_official():
 # ==================================================================================================
 
 
-def mpncov_covpool(x):
-    """MPNCOV ``Covpool.forward``: ``x @ I_hat @ x^T`` with ``I_hat = I/M - 1/M^2``."""
-    batch, dim, h, w = x.shape
-    m = h * w
-    x = x.reshape(batch, dim, m)
-    i_hat = (-1.0 / m / m) * torch.ones(m, m, dtype=x.dtype) + (1.0 / m) * torch.eye(m, m, dtype=x.dtype)
-    i_hat = i_hat.view(1, m, m).repeat(batch, 1, 1)
-    return x.bmm(i_hat).bmm(x.transpose(1, 2))
-
-
-class RefGSoP(nn.Module):
-    """The official ``chan_att``: no activation after the row conv (``row_relu`` adds one, as an option)."""
-
-    def __init__(self, in_channels, att_dim, pre_act=True, dr_stride=1, row_relu=False):
-        super().__init__()
-        self.ch_dim, self.pre_act, self.row_relu = att_dim, pre_act, row_relu
-        self.conv_for_DR = nn.Conv2d(in_channels, att_dim, kernel_size=1, stride=dr_stride, bias=True)
-        self.bn_for_DR = nn.BatchNorm2d(att_dim)
-        self.row_bn = nn.BatchNorm2d(att_dim)
-        self.row_conv_group = nn.Conv2d(att_dim, 4 * att_dim, kernel_size=(att_dim, 1), groups=att_dim, bias=True)
-        self.fc_adapt_channels = nn.Conv2d(4 * att_dim, in_channels, kernel_size=1, groups=1, bias=True)
-        self.sigmoid = nn.Sigmoid()
-        self.relu = nn.ReLU()
-        self.relu_normal = nn.ReLU()
-
-    def chan_att(self, out):
-        if self.pre_act:
-            out = self.relu_normal(out)
-        out = self.relu(self.bn_for_DR(self.conv_for_DR(out)))
-        out = mpncov_covpool(out)
-        out = out.view(out.size(0), out.size(1), out.size(2), 1).contiguous()
-        out = self.row_bn(out)
-        out = self.row_conv_group(out)
-        if self.row_relu:
-            out = self.relu(out)
-        return self.sigmoid(self.fc_adapt_channels(out))
-
-    def forward(self, x):
-        return x * self.chan_att(x)
-
-
 GSOP_CASES = [
     # in_channels, mid_channels, pre_act, H, W, dr_stride, row_relu
     pytest.param(32, 16, True, 7, 7, 1, False, id="c32-m16-7x7"),
@@ -440,7 +229,7 @@ GSOP_CASES = [
 def gsop_pair(c, m, pre_act, dr_stride=1, row_relu=False):
     return pair(
         GSoPBlock(c, m, pre_act, dr_stride=dr_stride, row_relu=row_relu),
-        RefGSoP(c, m, pre_act, dr_stride, row_relu),
+        official.GSoP(c, m, pre_act=pre_act, dr_stride=dr_stride, row_relu=row_relu),
         seed=c + m,
     )
 
@@ -496,8 +285,9 @@ def test_gsop_pre_act_matters():
 
 
 class RefSKConv(nn.Module):
-    """SK unit written the way most ports do: per-branch conv/BN/ReLU with dilation 1+i, fuse by sum,
-    GAP, Linear + BatchNorm1d + ReLU, one Linear per branch, softmax over branches."""
+    """The SK unit as most ports write it: per-branch conv/BN/ReLU with dilation 1+i, fuse by sum, GAP,
+    Linear + BatchNorm1d + ReLU, one Linear per branch, softmax over branches. Not the stand-in
+    ``official.SKConv`` (kernels 3, 5, ... with bias, no BatchNorm in the fuse): our SKConv is this function."""
 
     def __init__(self, channels, branches, groups, reduction, min_dim, stride):
         super().__init__()
@@ -599,23 +389,30 @@ def test_skconv_matches_reference(c, m, g, r, d, s, h, w, b, train):
 # ==================================================================================================
 
 
-@pytest.mark.parametrize("which", ["involution", "odconv", "outlook", "gsop", "skconv"])
+#: Pairs for the float32 and gradient checks: name -> (block and reference, input shape without the batch).
+PAIRS = {
+    "involution-s2": (lambda: involution_pair(32, 3, 2, 4, 8), (32, 7, 9)),
+    "involution-k7": (lambda: involution_pair(16, 7, 1, 4, 16), (16, 6, 6)),
+    "odconv": (lambda: odconv_pair(16, 32, 3, 2, 1, 1, 1, 0.0625, 4, 16), (16, 7, 9)),
+    "odconv-depthwise": (lambda: odconv_pair(16, 16, 3, 1, 1, 1, 16, 0.0625, 2, 16), (16, 5, 5)),
+    "odconv-pointwise": (lambda: odconv_pair(32, 16, 1, 1, 0, 1, 1, 0.0625, 1, 16), (32, 5, 5)),
+    "outlook": (lambda: outlook_pair(32, 4, 3, 1, 2), (7, 9, 32)),
+    "outlook-qkv-bias": (lambda: outlook_pair(32, 4, 3, 1, 2, qkv_bias=True), (7, 9, 32)),
+    "gsop": (lambda: gsop_pair(32, 16, True), (32, 7, 9)),
+    "gsop-5x6": (lambda: gsop_pair(32, 16, True), (32, 5, 6)),
+    "skconv": (lambda: sk_pair(32, 2, 8, 16, 8, 2), (32, 7, 9)),
+}
+
+
+def make_pair(which: str, batch: int) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    build, shape = PAIRS[which]
+    block, ref = build()
+    return block, ref, randn(batch, *shape, seed=1)
+
+
+@pytest.mark.parametrize("which", ["involution-s2", "odconv", "outlook", "gsop", "skconv"])
 def test_float32_block_close_to_float64_reference(which):
-    if which == "involution":
-        block, ref = involution_pair(32, 3, 2, 4, 8)
-        x = randn(2, 32, 7, 9, seed=1)
-    elif which == "odconv":
-        block, ref = odconv_pair(16, 32, 3, 2, 1, 1, 1, 0.0625, 4, 16)
-        x = randn(2, 16, 7, 9, seed=1)
-    elif which == "outlook":
-        block, ref = outlook_pair(32, 4, 3, 1, 2)
-        x = randn(2, 7, 9, 32, seed=1)
-    elif which == "gsop":
-        block, ref = gsop_pair(32, 16, True)
-        x = randn(2, 32, 7, 9, seed=1)
-    else:
-        block, ref = sk_pair(32, 2, 8, 16, 8, 2)
-        x = randn(2, 32, 7, 9, seed=1)
+    block, ref, x = make_pair(which, 2)
     set_mode(False, block, ref)
     out = block.float()(x.float())
     assert out.dtype == torch.float32
@@ -627,52 +424,40 @@ def test_float32_block_close_to_float64_reference(which):
 # ==================================================================================================
 
 
-def _grad_case(which: str, train: bool):
-    """Build (block, ref, x, names with a zero gradient by construction)."""
-    zero_ok: frozenset[str] = frozenset()
-    if which == "involution-s2":
-        block, ref = involution_pair(32, 3, 2, 4, 8)
-        x = randn(3, 32, 7, 9, seed=1)
-    elif which == "involution-k7":
-        block, ref = involution_pair(16, 7, 1, 4, 16)
-        x = randn(4, 16, 6, 6, seed=1)
-    elif which == "odconv":
-        block, ref = odconv_pair(16, 32, 3, 2, 1, 1, 1, 0.0625, 4, 16)
-        x = randn(4, 16, 7, 9, seed=1)
-    elif which == "odconv-depthwise":
-        block, ref = odconv_pair(16, 16, 3, 1, 1, 1, 16, 0.0625, 2, 16)
-        x = randn(3, 16, 5, 5, seed=1)
-    elif which == "odconv-pointwise":
-        block, ref = odconv_pair(32, 16, 1, 1, 0, 1, 1, 0.0625, 1, 16)
-        x = randn(3, 32, 5, 5, seed=1)
-    elif which == "outlook":
-        block, ref = outlook_pair(32, 4, 3, 1, 2, qkv_bias=True)
-        x = randn(3, 7, 9, 32, seed=1)
-    elif which == "gsop":
-        block, ref = gsop_pair(32, 16, True)
-        x = randn(4, 32, 5, 6, seed=1)
-        if train:
-            # conv_for_DR's bias is followed by bn_for_DR: with batch statistics a per-channel constant
-            # shift is subtracted out again, so its gradient is zero (up to rounding) in train mode.
-            zero_ok = frozenset({"conv_for_DR.bias"})
-    else:
-        raise AssertionError(which)
-    return block, ref, x, zero_ok
-
-
-GRAD_CASES = ["involution-s2", "involution-k7", "odconv", "odconv-depthwise", "odconv-pointwise", "outlook", "gsop"]
-
-
-@pytest.mark.parametrize("train", MODES)
-@pytest.mark.parametrize("which", GRAD_CASES)
-def test_gradients_reach_every_parameter(which, train):
-    block, ref, x, zero_ok = _grad_case(which, train)
+def backward_both(block: nn.Module, ref: nn.Module, x: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backpropagate the same random cotangent through both; returns their inputs (with ``.grad``)."""
     set_mode(train, block, ref)
     x_block, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
     out = block(x_block)
     cotangent = randn(*out.shape, seed=99)
     (out * cotangent).sum().backward()
     (ref(x_ref) * cotangent).sum().backward()
+    return x_block, x_ref
+
+
+#: (pair, batch) of the gradient checks.
+GRAD_CASES = [
+    pytest.param(which, batch, id=which)
+    for which, batch in (
+        ("involution-s2", 3),
+        ("involution-k7", 4),
+        ("odconv", 4),
+        ("odconv-depthwise", 3),
+        ("odconv-pointwise", 3),
+        ("outlook-qkv-bias", 3),
+        ("gsop-5x6", 4),
+    )
+]
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize(("which", "batch"), GRAD_CASES)
+def test_gradients_reach_every_parameter(which, batch, train):
+    block, ref, x = make_pair(which, batch)
+    # GSoP: conv_for_DR's bias is followed by bn_for_DR: with batch statistics a per-channel constant
+    # shift is subtracted out again, so its gradient is zero (up to rounding) in train mode.
+    zero_ok = frozenset({"conv_for_DR.bias"}) if train and which.startswith("gsop") else frozenset()
+    x_block, x_ref = backward_both(block, ref, x, train)
     torch.testing.assert_close(x_block.grad, x_ref.grad, rtol=1e-8, atol=1e-10)
     assert_grads(block, {n: p.grad for n, p in ref.named_parameters()}, zero_ok)
 
@@ -684,12 +469,7 @@ def test_gradients_reach_every_parameter(which, train):
 )
 def test_skconv_gradients_reach_every_parameter(c, m, g, s, train):
     block, ref = sk_pair(c, m, g, 16, 8, s)
-    set_mode(train, block, ref)
-    x = randn(3, c, 7, 7, seed=1)
-    out = block(x)
-    cotangent = randn(*out.shape, seed=99)
-    (out * cotangent).sum().backward()
-    (ref(x) * cotangent).sum().backward()
+    backward_both(block, ref, randn(3, c, 7, 7, seed=1), train)
     assert_grads(block, ref_to_sk_grads(ref, block))
 
 
