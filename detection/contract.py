@@ -261,16 +261,10 @@ def _fields(obj: Mapping[str, Any], indent: int) -> list[str]:
     pad = "  " * indent
     lines = []
     for key, value in obj.items():
-        if key in MAP_FIELDS and isinstance(value, Mapping):  # a protobuf map: one entry per key
+        if key in MAP_FIELDS and isinstance(value, Mapping):  # a protobuf map: one {key, value} entry per key
             for k, v in value.items():
                 lines.append(f"{pad}{key} {{")
-                lines.append(f"{pad}  key: {_scalar(k)}")
-                if isinstance(v, Mapping):
-                    lines.append(f"{pad}  value {{")
-                    lines.extend(_fields(v, indent + 2))
-                    lines.append(f"{pad}  }}")
-                else:
-                    lines.append(f"{pad}  value: {_scalar(v)}")
+                lines.extend(_fields({"key": k, "value": v}, indent + 1))
                 lines.append(f"{pad}}}")
         elif isinstance(value, Mapping):
             lines.append(f"{pad}{key} {{")

@@ -79,10 +79,6 @@ def register_adapter(name: str, considers: Callable[[nn.Module], bool], fits: Ca
     return wrap
 
 
-def _has(m: nn.Module, *names: str) -> bool:
-    return all(hasattr(m, n) for n in names)
-
-
 def _missing(m: nn.Module, *names: str) -> list[str]:
     return [n for n in names if not hasattr(m, n)]
 

@@ -16,6 +16,30 @@ def out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def window_grid(
+    op: str, size: tuple[int, int], kernel: int, stride: int, padding: int, dilation: int | None = None
+) -> tuple[int, int]:
+    """The output grid of a ``kernel x kernel`` window over an ``H x W`` input; a ValueError naming ``op``
+    when the window does not fit (``dilation`` None: the op has no dilation to mention)."""
+    h, w = size
+    ho = out_size(h, kernel, stride, padding, dilation or 1)
+    wo = out_size(w, kernel, stride, padding, dilation or 1)
+    if ho < 1 or wo < 1:
+        dil = "" if dilation is None else f"(dilation {dilation}) "
+        raise ValueError(
+            f"{op}: input {h}x{w} is smaller than the {kernel}x{kernel} window {dil}after padding {padding}; "
+            "pad more or use a smaller kernel"
+        )
+    return ho, wo
+
+
+def check_kernel_shape(op: str, name: str, kernel: torch.Tensor, fits: str, args: str, expected: tuple) -> None:
+    """A ValueError naming ``op`` when the dynamic kernel ``name`` is not of the ``expected`` shape."""
+    if tuple(kernel.shape) != expected:
+        shape = tuple(kernel.shape)
+        raise ValueError(f"{op}: {name} shape {shape} does not fit {fits} with {args}: expected {expected}")
+
+
 def tap_slice(xp: torch.Tensor, a: int, b: int, dilation: int, stride: int, ho: int, wo: int) -> torch.Tensor:
     """The strided view of padded ``xp`` that tap ``(a, b)`` reads for an ``ho x wo`` output."""
     r0, c0 = a * dilation, b * dilation

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check for issue 10: the Triton kernel tests COMPILED on CUDA, then
+# One-shot GPU check: the CUDA kernel tests COMPILED (not interpreted), then
 # `attn-export bench --device cuda` (ops, blocks, detector against the copy/matmul peaks of the same run).
 # Everything is tee'd into $OUT (the device tool brings $OUT back), or out/gpu_check without one.
 #

@@ -39,19 +39,9 @@ from attn_export.detection.contract import (
     request_params,
 )
 from attn_export.detection.contract import split_bytes as _split_bytes
+from attn_export.serve import v2_protocol as v2
 from attn_export.serve.auth import key_refused
-from attn_export.serve.v2_protocol import (
-    EXTENSIONS,
-    SERVER_NAME,
-    ProtocolError,
-    check_input,
-    defaults_of,
-    infer_tensors,
-    model_config_of,
-    model_metadata,
-    model_or_error,
-    protocol_error,
-)
+from attn_export.serve.v2_protocol import ProtocolError
 
 log = logging.getLogger("attn_export.serve")
 
@@ -102,7 +92,7 @@ def infer_images(request, max_images: int) -> list[bytes]:
     if not request.inputs:
         raise ProtocolError(400, "the request has no input 'image'")
     for i, tensor in enumerate(request.inputs):
-        check_input(tensor.name, tensor.datatype, list(tensor.shape), max_images, given_twice=i > 0)
+        v2.check_input(tensor.name, tensor.datatype, list(tensor.shape), max_images, given_twice=i > 0)
     tensor = request.inputs[0]
     shape = list(tensor.shape)
     raw = request.raw_input_contents
@@ -176,7 +166,7 @@ def make_servicer(svc):
                 code = "OK"
                 return response
             except Exception as e:
-                answer = protocol_error(e, svc.metrics)
+                answer = v2.protocol_error(e, svc.metrics)
                 if answer is None:
                     code = "INTERNAL"
                     log.exception("gRPC %s failed", method)
@@ -196,17 +186,17 @@ def make_servicer(svc):
         return pb.ServerReadyResponse(ready=svc.ready)
 
     async def server_metadata(request, context):
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(name=v2.SERVER_NAME, version=__version__, extensions=v2.EXTENSIONS)
 
     async def model_ready(request, context):
         try:
-            model_or_error(svc, request.name, request.version)
+            v2.model_or_error(svc, request.name, request.version)
         except ProtocolError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=svc.ready)
 
     async def metadata(request, context):
-        meta = model_metadata(svc, model_or_error(svc, request.name, request.version))
+        meta = v2.model_metadata(svc, v2.model_or_error(svc, request.name, request.version))
         response = pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"])
         for field in ("inputs", "outputs"):
             for t in meta[field]:
@@ -214,7 +204,7 @@ def make_servicer(svc):
         return response
 
     async def config(request, context):
-        config = model_config_of(svc, model_or_error(svc, request.name, request.version))
+        config = v2.model_config_of(svc, v2.model_or_error(svc, request.name, request.version))
         message = json_format.ParseDict(config, model_config_pb2.ModelConfig())
         return pb.ModelConfigResponse(config=message)
 
@@ -230,7 +220,7 @@ def make_servicer(svc):
         refused = key_refused(settings.api_key, dict(context.invocation_metadata() or ()).get("x-api-key"), "x-api-key")
         if refused is not None:
             raise ProtocolError(401, refused)
-        m = model_or_error(svc, request.model_name, request.model_version)
+        m = v2.model_or_error(svc, request.model_name, request.model_version)
         if svc.shutting_down:
             raise ProtocolError(503, "the server is shutting down", {"Retry-After": "5"})
         # the message arrived whole (at most max_body_bytes): through the door at once
@@ -238,11 +228,11 @@ def make_servicer(svc):
             images = infer_images(request, settings.max_images)
             given = {k: _parameter(v) for k, v in request.parameters.items()}
             try:
-                params = request_params(given, defaults_of(settings))
+                params = request_params(given, v2.defaults_of(settings))
             except ContractError as e:
                 raise ProtocolError(400, str(e)) from e
             asked = requested_outputs(request)
-            tensors = await infer_tensors(svc, images, params, ticket)
+            tensors = await v2.infer_tensors(svc, images, params, ticket)
             return infer_response(pb, request, m.name, tensors, asked)
 
     handlers = {

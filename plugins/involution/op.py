@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attn_export.plugins._taps import out_size, tap_slice
+from attn_export.plugins._taps import check_kernel_shape, tap_slice, window_grid
 
 
 def check_args(
@@ -25,19 +25,10 @@ def check_args(
     groups = weight.shape[1]
     if c % groups:
         raise ValueError(f"involution2d: channels ({c}) must be divisible by the groups in weight ({groups})")
-    ho = out_size(h, kernel_size, stride, padding, dilation)
-    wo = out_size(w, kernel_size, stride, padding, dilation)
-    if ho < 1 or wo < 1:
-        raise ValueError(
-            f"involution2d: input {h}x{w} is smaller than the {kernel_size}x{kernel_size} window "
-            f"(dilation {dilation}) after padding {padding}; pad more or use a smaller kernel"
-        )
+    ho, wo = window_grid("involution2d", (h, w), kernel_size, stride, padding, dilation)
+    args = f"kernel_size={kernel_size}, stride={stride}, padding={padding}, dilation={dilation}"
     expected = (b, groups, kernel_size * kernel_size, ho, wo)
-    if tuple(weight.shape) != expected:
-        raise ValueError(
-            f"involution2d: weight shape {tuple(weight.shape)} does not fit x {tuple(x.shape)} with "
-            f"kernel_size={kernel_size}, stride={stride}, padding={padding}, dilation={dilation}: expected {expected}"
-        )
+    check_kernel_shape("involution2d", "weight", weight, f"x {tuple(x.shape)}", args, expected)
     return ho, wo
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from attn_export.plugins._taps import fold_taps, out_size, unfold_taps
+from attn_export.plugins._taps import check_kernel_shape, fold_taps, unfold_taps, window_grid
 
 
 def check_args(v: torch.Tensor, attn: torch.Tensor, kernel_size: int, padding: int, stride: int) -> tuple[int, int]:
@@ -24,20 +24,10 @@ def check_args(v: torch.Tensor, attn: torch.Tensor, kernel_size: int, padding: i
     heads = attn.shape[1]
     if heads < 1 or c % heads:
         raise ValueError(f"outlook_aggregate: channels ({c}) must be divisible by the heads in attn ({heads})")
-    h = out_size(hh, kernel_size, stride, padding, 1)
-    w = out_size(ww, kernel_size, stride, padding, 1)
-    if h < 1 or w < 1:
-        raise ValueError(
-            f"outlook_aggregate: input {hh}x{ww} is smaller than the {kernel_size}x{kernel_size} window "
-            f"after padding {padding}; pad more or use a smaller kernel"
-        )
+    h, w = window_grid("outlook_aggregate", (hh, ww), kernel_size, stride, padding)
+    args = f"kernel_size={kernel_size}, padding={padding}, stride={stride}"
     kk = kernel_size * kernel_size
-    expected = (b, heads, h * w, kk, kk)
-    if tuple(attn.shape) != expected:
-        raise ValueError(
-            f"outlook_aggregate: attn shape {tuple(attn.shape)} does not fit v {tuple(v.shape)} with "
-            f"kernel_size={kernel_size}, padding={padding}, stride={stride}: expected {expected}"
-        )
+    check_kernel_shape("outlook_aggregate", "attn", attn, f"v {tuple(v.shape)}", args, (b, heads, h * w, kk, kk))
     return h, w
 
 
