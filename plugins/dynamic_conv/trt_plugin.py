@@ -17,7 +17,7 @@ registered functions as objects.
 
 import functools
 
-from attn_export.plugins import trt as _trt
+from attn_export.plugins import _trt_kit as _trt
 from attn_export.plugins._shape_expr import conv_out, static_dims
 from attn_export.plugins.dynamic_conv import plan
 

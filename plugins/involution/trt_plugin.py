@@ -11,7 +11,7 @@ registered functions as objects.
 
 import functools
 
-from attn_export.plugins import trt as _trt
+from attn_export.plugins import _trt_kit as _trt
 from attn_export.plugins._shape_expr import static_dims
 from attn_export.plugins.involution import plan
 

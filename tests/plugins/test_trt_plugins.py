@@ -35,8 +35,10 @@ if not torch.cuda.is_available():
 
 import attn_export.plugins  # noqa: F401  (registers the torch ops)
 from attn_export.plugins import _shape_expr as shape_expr
+from attn_export.plugins import _trt_kit
 from attn_export.plugins import trt as trt_plugins
 from attn_export.plugins._plugin_node import attribute_order
+from attn_export.plugins._taps import out_size
 from attn_export.plugins._trt_names import NAMESPACE, PLUGINS
 from attn_export.plugins.dynamic_conv import op as dconv_op
 from attn_export.plugins.dynamic_conv import plan as dconv_plan
@@ -144,7 +146,7 @@ OUTLOOK_CASES = [
 
 def involution_shapes(case):
     b, c, g, h, w, k, s, p, d = case
-    ho, wo = (inv_op.out_size(n, k, s, p, d) for n in (h, w))
+    ho, wo = (out_size(n, k, s, p, d) for n in (h, w))
     return (b, c, h, w), (b, g, k * k, ho, wo), (k, s, p, d)
 
 
@@ -193,7 +195,7 @@ def test_shape_logic_never_needs_reflected_operators():
         bool(Sym(3))
     # a negative constant is written as a subtraction; kernel sizes may be expressions (dynamic_conv)
     assert shape_expr.add(Sym(5), -7).value == -2
-    assert shape_expr.conv_out(Sym(9), Sym(3), 2, 1, 2).value == inv_op.out_size(9, 3, 2, 1, 2)
+    assert shape_expr.conv_out(Sym(9), Sym(3), 2, 1, 2).value == out_size(9, 3, 2, 1, 2)
     assert shape_expr.cdiv(Sym(17), 8).value == 3
 
 
@@ -452,7 +454,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     """
     import json
     from triton.backends.compiler import GPUTarget
-    from attn_export.plugins import trt
+    from attn_export.plugins import _trt_kit as trt
     from attn_export.plugins.dynamic_conv import trt_plugin as dconv
     from attn_export.plugins.involution import trt_plugin as inv
     from attn_export.plugins.outlook import trt_plugin as outl
@@ -527,9 +529,9 @@ def test_compile_aot_refuses_interpreted_kernels():
 def test_ptx_version_option_is_validated(monkeypatch):
     monkeypatch.setenv(trt_plugins.PTX_VERSION_ENV, "8.4")
     with pytest.raises(trt_plugins.TensorRTError, match="digits"):
-        trt_plugins._ptx_version_option()
+        _trt_kit._ptx_version_option()
     monkeypatch.setenv(trt_plugins.PTX_VERSION_ENV, "84")
-    assert trt_plugins._ptx_version_option() == 84
+    assert _trt_kit._ptx_version_option() == 84
 
 
 # ------------------------------------------------------------------------------------------ imports, errors
@@ -778,7 +780,7 @@ def test_aot_launch_parameters_through_tensorrt_plugin(real_trtp, monkeypatch, k
         compiled.append((dtype, args))
         if module is dconv_trt and dtype[0] != dtype[1]:
             return real_aot_kernel(dtype, *args, **kwargs)  # the real refusal, before any compilation
-        return trt_plugins.AOTKernel(f"{kind}_aot", b"// ptx", 128, 1024, module.N_PARAMS)
+        return _trt_kit.AOTKernel(f"{kind}_aot", b"// ptx", 128, 1024, module.N_PARAMS)
 
     monkeypatch.setattr(module, "aot_kernel", fake_aot_kernel)
     plugin = _create(trt, trtp, module, attrs)
@@ -825,7 +827,7 @@ def test_jit_impl_gets_the_attributes_through_tensorrt_plugin(real_trtp, monkeyp
     trt_plugins.register_trt_plugins(aot=False)
     module, shapes, attrs = _plugin_attrs(kind, case)
     calls = []
-    monkeypatch.setattr(trt_plugins, "run_jit", lambda *args: calls.append(args))
+    monkeypatch.setattr(_trt_kit, "run_jit", lambda *args: calls.append(args))
     plugin = _create(trt, trtp, module, attrs, request=None)
     assert type(plugin).__name__ == "_TemplateJITPlugin"
     _, out_shape = _shape_and_types(trt, plugin, shapes, [trt.DataType.BF16] * 2)
