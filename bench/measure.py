@@ -173,17 +173,14 @@ def tflops(flops: float, peak: float | None) -> Rate:
 @contextlib.contextmanager
 def reference_kernels() -> Iterator[None]:
     """Inside: the ops' CUDA kernels take their plain-torch reference instead of Triton (restored after)."""
-    import importlib
+    from attn_export.plugins import _kernels  # where use_cuda_kernel looks it up
 
-    import attn_export.plugins as plugins
-
-    home = importlib.import_module(plugins.use_cuda_kernel.__module__)  # where use_cuda_kernel looks it up
-    saved = home._kernels_available
-    home._kernels_available = lambda: False
+    saved = _kernels._kernels_available
+    _kernels._kernels_available = lambda: False
     try:
         yield
     finally:
-        home._kernels_available = saved
+        _kernels._kernels_available = saved
 
 
 def torch_dtype(name: str):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib
 
-from attn_export.plugins._kernels import _kernels_available as _kernels_available  # re-exported
 from attn_export.plugins._kernels import use_cuda_kernel
 from attn_export.plugins.dynamic_conv import dynamic_conv2d
 from attn_export.plugins.involution import involution2d

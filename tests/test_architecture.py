@@ -56,11 +56,9 @@ print(json.dumps({"modules": len(graph.modules), "cycles": found}))
 """
 
 
-#: ``importlib.import_module`` calls that load no module of ours (an optional dependency by name, or a
-#: module already imported through the object it names).
+#: ``importlib.import_module`` calls that load no module of ours (an optional dependency by name).
 NOT_OURS = {
     ("attn_export.plugins.trt", '"tensorrt.plugin"'),
-    ("attn_export.bench.measure", "plugins.use_cuda_kernel.__module__"),
 }
 
 

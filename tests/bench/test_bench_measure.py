@@ -52,8 +52,9 @@ def test_rel_error_is_relative_to_the_reference_and_strict_about_shape_and_nan()
 
 def test_reference_kernels_switch_is_scoped():
     import attn_export.plugins as plugins
+    from attn_export.plugins import _kernels
 
-    before = plugins._kernels_available
+    before = _kernels._kernels_available
     with bm.reference_kernels():
         assert plugins.use_cuda_kernel(torch.zeros(1)) is False
-    assert plugins._kernels_available is before
+    assert _kernels._kernels_available is before
