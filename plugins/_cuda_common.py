@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attn_export.plugins._trt_kit import NUM_WARPS
+from attn_export.plugins.registry import NUM_WARPS
 
 __all__ = ["NUM_WARPS", "SUPPORTED", "contiguous_pair", "program_tile"]
 

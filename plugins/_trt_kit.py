@@ -18,13 +18,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from attn_export.plugins._trt_names import NAMESPACE, plugin_id
-from attn_export.plugins.registry import BY_OP
+from attn_export.plugins.registry import BY_OP, NUM_WARPS
 
 #: Environment variable: PTX ISA version of the AOT kernels (e.g. ``84`` for PTX 8.4), for drivers
 #: older than the PTX that Triton's bundled toolchain writes by default.
 PTX_VERSION_ENV = "ATTN_EXPORT_AOT_PTX_VERSION"
-#: Warps per program of every attn-export kernel (the Triton launchers use 4).
-NUM_WARPS = 4
 #: Shared memory (bytes) a kernel gets without ``cudaFuncSetAttribute(MaxDynamicSharedMemorySize)``.
 STATIC_SHARED_LIMIT = 48 * 1024
 #: Environment variable: ``1`` hands TensorRT Triton's PTX with its entry unmodified (hidden parameters

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: Warps per program of every attn-export kernel: the CUDA launchers and the TensorRT AOT kernels alike.
+NUM_WARPS = 4
+
 #: Attribute kinds of the plugin nodes' own attributes: one int, or a list of ints.
 INT = "int"
 INTS = "ints"
