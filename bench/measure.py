@@ -122,7 +122,11 @@ def measure(
         row.status = "wrong"
         row.note = join_notes(note, f"wrong output: rel err {row.rel_err:.1e} > {tol:.0e}; not timed")
         return row
-    row.ms = timer(fn)
+    try:  # timing can fail where the gated call did not (CUDA-graph recording inside do_bench, ...)
+        row.ms = timer(fn)
+    except Exception as e:
+        row.status, row.note = "error", join_notes(note, "timing failed: " + short_error(e))
+        return row
     if rate is not None and row.ms:
         row.metric, row.value, row.fraction = rate(row.ms)
     return row

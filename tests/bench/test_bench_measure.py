@@ -41,6 +41,17 @@ def test_a_failing_variant_is_a_row_and_a_spent_budget_skips():
     assert bm.failed([row]) == []
 
 
+def test_a_timer_that_raises_is_an_error_row_not_a_crash():
+    ref = torch.randn(4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def timer(fn):
+        raise RuntimeError("CUDA graph capture failed inside do_bench")
+
+    row = bm.measure("detector", "x", "torch.compile reduce-overhead", "fp32", lambda: ref.float(), ref, 1e-4, timer)
+    assert row.status == "error" and row.ms is None and "timing failed" in row.note and "CUDA graph" in row.note
+    assert bm.failed([row]) == [row]
+
+
 def test_rel_error_is_relative_to_the_reference_and_strict_about_shape_and_nan():
     ref = torch.tensor([[10.0, -20.0]], dtype=torch.float64)
     assert bm.rel_error(torch.tensor([[10.0, -19.0]]), ref) == pytest.approx(1 / 20)
