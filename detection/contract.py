@@ -24,6 +24,7 @@ import binascii
 import json
 import math
 import struct
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,17 +64,27 @@ class Params:
     max_det: int
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for an error message that echoes what a client sent (one
+    line: repr escapes newlines and lone surrogates; an int too long to print is named by its digit count)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past sys.get_int_max_str_digits()
+        return f"an integer of more than {sys.get_int_max_str_digits()} digits"
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
 def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or value is None:
-        raise ContractError(f"parameter {name!r} must be a number, got {value!r}")
     if isinstance(value, Mapping):  # gRPC-style {"double_param": 0.3}
         value = next(iter(value.values()), None)
+    if isinstance(value, bool) or value is None:
+        raise ContractError(f"parameter {name!r} must be a number, got {shown(value)}")
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise ContractError(f"parameter {name!r} must be a number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond a float's range (10**400)
+        raise ContractError(f"parameter {name!r} must be a number within a float's range, got {shown(value)}") from None
     if not math.isfinite(number):
-        raise ContractError(f"parameter {name!r} must be finite, got {value!r}")
+        raise ContractError(f"parameter {name!r} must be finite, got {shown(value)}")
     return number
 
 
@@ -116,7 +127,13 @@ def image_bytes(value: Any) -> bytes:
     base64 of one is decoded. Both servers do this, so one JSON request works against either.
     """
     if isinstance(value, str):
-        data = value.encode("utf-8", "surrogateescape")
+        try:
+            data = value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON) has no UTF-8 form
+            raise ContractError(
+                f"input {INPUT!r}: a row is text that is not valid UTF-8 ({e.reason} at character {e.start}); "
+                "send the image in base64 or as binary data"
+            ) from None
     elif isinstance(value, (bytes, bytearray, memoryview, np.bytes_)):
         data = bytes(value)
     else:

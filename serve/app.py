@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -33,8 +34,9 @@ from attn_export import __version__
 from attn_export.detection.imaging import InputError
 from attn_export.detection.loader import ModelError, ServedModel, load
 from attn_export.serve.batching import BatcherClosed
+from attn_export.serve.docs import add_docs
 from attn_export.serve.door import Busy, shed
-from attn_export.serve.middleware import add_limits
+from attn_export.serve.middleware import add_limits, route_label
 from attn_export.serve.routes_detect import detect_router
 from attn_export.serve.routes_health import health_router, static_dir
 from attn_export.serve.schemas import describe_validation, error_response
@@ -74,8 +76,14 @@ def _add_error_handlers(app: FastAPI, svc: Service) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
+        # the last guard: every parse of client data answers 4xx before this; reaching it is a bug
+        route = route_label(request.scope, svc.known_paths)
+        svc.metrics.internal_errors.labels(route).inc()
+        log.error("unexpected error on %s %s (route %s)", request.method, request.url.path, route, exc_info=exc)
+        message = f"internal error: {type(exc).__name__}"
+        if request.url.path.startswith("/v2"):  # the protocol's error form
+            return JSONResponse({"error": message}, status_code=500)
+        return error_response(500, message, "internal_error")
 
 
 def create_app(settings: Settings | None = None, *, loader: Callable[[Settings], ServedModel] | None = None) -> FastAPI:
@@ -110,14 +118,16 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[Settings],
         description="Object detection with a model exported by attn-export: upload images, get boxes.",
         lifespan=lifespan,
         root_path=settings.root_path,
+        docs_url=None,  # /docs is served by add_docs: Swagger UI from the package, not from a CDN
+        redoc_url=None,
     )
     app.state.service = svc
     add_limits(app, svc)
     _add_error_handlers(app, svc)
-    own = [detect_router(svc), health_router(svc)]
+    own = [detect_router(svc), health_router(svc), oip_router(svc)]  # /v2: the Open Inference Protocol
     for router in own:
         app.include_router(router)
-    app.include_router(oip_router(svc))  # the Open Inference Protocol (/v2) beside /detect
+    add_docs(app)  # before /static: it mounts /static/swagger-ui
     app.mount("/static", StaticFiles(directory=str(static_dir())), name="static")
     # the route labels of the request metrics (FastAPI keeps an included router's routes in the router)
     routes = [*app.routes, *(route for router in own for route in router.routes)]

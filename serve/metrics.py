@@ -2,6 +2,10 @@
 
 With ``--workers N`` each server process keeps its own counters; a scrape reaches one of them.
 
+``http_requests_total`` and ``http_request_duration_seconds`` are labelled by route template
+(``/v2/models/{model}/infer``), ``other`` for paths no route matches. ``internal_errors_total`` counts what
+the last guard caught (an unexpected exception: a logged 500, or gRPC INTERNAL): the tests keep it at 0.
+
 What a client received is counted once: ``http_requests_total`` by the status it was sent, or
 ``client_disconnects_total`` when it left before its answer (never both). Every refusal is also counted
 by reason: ``rejected_inputs_total`` for what a client sent wrong (4xx), ``shed_requests_total`` for the
@@ -36,6 +40,10 @@ class ServeMetrics:
         self.latency = Histogram(
             "http_request_duration_seconds", "HTTP request latency, by route", ["route"],
             buckets=LATENCY_BUCKETS, namespace=ns, registry=r,
+        )  # fmt: skip
+        self.internal_errors = Counter(
+            "internal_errors", "requests answered 500 / INTERNAL by the last guard (a bug: no client input may "
+            "reach it), by route template or gRPC method", ["route"], namespace=ns, registry=r,
         )  # fmt: skip
         self.grpc_requests = Counter(
             "grpc_requests", "gRPC calls answered (with --grpc-port), by method and status code",

@@ -21,6 +21,15 @@ PROTECTED_PATHS = ("/detect",)
 PROTECTED_V2 = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer")
 
 
+def route_label(scope, known_paths) -> str:
+    """The metrics label of a request: its route's template (``/v2/models/{model}/infer``), ``/static`` for
+    the files, ``other`` for a path no route of the app matched (so clients cannot mint labels)."""
+    label = getattr(scope.get("route"), "path", None) or "other"
+    if label.startswith("/static"):
+        return "/static"
+    return label if label in known_paths else "other"
+
+
 class LimitsMiddleware:
     """Pure ASGI, outermost: request metrics and the API key of protected paths (checked before the door).
 
@@ -55,12 +64,7 @@ class LimitsMiddleware:
                 await self.app(scope, receive, send_wrapper)
         finally:
             metrics.in_flight.dec()
-            route = scope.get("route")
-            label = getattr(route, "path", None) or ("other" if status_holder[0] == 404 else scope["path"])
-            if label.startswith("/static"):
-                label = "/static"
-            elif label not in svc.known_paths:
-                label = "other"
+            label = route_label(scope, svc.known_paths)
             if not scope.get(SCOPE_DISCONNECTED):
                 metrics.requests.labels(label, scope["method"], str(status_holder[0])).inc()
                 metrics.latency.labels(label).observe(time.perf_counter() - t0)

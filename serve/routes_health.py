@@ -4,11 +4,13 @@ not shutting down), ``/metrics`` (Prometheus) and ``/`` (a page to try the servi
 from __future__ import annotations
 
 from importlib import resources
+from pathlib import Path
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from attn_export import __version__
+from attn_export.serve.auth import API_KEY_HEADER, key_refused
 from attn_export.serve.service import Service
 
 
@@ -26,16 +28,19 @@ def health_router(svc: Service) -> APIRouter:
     @router.get(
         "/readyz",
         summary="Readiness: the model is loaded and warmed up",
+        description="`path` is the model's file name; its absolute path only with the server's API key.",
         responses={503: {"description": "not ready (loading, warming up or shutting down)"}},
     )
-    async def readyz():
+    async def readyz(request: Request):
         if not svc.ready:
             return JSONResponse({"ready": False, "reason": svc.not_ready_reason()}, status_code=503)
         m = svc.model
+        key = svc.settings.api_key  # the probe is open: where the model lives is for the key's holders only
+        trusted = key is not None and key_refused(key, request.headers.get(API_KEY_HEADER)) is None
         return {
             "ready": True,
             "model": m.name,
-            "path": str(m.path),
+            "path": str(m.path) if trusted else Path(str(m.path)).name,
             "backend": m.backend,
             "provider": m.provider,
             "input_size": m.input_size,

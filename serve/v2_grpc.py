@@ -158,19 +158,23 @@ def make_servicer(svc):
 
     def guarded(method: str, handler):
         counter = svc.metrics.grpc_requests
+        request_type = getattr(pb, f"{method}Request")
 
         async def run(self, request, context):
             code = "CANCELLED"  # unless it ends otherwise: the client left, or the server stopped
             try:
+                if isinstance(request, bytes):  # registered by register(): the message arrives unparsed
+                    request = parse_request(request_type, request)
                 response = await handler(request, context)
                 code = "OK"
                 return response
             except Exception as e:
                 answer = v2.protocol_error(e, svc.metrics)
-                if answer is None:
+                if answer is None:  # the last guard: a bug, never a client's input
                     code = "INTERNAL"
+                    svc.metrics.internal_errors.labels(f"/{SERVICE}/{method}").inc()
                     log.exception("gRPC %s failed", method)
-                    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+                    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
                 code = _code_name(answer.status)
                 await fail(context, answer)
             finally:
@@ -247,7 +251,47 @@ def make_servicer(svc):
     }
     methods = {name: guarded(name, handler) for name, handler in handlers.items()}
     servicer_class = type("AttnExportInferenceService", (service_pb2_grpc.GRPCInferenceServiceServicer,), methods)
-    return servicer_class(), service_pb2_grpc
+    return servicer_class(), Registrar(pb, list(handlers))
+
+
+SERVICE = "inference.GRPCInferenceService"
+
+
+def parse_request(request_type, data: bytes):
+    """``data`` as a ``request_type`` message; :class:`ProtocolError` 400 (INVALID_ARGUMENT) when it does not
+    parse (grpc answers UNKNOWN when a registered deserializer raises, so the servicer parses itself)."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        return request_type.FromString(data)
+    except (DecodeError, RuntimeError, ValueError) as e:  # upb: DecodeError; also bad UTF-8 in a string field
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        message = f"the request is not a valid {request_type.__name__} protobuf message: {reason}"
+        raise ProtocolError(400, message) from None
+
+
+class Registrar:
+    """What :func:`make_servicer` hands ``start_grpc`` to register the servicer with (the one method of the
+    generated ``service_pb2_grpc`` module it calls): the RPCs take their requests unparsed (``bytes``) and each
+    parses its own, so an unparsable message is INVALID_ARGUMENT with a reason; the RPCs not served are left to
+    grpc (UNIMPLEMENTED)."""
+
+    def __init__(self, pb, methods: list[str]) -> None:
+        self.pb = pb
+        self.methods = methods
+
+    def add_GRPCInferenceServiceServicer_to_server(self, servicer, server) -> None:
+        import grpc
+
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(
+                getattr(servicer, name),
+                request_deserializer=None,  # bytes in: parsed by the method (parse_request)
+                response_serializer=getattr(self.pb, f"{name}Response").SerializeToString,
+            )
+            for name in self.methods
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
 def _address(host: str, port: int) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 import zlib
 from typing import Any
@@ -37,6 +38,7 @@ from attn_export.detection.contract import (
     ContractError,
     image_bytes,
     request_params,
+    shown,
     split_bytes,
 )
 from attn_export.serve.door import SCOPE_TICKET
@@ -61,19 +63,60 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
 
 
 # ------------------------------------------------------------------------------------------ request parsing
+#: Content-Encoding names (case-insensitive, RFC 9110) -> zlib's wbits (31: gzip framing, 15: zlib framing)
+CODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+#: an ASCII decimal length, no sign, no spaces ('²'.isdigit() is True, int('²') fails)
+_LENGTH = re.compile(r"[0-9]{1,18}")
+
+
+def content_coding(header: str | None) -> str | None:
+    """The one content coding of a request (``gzip``, ``x-gzip`` or ``deflate``, any case), None for none or
+    ``identity``; :class:`ProtocolError` 415 for another coding or two of them."""
+    codings = [c.strip().lower() for c in (header or "").split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    if not codings:
+        return None
+    if len(codings) > 1 or codings[0] not in CODINGS:
+        raise ProtocolError(
+            415, f"unsupported Content-Encoding {shown(header)}: send one of gzip, deflate or none (identity)"
+        )
+    return codings[0]
+
+
 def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
-    if not encoding or encoding == "identity":
+    """``body`` decoded from ``encoding`` (a Content-Encoding header) within ``limit`` bytes.
+
+    gzip: every member (RFC 1952: a gzip body may be several members one after another, as ``gunzip``
+    reads it); deflate: one zlib stream. Bytes after the end, or a stream cut short, are a 400, never dropped.
+    """
+    coding = content_coding(encoding)
+    if coding is None:
         return body
-    if encoding not in ("gzip", "deflate"):
-        raise ProtocolError(415, f"unsupported Content-Encoding {encoding!r}: send gzip, deflate or none")
-    d = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error as e:
-        raise ProtocolError(400, f"the {encoding} request body does not decompress: {e}") from e
-    if len(out) > limit or d.unconsumed_tail:
-        raise ProtocolError(413, f"the request body decompresses to more than {limit:,} bytes")
-    return out
+    wbits = CODINGS[coding]
+    out: list[bytes] = []
+    total, rest, members = 0, body, 0
+    while True:
+        d = zlib.decompressobj(wbits=wbits)
+        try:
+            chunk = d.decompress(rest, limit + 1 - total)
+        except zlib.error as e:
+            where = f" (member {members + 1})" if members else ""
+            raise ProtocolError(400, f"the {coding} request body does not decompress{where}: {e}") from e
+        total += len(chunk)
+        if total > limit or d.unconsumed_tail:
+            raise ProtocolError(413, f"the request body decompresses to more than {limit:,} bytes")
+        out.append(chunk)
+        members += 1
+        if not d.eof:
+            raise ProtocolError(400, f"the {coding} request body is truncated: it ends inside its compressed data")
+        rest = d.unused_data
+        if not rest:
+            break
+        if wbits != 31 or not rest.startswith(b"\x1f\x8b"):
+            raise ProtocolError(
+                400, f"the {coding} request body has {len(rest):,} bytes after the end of its compressed data"
+            )
+    return out[0] if len(out) == 1 else b"".join(out)
 
 
 def _bytes_elements(raw: bytes, count: int) -> list[bytes]:
@@ -83,32 +126,54 @@ def _bytes_elements(raw: bytes, count: int) -> list[bytes]:
         raise ProtocolError(400, str(e)) from e
 
 
-def _flatten(data: Any) -> list:
-    if isinstance(data, list):
-        out = []
-        for item in data:
-            out.extend(_flatten(item))
-        return out
-    return [data]
+def _flatten(data: Any, limit: int) -> list:
+    """The leaves of nested lists, in order (iterative: no recursion on client data); at most ``limit``
+    (the caller compares the count with the shape)."""
+    out: list = []
+    stack = [iter([data])]
+    while stack:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, list):
+            stack.append(iter(item))
+        else:
+            out.append(item)
+            if len(out) > limit:
+                break
+    return out
+
+
+_END = object()
+
+
+def load_json(head: bytes | str, what: str = "the inference request header") -> Any:
+    """JSON from a client, or :class:`ProtocolError` 400 with a one-line reason (not JSON, not UTF-8, nested
+    too deeply for the parser, a number with too many digits)."""
+    try:
+        return json.loads(head)
+    except RecursionError:
+        raise ProtocolError(400, f"{what} is JSON nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, bad UTF-8, an int past 4300 digits
+        raise ProtocolError(400, f"{what} is not JSON: {str(e).splitlines()[0][:200]}") from None
 
 
 def parse_infer(body: bytes, header_length: str | None, max_images: int) -> tuple[dict, list[bytes]]:
     """``(the request's JSON, the images)`` of an infer request; :class:`ProtocolError` for what breaks the protocol."""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not _LENGTH.fullmatch(header_length) or int(header_length) > len(body):
             raise ProtocolError(
-                400, f"Inference-Header-Content-Length {header_length!r} is not a length within the body"
+                400, f"Inference-Header-Content-Length {shown(header_length)} is not a length within the body"
             )
         n = int(header_length)
         head, binary = body[:n], body[n:]
     else:
         head, binary = body, b""
-    try:
-        req = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ProtocolError(400, f"the inference request header is not JSON: {e}") from e
+    req = load_json(head)
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
         raise ProtocolError(400, "the inference request must be a JSON object with a list 'inputs'")
+    if "id" in req and not (isinstance(req["id"], str) and _utf8(req["id"])):
+        raise ProtocolError(400, f"the request 'id' must be a string of valid UTF-8 text, got {shown(req['id'])}")
     images: list[bytes] | None = None
     offset = 0
     for tensor in req["inputs"]:
@@ -121,15 +186,18 @@ def parse_infer(body: bytes, header_length: str | None, max_images: int) -> tupl
         check_input(name, tensor.get("datatype"), shape, max_images, given_twice=images is not None)
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
-                raise ProtocolError(400, f"input {INPUT!r}: binary_data_size {size!r} does not fit the binary data")
+                raise ProtocolError(
+                    400, f"input {INPUT!r}: binary_data_size {shown(size)} does not fit the binary data"
+                )
             rows: list = _bytes_elements(binary[offset : offset + size], shape[0])
             offset += size
         else:
             if "data" not in tensor:
                 raise ProtocolError(400, f"input {INPUT!r} has neither 'data' nor a binary_data_size parameter")
-            rows = _flatten(tensor["data"])
+            rows = _flatten(tensor["data"], shape[0])
             if len(rows) != shape[0]:
-                raise ProtocolError(400, f"input {INPUT!r}: shape says {shape[0]} elements, 'data' holds {len(rows)}")
+                held = f"{len(rows)}" if len(rows) <= shape[0] else "more"
+                raise ProtocolError(400, f"input {INPUT!r}: shape says {shape[0]} elements, 'data' holds {held}")
         try:
             images = [image_bytes(r) for r in rows]
         except ContractError as e:
@@ -139,6 +207,14 @@ def parse_infer(body: bytes, header_length: str | None, max_images: int) -> tupl
     if offset != len(binary):
         raise ProtocolError(400, f"the body holds {len(binary) - offset} bytes of binary data that no input claims")
     return req, images
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def requested_outputs(req: dict) -> list[tuple[str, bool]]:
@@ -154,7 +230,7 @@ def requested_outputs(req: dict) -> list[tuple[str, bool]]:
     for entry in asked:
         name = entry.get("name") if isinstance(entry, dict) else None
         if name not in OUTPUTS:
-            raise ProtocolError(400, f"unexpected inference output {name!r}; the model has {', '.join(OUTPUTS)}")
+            raise ProtocolError(400, f"unexpected inference output {shown(name)}; the model has {', '.join(OUTPUTS)}")
         p = entry.get("parameters") or {}
         out.append((name, bool(p.get("binary_data", binary_default)) if isinstance(p, dict) else binary_default))
     return out
@@ -238,22 +314,22 @@ def oip_router(svc) -> APIRouter:
             return error(503, f"not ready: {svc.not_ready_reason()}", {"Retry-After": "5"})
         return Response(status_code=200)
 
-    async def metadata(name: str, version: str = ""):
-        return model_metadata(svc, model_or_error(svc, name, version))
+    async def metadata(model: str, version: str = ""):
+        return model_metadata(svc, model_or_error(svc, model, version))
 
-    async def model_ready(name: str, version: str = ""):
-        model_or_error(svc, name, version)
+    async def model_ready(model: str, version: str = ""):
+        model_or_error(svc, model, version)
         if not svc.ready:
-            return error(503, f"model {name!r} is not ready", {"Retry-After": "5"})
+            return error(503, f"model {shown(model)} is not ready", {"Retry-After": "5"})
         return Response(status_code=200)
 
-    async def config(name: str, version: str = ""):
-        return model_config_of(svc, model_or_error(svc, name, version))
+    async def config(model: str, version: str = ""):
+        return model_config_of(svc, model_or_error(svc, model, version))
 
-    async def infer(request: Request, name: str, version: str = ""):
+    async def infer(request: Request, model: str, version: str = ""):
         t0 = time.perf_counter()
         # the API key is checked at the door (serve/middleware.py, PROTECTED_V2), before the body
-        m = model_or_error(svc, name, version)
+        m = model_or_error(svc, model, version)
         if svc.shutting_down:
             raise ProtocolError(503, "the server is shutting down", {"Retry-After": "5"})
         ticket = request.scope.get(SCOPE_TICKET)  # the door's (serve/door.py): bytes and pixels in flight
@@ -290,7 +366,7 @@ def oip_router(svc) -> APIRouter:
             return []
         return [{"name": m.name, "version": MODEL_VERSION, "state": "READY" if svc.ready else "UNAVAILABLE"}]
 
-    for prefix in ("/models/{name}", "/models/{name}/versions/{version}"):
+    for prefix in ("/models/{model}", "/models/{model}/versions/{version}"):
         router.add_api_route(prefix, guarded(metadata), methods=["GET"], summary="Model metadata")
         router.add_api_route(f"{prefix}/ready", guarded(model_ready), methods=["GET"], summary="Model readiness")
         router.add_api_route(f"{prefix}/config", guarded(config), methods=["GET"], summary="Model config")

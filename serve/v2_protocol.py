@@ -19,6 +19,7 @@ from attn_export.detection.contract import (
     model_config,
     output_dims,
     pack,
+    shown,
 )
 from attn_export.detection.imaging import InputError
 from attn_export.detection.pipeline import Detected
@@ -58,11 +59,11 @@ def protocol_error(e: Exception, metrics=None) -> ProtocolError | None:
 def check_input(name: Any, datatype: Any, shape: Any, max_images: int, given_twice: bool = False) -> None:
     """An input tensor's name, datatype and shape against the contract (HTTP and gRPC alike)."""
     if name != INPUT:
-        raise ProtocolError(400, f"unexpected inference input {name!r}: the model takes one input, {INPUT!r}")
+        raise ProtocolError(400, f"unexpected inference input {shown(name)}: the model takes one input, {INPUT!r}")
     if given_twice:
         raise ProtocolError(400, f"input {INPUT!r} is given twice")
     if datatype != "BYTES":
-        raise ProtocolError(400, f"input {INPUT!r}: datatype must be BYTES, got {datatype!r}")
+        raise ProtocolError(400, f"input {INPUT!r}: datatype must be BYTES, got {shown(datatype)}")
     if (
         not isinstance(shape, list)
         or len(shape) != 2
@@ -70,7 +71,7 @@ def check_input(name: Any, datatype: Any, shape: Any, max_images: int, given_twi
         or shape[1] != 1
         or shape[0] < 1
     ):
-        raise ProtocolError(400, f"input {INPUT!r}: shape must be [batch, 1] with batch >= 1, got {shape!r}")
+        raise ProtocolError(400, f"input {INPUT!r}: shape must be [batch, 1] with batch >= 1, got {shown(shape)}")
     if shape[0] > max_images:
         raise ProtocolError(
             400, f"input {INPUT!r}: batch {shape[0]} is above this model's max_batch_size of {max_images}"
@@ -87,9 +88,11 @@ def model_or_error(svc, name: str, version: str = "") -> Any:
     if m is None or svc.batcher is None:
         raise ProtocolError(503, "the model is loading", {"Retry-After": "5"})
     if name != m.name:
-        raise ProtocolError(404, f"unknown model: {name!r}; this server serves {m.name!r}")
+        raise ProtocolError(404, f"unknown model: {shown(name)}; this server serves {m.name!r}")
     if version not in ("", MODEL_VERSION):
-        raise ProtocolError(404, f"unknown version {version!r} of model {name!r}; it has version {MODEL_VERSION}")
+        raise ProtocolError(
+            404, f"unknown version {shown(version)} of model {shown(name)}; it has version {MODEL_VERSION}"
+        )
     return m
 
 
