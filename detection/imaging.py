@@ -100,7 +100,7 @@ def describe_unknown(data: bytes) -> str:
 class Decoded:
     """One decoded, letterboxed image."""
 
-    pixels: np.ndarray  # (3, S, S) uint8, letterboxed; to_input() makes the model input of it
+    pixels: np.ndarray  # (3, S, S) uint8 (rect letterbox: (3, h, w)); to_input() makes the model input of it
     width: int  # original size, after the EXIF orientation is applied
     height: int
     format: str
@@ -188,14 +188,20 @@ def open_image(data: bytes, max_pixels: int = 40_000_000, max_side: int = 20_000
 
 
 def decode(
-    data: bytes, size: int = 320, max_pixels: int = 40_000_000, max_side: int = 20_000, keep_full: bool = False
+    data: bytes,
+    size: int = 320,
+    max_pixels: int = 40_000_000,
+    max_side: int = 20_000,
+    keep_full: bool = False,
+    stride: int | None = None,
 ) -> Decoded:
     """Decode and letterbox one image; :class:`InputError` on anything the service refuses."""
-    return decode_image(_open(data, max_pixels, max_side), size, keep_full)
+    return decode_image(_open(data, max_pixels, max_side), size, keep_full, stride)
 
 
-def decode_image(img: Image.Image, size: int = 320, keep_full: bool = False) -> Decoded:
-    """Decode an image opened by :func:`open_image` and letterbox it."""
+def decode_image(img: Image.Image, size: int = 320, keep_full: bool = False, stride: int | None = None) -> Decoded:
+    """Decode an image opened by :func:`open_image` and letterbox it (``stride``: to the smallest rectangle
+    of whole strides, for a graph with free height and width; else to the square)."""
     fmt = img.format or "?"
     w0, h0 = img.size
     try:
@@ -219,7 +225,7 @@ def decode_image(img: Image.Image, size: int = 320, keep_full: bool = False) -> 
     if full is None:
         img.close()  # the decoded pixels go now, not when the garbage collector gets to them
     del small
-    pixels, scale, pad = letterbox_u8(arr, size)
+    pixels, scale, pad = letterbox_u8(arr, size, stride)
     return Decoded(pixels, width, height, fmt, scale, pad, arr.shape[:2], full)
 
 

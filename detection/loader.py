@@ -31,6 +31,7 @@ from typing import Protocol
 
 import numpy as np
 
+from attn_export.detection.heads import DEFAULT_STRIDE, HeadError, choose_head, decode, describe_module
 from attn_export.runtime.runners import OnnxRuntimeRunner, Runner, TorchRunner
 
 log = logging.getLogger("attn_export.serve")
@@ -64,6 +65,8 @@ class ModelOptions(Protocol):
     input_size: int | None
     class_names: list[str] | None
     max_batch: int | None
+    # read with getattr (a caller's options may lack them): head ("contract", "yolov5", "yolov8"; None: from
+    # the graph) and rect (None: the rectangular letterbox where the graph has free height and width)
 
 
 @dataclass
@@ -81,6 +84,8 @@ class LoadOptions:
     input_size: int | None = None
     class_names: list[str] | None = None
     max_batch: int | None = None
+    head: str | None = None
+    rect: bool | None = None
 
 
 class ModelError(RuntimeError):
@@ -101,6 +106,9 @@ class ServedModel:
     class_names: list[str] = field(default_factory=list)
     max_batch: int | None = None  # the engine's profile limit, where there is one
     notes: list[str] = field(default_factory=list)
+    head: str = "contract"  # how the output reads (attn_export.detection.heads)
+    stride: int = DEFAULT_STRIDE  # the network's largest stride
+    rect: bool = False  # letterbox each image to its own rectangle of whole strides (free height and width)
 
     @property
     def name(self) -> str:
@@ -111,7 +119,8 @@ class ServedModel:
         return self.runner.provider or self.runner.device
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        out = self.runner.infer({self.input_name: batch})[self.output_name]
+        """The batch (B, 3, H, W) float32 through the network, its output read by the head: (B, N, 4 + C)."""
+        out = decode(self.runner.infer({self.input_name: batch})[self.output_name], self.head)
         if out.ndim != 3 or out.shape[0] != batch.shape[0] or out.shape[2] < 5:
             raise RuntimeError(
                 f"the model output has shape {tuple(out.shape)}; the service expects (batch, candidates, 4 + classes)"
@@ -236,15 +245,26 @@ def export_cached(checkpoint: Path, cache_dir: Path | None = None, max_batch: in
         loaded = load_model(checkpoint)
         if not loaded.input_shape:
             raise ModelError(f"{checkpoint}: the checkpoint holds no input shape; export it with attn-export first")
+        meta = {**export_metadata(loaded.model, loaded.meta, loaded.input_shape), "source": checkpoint.name}
         result = export_onnx(
-            loaded.model, target, loaded.input_shape, batch=(1, 1, max(2, max_batch)), progress=progress
-        )
+            loaded.model, target, loaded.input_shape, batch=(1, 1, max(2, max_batch)), progress=progress,
+            metadata=meta,
+        )  # fmt: skip
     except ExportError as e:
         raise ModelError(f"cannot export {checkpoint} to ONNX: {e}") from e
     if not result.ok:
         raise ModelError(f"the ONNX export of {checkpoint} failed verification against PyTorch; not serving it")
-    _stamp(target, {"classes": loaded.meta.get("classes"), "source": checkpoint.name})
     return target
+
+
+def export_metadata(model, meta: dict | None = None, input_shape=None) -> dict:
+    """The ONNX metadata the service reads, from what the export knows: ``classes`` (the checkpoint's class
+    names, else the model's ``names``), ``head`` and ``stride`` (a YOLO ``Detect`` inside), ``input_size``
+    (the checkpoint's input side); see :func:`attn_export.detection.heads.describe_module`."""
+    out = describe_module(model, meta)
+    if input_shape and len(input_shape) == 3 and input_shape[1] == input_shape[2]:
+        out["input_size"] = int(input_shape[-1])
+    return out
 
 
 def _stamp(path: Path, props: dict) -> None:
@@ -387,9 +407,23 @@ def load(settings: ModelOptions, progress: Callable[[str, str], None] | None = N
                 meta.update({k: v for k, v in checkpoint_meta(sibling).items() if k == "classes"})
         shape = runner.session.get_inputs()[0].shape
         size = size or _static_size(shape)
+        free_hw = len(shape) == 4 and not any(isinstance(d, int) and d > 0 for d in shape[2:])
+        out_shape = runner.session.get_outputs()[0].shape
+    if backend != "onnxruntime":
+        free_hw, out_shape = False, None
 
     if len(runner.input_names) != 1:
         raise ModelError(f"{source}: the service runs models with one image input; this one has {runner.input_names}")
+    rect = getattr(settings, "rect", None)
+    if rect and not free_hw:
+        raise ModelError(
+            f"{source}: rectangular inference needs an ONNX graph with free height and width (export it with "
+            "--dynamic-hw MIN:OPT:MAX); this one is served square"
+        )
+    try:
+        stride = int(meta.get("stride") or DEFAULT_STRIDE)
+    except (TypeError, ValueError):
+        stride = DEFAULT_STRIDE
     served = ServedModel(
         runner=runner,
         backend=backend,
@@ -400,12 +434,28 @@ def load(settings: ModelOptions, progress: Callable[[str, str], None] | None = N
         input_size=int(size or meta.get("input_size") or DEFAULT_INPUT_SIZE),
         max_batch=int(max_batch) if max_batch else None,
         notes=notes,
+        stride=max(1, stride),
+        rect=bool(free_hw if rect is None else rect),
     )
+    if served.rect and served.input_size % served.stride:
+        raise ModelError(
+            f"{source}: the letterbox size {served.input_size} is not a multiple of the model's stride "
+            f"{served.stride}; pass --input-size {(served.input_size // served.stride + 1) * served.stride}"
+        )
+    try:
+        if out_shape is None or not any(isinstance(d, int) for d in list(out_shape)[1:]):  # a test inference's
+            x = np.zeros((1, 3, served.input_size, served.input_size), np.float32)
+            out_shape = runner.infer({served.input_name: x})[served.output_name].shape
+        served.head = choose_head(out_shape, meta, getattr(settings, "head", None))
+    except HeadError as e:
+        raise ModelError(f"{source}: {e}") from e
+    except Exception as e:
+        raise ModelError(f"{source}: a test inference at {served.input_size}x{served.input_size} failed: {e}") from e
     try:
         classes = served.num_classes()
     except Exception as e:
         raise ModelError(f"{source}: a test inference at {served.input_size}x{served.input_size} failed: {e}") from e
-    names = settings.class_names or _names(meta.get("classes")) or []
+    names = settings.class_names or _names(meta.get("classes")) or _names(meta.get("names")) or []
     if len(names) < classes:
         names = names + [f"class{i}" for i in range(len(names), classes)]
     served.class_names = names[:classes]

@@ -24,7 +24,7 @@ import numpy as np
 
 from attn_export.detection.contract import Params, pack
 from attn_export.detection.imaging import Decoded, InputError, decode_image, open_image
-from attn_export.detection.postprocess import postprocess
+from attn_export.detection.postprocess import PAD_VALUE, postprocess
 
 
 class PixelBudget(Protocol):
@@ -42,6 +42,7 @@ class Limits:
     size: int
     max_pixels: int = 40_000_000
     max_side: int = 20_000
+    stride: int | None = None  # set: the rectangular letterbox (a graph with free height and width)
 
 
 def who(i: int, name: str | None, count: int) -> str | None:
@@ -95,7 +96,7 @@ def decode_all(
         for i, img in enumerate(opened):
             t = time.perf_counter()
             try:
-                decoded.append(decode_image(img, limits.size, keep_full=keep_full))
+                decoded.append(decode_image(img, limits.size, keep_full=keep_full, stride=limits.stride))
             except InputError as e:
                 raise _naming(e, i, names[i], count) from e
             opened[i] = None  # its pixels go with it
@@ -106,22 +107,52 @@ def decode_all(
     return Decoding(decoded, open_s, times)
 
 
+def pad_stack(pixels: Sequence[np.ndarray], value: int = PAD_VALUE) -> np.ndarray:
+    """Images (3, h, w) as one batch (K, 3, H, W), each padded at the bottom and right to the largest
+    height and width with ``value`` (so a box's input coordinates do not move)."""
+    if all(p.shape == pixels[0].shape for p in pixels):
+        return np.stack(pixels)
+    h = max(p.shape[-2] for p in pixels)
+    w = max(p.shape[-1] for p in pixels)
+    out = np.full((len(pixels), *pixels[0].shape[:-2], h, w), value, pixels[0].dtype)
+    for i, p in enumerate(pixels):
+        out[i, ..., : p.shape[-2], : p.shape[-1]] = p
+    return out
+
+
 def stack(decoded: Sequence[Decoded]) -> np.ndarray:
-    """The batch (K, 3, S, S) uint8 of ``decoded``; the images no longer hold their own pixels."""
-    batch = np.stack([d.pixels for d in decoded])
+    """The batch (K, 3, H, W) uint8 of ``decoded`` (rect letterboxes of several shapes padded to the largest,
+    :func:`pad_stack`); the images no longer hold their own pixels."""
+    batch = pad_stack([d.pixels for d in decoded])
     for d in decoded:
         d.pixels = None
     return batch
 
 
-def detections(preds: np.ndarray, decoded: Sequence[Decoded], params: Params) -> list[tuple[np.ndarray, ...]]:
-    """Network rows (K, N, 4 + C) of ``decoded`` images -> per image ``(boxes in original pixels, scores,
-    class ids)``."""
-    dets = postprocess(preds, conf=params.conf, iou=params.iou, max_det=params.max_det)
+def take_pixels(decoded: Sequence[Decoded]) -> list[np.ndarray]:
+    """The images' pixels (3, h, w) uint8, one array each (their shapes may differ: the batcher groups or
+    pads them); the images no longer hold them."""
+    out = [d.pixels for d in decoded]
+    for d in decoded:
+        d.pixels = None
+    return out
+
+
+def detections(
+    preds: np.ndarray | Sequence[np.ndarray], decoded: Sequence[Decoded], params: Params
+) -> list[tuple[np.ndarray, ...]]:
+    """Network rows (N, 4 + C) of ``decoded`` images (one array (K, N, 4 + C), or one row each, whose N
+    may differ) -> per image ``(boxes in original pixels, scores, class ids)``."""
+    if isinstance(preds, np.ndarray):
+        dets = postprocess(preds, conf=params.conf, iou=params.iou, max_det=params.max_det)
+    else:
+        dets = [postprocess(p, conf=params.conf, iou=params.iou, max_det=params.max_det)[0] for p in preds]
     return [(d.to_original(b), s, c) for d, (b, s, c) in zip(decoded, dets, strict=True)]
 
 
-def answer(preds: np.ndarray, decoded: Sequence[Decoded], params: Params, max_det: int) -> dict[str, np.ndarray]:
+def answer(
+    preds: np.ndarray | Sequence[np.ndarray], decoded: Sequence[Decoded], params: Params, max_det: int
+) -> dict[str, np.ndarray]:
     """The contract's output tensors for the network rows of ``decoded`` images."""
     return pack(detections(preds, decoded, params), max_det)
 
@@ -146,11 +177,13 @@ class Pipeline:
     """Decode within the pixel budget -> batch/infer -> post-process -> answer, for one request at a time.
 
     ``run_cpu`` runs the decoding and the post-processing off the caller's thread (the service's CPU
-    pool); ``infer`` runs a batch (K, 3, S, S) uint8 and returns K results, each with its ``output`` row,
+    pool); ``infer`` runs K images (3, h, w) uint8 and returns K results, each with its ``output`` row,
     ``queued_s`` and ``infer_s`` (the service's micro-batcher, which batches them with other requests' images).
     """
 
-    def __init__(self, limits: Limits, run_cpu: RunCpu, infer: Callable[[np.ndarray], Awaitable[list]]) -> None:
+    def __init__(
+        self, limits: Limits, run_cpu: RunCpu, infer: Callable[[Sequence[np.ndarray]], Awaitable[list]]
+    ) -> None:
         self.limits = limits
         self.run_cpu = run_cpu
         self.infer = infer
@@ -173,7 +206,7 @@ class Pipeline:
             return decode_all(data, self.limits, names=names, budget=budget, keep_full=keep_full)
 
         decoding, decode_wait, decode_work = await self.run_cpu(prepare)
-        results = await self.infer(stack(decoding.decoded))
+        results = await self.infer(take_pixels(decoding.decoded))
         timing = {
             "decode": decode_work,
             "decode_wait": decode_wait,
@@ -184,8 +217,7 @@ class Pipeline:
 
         def finish(t_submit: float) -> Any:
             t_start = time.perf_counter()
-            preds = np.stack([r.output for r in results])
-            detected.dets = detections(preds, decoding.decoded, params)
+            detected.dets = detections([r.output for r in results], decoding.decoded, params)
             detected.timing |= {"postprocess_wait": t_start - t_submit, "postprocess": time.perf_counter() - t_start}
             return reply(detected)
 

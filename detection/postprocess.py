@@ -1,8 +1,8 @@
 """Pre- and post-processing for the shapes detector, in numpy only (no torch, no OpenCV, no Pillow).
 
 - :func:`letterbox` resizes an image to fit ``size x size`` (aspect kept, bilinear) and pads it with
-  grey 114, centred; it returns the CHW float32 input in [0, 1], the scale and the padding
-  (:func:`letterbox_u8`: the same as CHW uint8).
+  grey 114, centred (with ``stride``: to the smallest rectangle of whole strides instead); it returns
+  the CHW float32 input in [0, 1], the scale and the padding (:func:`letterbox_u8`: the same as uint8).
 - :func:`postprocess` turns the model's (B, N, 4 + C) output (boxes ``x1, y1, x2, y2`` in input
   pixels, then per-class scores in [0, 1]) into per-image detections: a confidence threshold, then
   class-aware greedy NMS, at most ``max_det`` per image, best first.
@@ -29,20 +29,33 @@ def _taps(n_out: int, n_in: int, scale: float) -> tuple[np.ndarray, np.ndarray, 
     return i0, i1, (src - i0).astype(np.float32)
 
 
-def letterbox_u8(img: np.ndarray, size: int = 320) -> tuple[np.ndarray, float, tuple[int, int]]:
+def rect_shape(h: int, w: int, size: int, stride: int) -> tuple[int, int]:
+    """The rectangular letterbox of an ``h x w`` image (Ultralytics' "rect" inference): the long side at
+    ``size``, each side the smallest multiple of ``stride`` that holds the resized image."""
+    scale = min(size / h, size / w)
+    nh, nw = min(size, round(h * scale)), min(size, round(w * scale))
+    return -(-nh // stride) * stride, -(-nw // stride) * stride
+
+
+def letterbox_u8(
+    img: np.ndarray, size: int = 320, stride: int | None = None
+) -> tuple[np.ndarray, float, tuple[int, int]]:
     """Resize ``img`` (H, W, 3) uint8 to fit ``size x size`` (bilinear) and pad with 114, centred.
 
     Returns ``(CHW uint8 size x size, scale, (pad_x, pad_y))``: 4x smaller than the model input while it
     waits in a queue (:func:`to_input` makes the input of it). The bilinear mix runs in float32 on
-    channel planes, whose gathers are cheap, and rounds to the nearest integer.
+    channel planes, whose gathers are cheap, and rounds to the nearest integer. With ``stride`` the
+    canvas is the smallest rectangle of whole strides that holds the resized image
+    (:func:`rect_shape`) instead of the square: for a graph with free height and width.
     """
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"letterbox: expected an (H, W, 3) image, got shape {img.shape}")
     h, w = img.shape[:2]
     scale = min(size / h, size / w)
     nh, nw = min(size, round(h * scale)), min(size, round(w * scale))
-    pad_x, pad_y = (size - nw) // 2, (size - nh) // 2
-    out = np.full((3, size, size), PAD_VALUE, np.uint8)
+    out_h, out_w = rect_shape(h, w, size, stride) if stride else (size, size)
+    pad_x, pad_y = (out_w - nw) // 2, (out_h - nh) // 2
+    out = np.full((3, out_h, out_w), PAD_VALUE, np.uint8)
     if (nh, nw) == (h, w):
         out[:, pad_y : pad_y + nh, pad_x : pad_x + nw] = img.transpose(2, 0, 1)
         return out, float(scale), (int(pad_x), int(pad_y))
@@ -75,12 +88,13 @@ def to_input(pixels: np.ndarray) -> np.ndarray:
     return pixels.astype(np.float32) / np.float32(255.0)
 
 
-def letterbox(img: np.ndarray, size: int = 320) -> tuple[np.ndarray, float, tuple[int, int]]:
-    """The model input for one RGB uint8 image (H, W, 3): ``(CHW float32 in [0, 1], scale, (pad_x, pad_y))``.
+def letterbox(img: np.ndarray, size: int = 320, stride: int | None = None) -> tuple[np.ndarray, float, tuple[int, int]]:
+    """The model input for one RGB uint8 image (H, W, 3): ``(CHW float32 in [0, 1], scale, (pad_x, pad_y))``
+    (``stride``: the rectangular letterbox, see :func:`letterbox_u8`).
 
     Stack the first elements for a batch: ``np.stack([letterbox(im)[0] for im in images])``.
     """
-    pixels, scale, pad = letterbox_u8(img, size)
+    pixels, scale, pad = letterbox_u8(img, size, stride)
     return to_input(pixels), scale, pad
 
 

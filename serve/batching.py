@@ -7,6 +7,12 @@ or the oldest has waited ``max_wait_s``, stacks them into one array and calls th
 load the queue is never empty when a call ends, so batches fill up without waiting: throughput grows
 with concurrency, while a lone request waits at most ``max_wait_s`` extra.
 
+Images of several shapes (the rectangular letterbox of a graph with free height and width) are batched
+by ``shapes``: ``"group"`` runs only images of one shape together (the oldest image's; the others wait,
+in order, for a later batch, at most ``max_wait_s`` past their own arrival before they run anyway),
+``"pad"`` pads a batch to its largest height and width with the letterbox grey, at the bottom and right,
+so no box moves. docs/serving.md gives the measurements that chose the default.
+
 The queue holds at most ``queue_size`` images; a request that does not fit is refused at once
 (:class:`QueueFull`, an HTTP 503), so a flood of requests cannot exhaust memory. :meth:`Batcher.close`
 stops taking requests and, by default, finishes every image already queued (shutdown drains).
@@ -20,10 +26,17 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from attn_export.detection.pipeline import pad_stack
+
+#: how images of different shapes share a batch (see the module docstring)
+SHAPE_POLICIES = ("group", "pad")
+DEFAULT_SHAPES = "group"
 
 log = logging.getLogger("attn_export.serve")
 
@@ -77,9 +90,15 @@ class Batcher:
         queue_size: int = 128,
         metrics=None,
         name: str = "attn-export-batcher",
+        shapes: str = DEFAULT_SHAPES,
     ) -> None:
         if max_batch < 1 or queue_size < 1 or max_wait_s < 0:
             raise ValueError("Batcher: max_batch and queue_size must be >= 1 and max_wait_s >= 0")
+        if shapes not in SHAPE_POLICIES:
+            raise ValueError(f"Batcher: shapes must be one of {', '.join(SHAPE_POLICIES)}, not {shapes!r}")
+        self.shapes = shapes
+        self._drain = True
+        self._held: deque[_Item] = deque()  # the worker's: images of another shape than the batch it formed
         self._infer = infer
         self.max_batch = int(max_batch)
         self.max_wait_s = float(max_wait_s)
@@ -107,8 +126,9 @@ class Batcher:
         self._thread.start()
         return self
 
-    async def submit(self, images: np.ndarray) -> list[BatchResult]:
-        """Queue ``images`` (K, C, H, W) and wait for their K results, in order."""
+    async def submit(self, images: np.ndarray | Sequence[np.ndarray]) -> list[BatchResult]:
+        """Queue ``images`` ((K, C, H, W), or K arrays (C, h, w) of any shapes) and wait for their K results,
+        in order."""
         loop = asyncio.get_running_loop()
         k = len(images)
         with self._lock:
@@ -138,6 +158,7 @@ class Batcher:
             already = self._closed
             self._closed = True
         if not already:
+            self._drain = drain
             if not drain:
                 self._fail_queued(BatcherClosed("the server shut down before this image ran"))
             self._queue.put(_STOP)
@@ -170,6 +191,14 @@ class Batcher:
     def _collect(self, first: _Item) -> tuple[list[_Item], bool]:
         batch, stop = [first], False
         deadline = first.t_submit + self.max_wait_s
+        group = self.shapes == "group"
+        shape = first.image.shape
+        if group and self._held:  # held images of this shape first, oldest first
+            others: deque[_Item] = deque()
+            while self._held:
+                it = self._held.popleft()
+                (batch if it.image.shape == shape and len(batch) < self.max_batch else others).append(it)
+            self._held = others
         while len(batch) < self.max_batch:
             wait = deadline - time.perf_counter()
             try:
@@ -179,16 +208,33 @@ class Batcher:
             if item is _STOP:
                 stop = True
                 break
+            if group and item.image.shape != shape:
+                self._held.append(item)
+                continue
             batch.append(item)
         return batch, stop
 
+    def _next(self) -> _Item | object:
+        """The oldest image: a held one (it came before anything still queued), else the queue's next."""
+        return self._held.popleft() if self._held else self._queue.get()
+
     def _run(self) -> None:
         stop = False
-        while not stop:
-            first = self._queue.get()
+        while not stop or self._held:
+            first = self._held.popleft() if stop else self._next()
             if first is _STOP:
                 break
-            batch, stop = self._collect(first)
+            if stop and not self._drain:
+                self._post(first, exc=BatcherClosed("the server shut down before this image ran"))
+                with self._lock:
+                    self._pending -= 1
+                continue
+            if stop:  # draining the held images after the stop: no new ones come
+                batch = [first]
+                while self._held and len(batch) < self.max_batch and self._held[0].image.shape == first.image.shape:
+                    batch.append(self._held.popleft())
+            else:
+                batch, stop = self._collect(first)
             with self._lock:
                 self._pending -= len(batch)
             self._set_depth()
@@ -199,7 +245,7 @@ class Batcher:
     def _run_batch(self, items: list[_Item]) -> None:
         t0 = time.perf_counter()
         try:
-            out = self._infer(np.stack([it.image for it in items]))
+            out = self._infer(pad_stack([it.image for it in items]))
             if len(out) != len(items):
                 raise RuntimeError(f"the model returned {len(out)} results for a batch of {len(items)} images")
         except Exception as e:  # the requests get the error; the worker goes on

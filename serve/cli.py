@@ -59,6 +59,21 @@ def parser() -> argparse.ArgumentParser:
         help="torch backend on CUDA: run eagerly instead of replaying CUDA graphs captured at start-up",
     )
     p.add_argument("--input-size", type=int, help="letterbox size (default: from the model)")
+    p.add_argument(
+        "--head",
+        choices=("contract", "yolov5", "yolov8"),
+        help="how the model's output reads: contract (batch, N, 4 + classes) xyxy + scores; yolov5 (batch, N, 5 + "
+        "classes) xywh + objectness + scores; yolov8 (batch, 4 + classes, N) xywh + scores (default: from the graph)",
+    )
+    p.add_argument(
+        "--rect",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="letterbox each image to the smallest rectangle of whole strides (default: when the graph has free "
+        "height and width; --no-rect: always the square)",
+    )
+    p.add_argument("--batch-shapes", choices=("group", "pad"), help="rect batches: one shape each (group, default) "
+                   "or padded to the largest")  # fmt: skip
     p.add_argument("--cache-dir", type=Path, help="where a checkpoint's ONNX export is cached")
     p.add_argument(
         "--max-in-flight", type=int, help="requests admitted at once; beyond, 503 + Retry-After (4 x max batch)"

@@ -21,7 +21,7 @@ from attn_export.detection.contract import Params
 from attn_export.detection.loader import ServedModel
 from attn_export.detection.pipeline import Detected, Limits, Pipeline, PixelBudget
 from attn_export.detection.postprocess import to_input
-from attn_export.serve.batching import Batcher, QueueFull
+from attn_export.serve.batching import DEFAULT_SHAPES, Batcher, QueueFull
 from attn_export.serve.door import Busy, Door, release_memory
 from attn_export.serve.metrics import ServeMetrics
 from attn_export.serve.settings import Settings
@@ -111,8 +111,8 @@ class Service:
             self.metrics.pool_backlog.set(self._pool_waiting)
         return result, times[0] - t_submit, times[1] - times[0]
 
-    async def _infer(self, batch: np.ndarray) -> list:
-        """The batch through the micro-batcher, with every other request's images; a full queue is a
+    async def _infer(self, batch: np.ndarray | Sequence[np.ndarray]) -> list:
+        """The images through the micro-batcher, with every other request's images; a full queue is a
         :class:`Busy` (``queue``), no answer within ``request_timeout_s`` a :class:`NoResult`."""
         timeout = self.settings.request_timeout_s
         try:
@@ -169,7 +169,9 @@ class Service:
             threads, thread_name_prefix="attn-export-cpu", initializer=_lower_priority, initargs=(s.cpu_nice,)
         )
         self.model = model = await anyio.to_thread.run_sync(self.loader, s)
-        self.pipeline = Pipeline(Limits(model.input_size, s.max_pixels, s.max_side), self.run_cpu_timed, self._infer)
+        stride = model.stride if model.rect else None  # the rectangular letterbox where the graph allows it
+        limits = Limits(model.input_size, s.max_pixels, s.max_side, stride)
+        self.pipeline = Pipeline(limits, self.run_cpu_timed, self._infer)
         max_batch = s.max_batch or default_max_batch(model)
         max_batch = min(max_batch, model.max_batch or max_batch)
         # enough requests in flight to fill the next batches while one runs, and no more: the rest get 503
@@ -180,11 +182,13 @@ class Service:
             max_wait_s=s.max_wait_ms / 1000.0,
             queue_size=max(s.queue_size, s.max_images),
             metrics=self.metrics,
+            shapes=getattr(s, "batch_shapes", None) or DEFAULT_SHAPES,
         ).start()
         self.metrics.model_info.labels(model.name, model.backend, model.provider).set(1)
         log.info(
-            "serving %s on %s (%s): input %dx%d, classes %s, max batch %d",
+            "serving %s on %s (%s): input %dx%d%s, %s head, classes %s, max batch %d",
             model.path, model.backend, model.provider, model.input_size, model.input_size,
+            f" (rect: long side {model.input_size}, stride {model.stride})" if model.rect else "", model.head,
             ", ".join(model.class_names), max_batch,
         )  # fmt: skip
         if s.warmup:

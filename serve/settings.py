@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     class_names: Annotated[list[str] | None, NoDecode] = Field(
         None, description="class names, a JSON list or comma-separated (default: from the model's metadata)"
     )
+    head: Literal["contract", "yolov5", "yolov8"] | None = Field(
+        None, description="how the output reads: contract (x1 y1 x2 y2 + scores), yolov5, yolov8 (default: detected)"
+    )
+    rect: bool | None = Field(
+        None, description="letterbox to a rectangle of whole strides (default: when the graph has free height/width)"
+    )
 
     # network
     host: str = "127.0.0.1"
@@ -65,6 +71,9 @@ class Settings(BaseSettings):
     )
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long the first image waits for company")
     queue_size: int = Field(128, ge=1, le=100_000, description="images waiting at most; more get 503")
+    batch_shapes: Literal["group", "pad"] = Field(
+        "group", description="rect letterboxes of several shapes: batch one shape at a time, or pad to the largest"
+    )
     warmup: bool = True
     cpu_threads: int | None = Field(
         None, ge=1, le=64, description="threads decoding and post-processing (default: the CPU count, 2 to 4)"
