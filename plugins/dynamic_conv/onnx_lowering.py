@@ -4,7 +4,9 @@ One ``Scan`` node walks the batch axis of ``x`` and ``weight`` together; its bod
 ``Conv`` of one sample with that sample's kernel (``group`` = the op's groups, never the batch), so
 onnxruntime runs its own convolution kernel (MLAS im2col/GEMM tiles that stay in cache) once per
 sample. The batch is the Scan's sequence length: any batch runs, and no attribute depends on it.
-Every stride, padding, dilation and group count (also non-square) is a Conv attribute.
+Every stride, padding, dilation and group count (also non-square) is a Conv attribute, and no
+attribute holds a spatial size: with a dynamic height and width (``--dynamic-hw``) the body's Conv
+takes each sample's size as it comes.
 
 onnxruntime's CPU ``Conv`` is float32 only, so other dtypes (float64, float16) take
 :func:`im2col_matmul`, the previous lowering: im2col by strided Slices and one batched MatMul.
@@ -61,15 +63,23 @@ from __future__ import annotations
 from onnx import TensorProto, helper
 from onnxscript import opset18 as op
 
-from attn_export.plugins._onnx import ints, pad_hw, tap
+from attn_export.plugins._onnx import Size, dims, ints, pad_hw, static_dim, tap, vec
 from attn_export.plugins._taps import out_size
 
 #: Element types onnxruntime's CPU ``Conv`` implements; others take :func:`im2col_matmul`.
 CONV_TYPES = (TensorProto.FLOAT,)
 
 
-def conv_body(elem_type: int, cin: int, h: int, w: int, weight_shape, ho: int, wo: int, conv: dict):
-    """The Scan body: ``(x_b (Cin, H, W), w_b (Cout, Cin/g, kh, kw)) -> conv(x_b[None], w_b)[0]``."""
+def _known(size: Size) -> int | None:
+    """A static size, or None (an unknown dimension in the Scan body's value_info)."""
+    return size if isinstance(size, int) else None
+
+
+def conv_body(elem_type: int, cin: int, h: Size, w: Size, weight_shape, ho: Size, wo: Size, conv: dict):
+    """The Scan body: ``(x_b (Cin, H, W), w_b (Cout, Cin/g, kh, kw)) -> conv(x_b[None], w_b)[0]``.
+
+    Its value_info holds the static sizes only: with a dynamic height and width (``--dynamic-hw``) the
+    spatial dims are left unknown, and the body's ``Conv`` takes them from the sample it gets."""
     cout = weight_shape[0]
     axis = helper.make_tensor("axis0", TensorProto.INT64, [1], [0])
     nodes = [
@@ -82,18 +92,19 @@ def conv_body(elem_type: int, cin: int, h: int, w: int, weight_shape, ho: int, w
         nodes,
         "dynamic_conv2d_sample",
         [
-            helper.make_tensor_value_info("x_b", elem_type, [cin, h, w]),
+            helper.make_tensor_value_info("x_b", elem_type, [cin, _known(h), _known(w)]),
             helper.make_tensor_value_info("w_b", elem_type, list(weight_shape)),
         ],
-        [helper.make_tensor_value_info("y_b", elem_type, [cout, ho, wo])],
+        [helper.make_tensor_value_info("y_b", elem_type, [cout, _known(ho), _known(wo)])],
     )
 
 
 def im2col_matmul(x, weight, stride, padding, dilation, groups: int):
     """Any dtype: im2col by strided Slices and a Concat, then one batched MatMul of each sample's
     kernel with its own columns, ``(B, g, Cout/g, Cin/g*k*k) @ (B, g, Cin/g*k*k, Ho*Wo)``."""
-    _, cin, h, w = x.shape
-    cout, kh, kw = weight.shape[1], weight.shape[3], weight.shape[4]
+    _, _, h, w = dims(x)
+    cin = static_dim(x, 1, "dynamic_conv2d: the input channel count")
+    cout, kh, kw = (static_dim(weight, i, "dynamic_conv2d: the kernel shape") for i in (1, 3, 4))
     ho = out_size(h, kh, stride[0], padding[0], dilation[0])
     wo = out_size(w, kw, stride[1], padding[1], dilation[1])
     if kh == kw == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
@@ -106,18 +117,20 @@ def im2col_matmul(x, weight, stride, padding, dilation, groups: int):
             for b in range(kw)
         ]
         cols = taps[0] if len(taps) == 1 else op.Concat(*taps, axis=2)  # B, Cin, k*k, ho, wo
-    cols = op.Reshape(cols, ints([0, groups, (cin // groups) * kh * kw, ho * wo]))
+    cols = op.Reshape(cols, vec([0, groups, (cin // groups) * kh * kw, ho * wo]))
     wm = op.Reshape(weight, ints([0, groups, cout // groups, (cin // groups) * kh * kw]))
-    return op.Reshape(op.MatMul(wm, cols), ints([0, cout, ho, wo]))
+    return op.Reshape(op.MatMul(wm, cols), vec([0, cout, ho, wo]))
 
 
 def portable(x, weight, stride, padding, dilation, groups: int):
     if int(x.dtype) not in CONV_TYPES:
         return im2col_matmul(x, weight, stride, padding, dilation, groups)
-    _, cin, h, w = x.shape
-    cout, kh, kw = weight.shape[1], weight.shape[3], weight.shape[4]
-    ho = out_size(h, kh, stride[0], padding[0], dilation[0])
-    wo = out_size(w, kw, stride[1], padding[1], dilation[1])
+    _, _, h, w = x.shape
+    h, w = (d if isinstance(d, int) else None for d in (h, w))  # the body's value_info only
+    cin = static_dim(x, 1, "dynamic_conv2d: the input channel count")
+    cout, kh, kw = (static_dim(weight, i, "dynamic_conv2d: the kernel shape") for i in (1, 3, 4))
+    ho = None if h is None else out_size(h, kh, stride[0], padding[0], dilation[0])
+    wo = None if w is None else out_size(w, kw, stride[1], padding[1], dilation[1])
     conv = {
         "group": int(groups),
         "kernel_shape": [int(kh), int(kw)],

@@ -11,7 +11,9 @@ loop is one ``(B, C, ho, wq)`` plane set, small enough to stay in cache. ``3 k^2
 With ``stride > 1`` the padded input is first split into its ``s x s`` phases (one Reshape and one
 Transpose): tap ``(a, b)`` reads phase ``(a d mod s, b d mod s)`` at offset
 ``(a d // s) * wq + b d // s``, again a contiguous range, so one code path covers every stride,
-padding and dilation. The batch is never folded into an attribute.
+padding and dilation. The batch is never folded into an attribute. With a dynamic height and width
+(``--dynamic-hw``) the same graph is built with every size computed from the input's ``Shape``
+(:mod:`attn_export.plugins._onnx`), so nothing of the traced size stays in a constant.
 
 Measured on onnxruntime 1.31 CPU (AMD EPYC, AVX2), the op alone at B=4, C=64, 40x40, k=7, G=4:
 one interleaved run of all candidates, minimum over 20 rounds, 1 intra-op thread (the machine was
@@ -44,33 +46,35 @@ from __future__ import annotations
 
 from onnxscript import opset18 as op
 
-from attn_export.plugins._onnx import ints
+from attn_export.plugins._onnx import Size, cdiv, dims, ints, maximum, same, static_dim, vec
 from attn_export.plugins._taps import out_size
 
 
-def wide_grid(size_h: int, size_w: int, ho: int, wo: int, k: int, s: int, p: int, d: int) -> tuple[int, int]:
+def wide_grid(size_h: Size, size_w: Size, ho: Size, wo: Size, k: int, s: int, p: int, d: int) -> tuple[Size, Size]:
     """``(hq, wq)``: rows and row width of each flat phase plane.
 
     ``wq`` holds a padded input row (``ceil(Wp / s)``) and leaves room for the widest tap offset of
     the last output column without wrapping into the next row; ``hq`` has one extra row so that the
-    last tap's range, junk columns included, stays inside the plane.
+    last tap's range, junk columns included, stays inside the plane. Sizes may be :class:`Dim`
+    (a ``--dynamic-hw`` export): then both are computed in the graph.
     """
     reach = ((k - 1) * d) // s
-    wq = max(-(-(size_w + 2 * p) // s), wo + reach)
-    hq = max(-(-(size_h + 2 * p) // s), ho + reach + 1)
+    wq = maximum(cdiv(size_w + 2 * p, s), wo + reach)
+    hq = maximum(cdiv(size_h + 2 * p, s), ho + reach + 1)
     return hq, wq
 
 
-def phase_planes(x, groups: int, hq: int, wq: int, s: int, p: int):
+def phase_planes(x, groups: int, hq: Size, wq: Size, s: int, p: int):
     """(B, C, H, W) -> (B, groups, s*s, C/groups, hq*wq): zero-padded, phase-split, flattened."""
-    _, c, h, w = x.shape
+    _, _, h, w = dims(x)
+    c = static_dim(x, 1, "the channel count")
     cg = c // groups
-    xp = op.Pad(x, ints([0, 0, p, p, 0, 0, hq * s - h - p, wq * s - w - p]))
+    xp = op.Pad(x, vec([0, 0, p, p, 0, 0, hq * s - h - p, wq * s - w - p]))
     if s == 1:
-        return op.Reshape(xp, ints([0, groups, 1, cg, hq * wq]))
-    xf = op.Reshape(xp, ints([0, groups, cg, hq, s, wq, s]))
+        return op.Reshape(xp, vec([0, groups, 1, cg, hq * wq]))
+    xf = op.Reshape(xp, vec([0, groups, cg, hq, s, wq, s]))
     xf = op.Transpose(xf, perm=[0, 1, 4, 6, 2, 3, 5])  # B, G, s, s, cg, hq, wq
-    return op.Reshape(xf, ints([0, groups, s * s, cg, hq * wq]))
+    return op.Reshape(xf, vec([0, groups, s * s, cg, hq * wq]))
 
 
 def split_taps(planes, count: int) -> list:
@@ -78,7 +82,7 @@ def split_taps(planes, count: int) -> list:
     return [planes] if count == 1 else list(op.Split(planes, axis=2, num_outputs=count))
 
 
-def aggregate(xf, kernels: list, k: int, s: int, d: int, ho: int, wq: int):
+def aggregate(xf, kernels: list, k: int, s: int, d: int, ho: Size, wq: Size):
     """``sum_t kernels[t] * (tap t of xf)`` on the wide grid: (B, G, 1, C/G, ho*wq)."""
     n = ho * wq
     acc = None
@@ -86,25 +90,26 @@ def aggregate(xf, kernels: list, k: int, s: int, d: int, ho: int, wq: int):
         a, b = divmod(t, k)
         phase = (a * d % s) * s + (b * d % s)
         start = (a * d // s) * wq + (b * d // s)
-        window = op.Slice(xf, ints([phase, start]), ints([phase + 1, start + n]), ints([2, 4]))
+        window = op.Slice(xf, vec([phase, start]), vec([phase + 1, start + n]), ints([2, 4]))
         term = op.Mul(window, kernels[t])
         acc = term if acc is None else op.Add(acc, term)
     return acc
 
 
-def crop(acc, c: int, ho: int, wo: int, wq: int):
+def crop(acc, c: int, ho: Size, wo: Size, wq: Size):
     """(B, G, 1, C/G, ho*wq) -> (B, C, ho, wo): drop the junk columns of the wide grid."""
-    out = op.Reshape(acc, ints([0, c, ho, wq]))
-    return out if wq == wo else op.Slice(out, ints([0]), ints([wo]), ints([3]))
+    out = op.Reshape(acc, vec([0, c, ho, wq]))
+    return out if same(wq, wo) else op.Slice(out, ints([0]), vec([wo]), ints([3]))
 
 
 def portable(x, weight, kernel_size: int, stride: int = 1, padding: int = 0, dilation: int = 1):
-    _, c, h, w = x.shape
-    groups = weight.shape[1]
+    _, _, h, w = dims(x)
+    c = static_dim(x, 1, "involution2d: the channel count")
+    groups = static_dim(weight, 1, "involution2d: the group count")
     k, s, p, d = kernel_size, stride, padding, dilation
     ho, wo = out_size(h, k, s, p, d), out_size(w, k, s, p, d)
     hq, wq = wide_grid(h, w, ho, wo, k, s, p, d)
     xf = phase_planes(x, groups, hq, wq, s, p)
-    wf = weight if wq == wo else op.Pad(weight, ints([0, 0, 0, 0, 0, 0, 0, 0, 0, wq - wo]))
-    wf = op.Reshape(wf, ints([0, groups, k * k, 1, ho * wq]))
+    wf = weight if same(wq, wo) else op.Pad(weight, vec([0, 0, 0, 0, 0, 0, 0, 0, 0, wq - wo]))
+    wf = op.Reshape(wf, vec([0, groups, k * k, 1, ho * wq]))
     return crop(aggregate(xf, split_taps(wf, k * k), k, s, d, ho, wq), c, ho, wo, wq)

@@ -50,7 +50,7 @@ import numpy as np
 import onnx
 from onnxscript import opset18 as op
 
-from attn_export.plugins._onnx import ints, pad_hw, tap
+from attn_export.plugins._onnx import dims, ints, is_static, maximum, minimum, pad_hw, same, static_dim, tap, vec
 from attn_export.plugins._taps import out_size
 from attn_export.plugins.involution.onnx_lowering import aggregate, crop, phase_planes, split_taps
 
@@ -68,39 +68,42 @@ def delta_matrix(kernel_size: int, dtype: np.dtype) -> np.ndarray:
     return m
 
 
-def kernel_planes(attn, hh: int, ww: int, k: int, p: int, s: int, wq: int):
-    """(B, heads, h*w, k*k, k*k) -> K as (B, heads, (2k-1)^2, 1, hh*wq) on the wide grid of width ``wq``."""
-    heads = attn.shape[1]
+def kernel_planes(attn, hh, ww, k: int, p: int, s: int, wq):
+    """(B, heads, h*w, k*k, k*k) -> K as (B, heads, (2k-1)^2, 1, hh*wq) on the wide grid of width ``wq``.
+
+    The sizes ``hh``, ``ww``, ``wq`` are ints, or :class:`~attn_export.plugins._onnx.Dim` values computed in
+    the graph (a dynamic height and width)."""
+    heads = static_dim(attn, 1, "outlook_aggregate: the head count")
     kk, r = k * k, k - 1
     h, w = out_size(hh, k, s, p, 1), out_size(ww, k, s, p, 1)
-    planes = op.Transpose(op.Reshape(attn, ints([0, heads, h * w, kk * kk])), perm=[0, 1, 3, 2])
-    planes = op.Reshape(planes, ints([0, heads, kk * kk, h, w]))
+    planes = op.Transpose(op.Reshape(attn, vec([0, heads, h * w, kk * kk])), perm=[0, 1, 3, 2])
+    planes = op.Reshape(planes, vec([0, heads, kk * kk, h, w]))
     uh, uw = h * s, w * s
     if s > 1:  # window n sits at fine-grid row n*s: insert s-1 zeros after each value
-        up = op.Reshape(planes, ints([0, heads, kk * kk, h, 1, w, 1]))
+        up = op.Reshape(planes, vec([0, heads, kk * kk, h, 1, w, 1]))
         up = op.Pad(up, ints([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, s - 1, 0, s - 1]))
-        planes = op.Reshape(up, ints([0, heads, kk * kk, uh, uw]))
+        planes = op.Reshape(up, vec([0, heads, kk * kk, uh, uw]))
     # Only fine-grid rows < hh + p and columns < ww + p are ever read.
-    ch, cw = min(uh, hh + p), min(uw, ww + p)
-    if (ch, cw) != (uh, uw):
-        planes = op.Slice(planes, ints([0, 0]), ints([ch, cw]), ints([3, 4]))
+    ch, cw = minimum(uh, hh + p), minimum(uw, ww + p)
+    if not (same(ch, uh) and same(cw, uw)):
+        planes = op.Slice(planes, ints([0, 0]), vec([ch, cw]), ints([3, 4]))
     # Canvas: the planes at (top, left) on a zero background of width wq; tap t reads its planes
     # shifted by p - off(t) as one contiguous range of the flattened canvas.
     top = left = max(0, r - p)
-    rows = max(p + top + hh + 1, top + ch)
-    canvas = op.Pad(planes, ints([0, 0, 0, top, left, 0, 0, 0, rows - top - ch, wq - left - cw]))
-    canvas = op.Reshape(canvas, ints([0, heads, kk, kk, rows * wq]))
+    rows = maximum(hh + (p + top + 1), top + ch)
+    canvas = op.Pad(planes, vec([0, 0, 0, top, left, 0, 0, 0, rows - top - ch, wq - left - cw]))
+    canvas = op.Reshape(canvas, vec([0, heads, kk, kk, rows * wq]))
     n = hh * wq
     shifted = []
     for t in range(kk):
         a, b = divmod(t, k)
         start = (p - a + top) * wq + (p - b + left)
-        shifted.append(op.Slice(canvas, ints([t, start]), ints([t + 1, start + n]), ints([2, 4])))
+        shifted.append(op.Slice(canvas, vec([t, start]), vec([t + 1, start + n]), ints([2, 4])))
     q = shifted[0] if kk == 1 else op.Concat(*shifted, axis=2)
-    q = op.Reshape(q, ints([0, heads, kk * kk, n]))
+    q = op.Reshape(q, vec([0, heads, kk * kk, n]))
     m = op.Constant(value=onnx.numpy_helper.from_array(delta_matrix(k, attn.dtype.numpy())))
     k2 = 2 * k - 1
-    return op.Reshape(op.MatMul(m, q), ints([0, heads, k2 * k2, 1, n]))
+    return op.Reshape(op.MatMul(m, q), vec([0, heads, k2 * k2, 1, n]))
 
 
 def one_hot_taps(channels: int, kernel_size: int, dtype: np.dtype) -> np.ndarray:
@@ -114,40 +117,47 @@ def unfold_matmul_fold(v, attn, kernel_size: int, padding: int, stride: int):
     """The direct form, used for ``stride > 1``: unfold by ``k*k`` strided Slices and a Concat, one
     batched ``(k*k, k*k) @ (k*k, C/heads)`` MatMul per window in the official layout, and the fold as
     a ``ConvTranspose`` with a fixed one-hot kernel (``group = C``, never the batch), which places
-    each tap's values at its offset and sums the overlaps: exactly ``F.fold``."""
-    _, c, hh, ww = v.shape
-    heads = attn.shape[1]
+    each tap's values at its offset and sums the overlaps: exactly ``F.fold``.
+
+    With static sizes the ConvTranspose crops the padding and adds the rows the windows do not reach
+    with its ``pads``/``output_padding`` attributes. Those are attributes, fixed in the graph, so with
+    a dynamic height and width the ConvTranspose writes the whole ``(h-1)s+k`` canvas and a Pad (of the
+    uncovered end, computed in the graph) and a Slice cut ``[p, p+H)`` out of it: the same numbers."""
+    _, _, hh, ww = dims(v)
+    c = static_dim(v, 1, "outlook_aggregate: the channel count")
+    heads = static_dim(attn, 1, "outlook_aggregate: the head count")
     k, p, s = kernel_size, padding, stride
     kk = k * k
     h, w = out_size(hh, k, s, p, 1), out_size(ww, k, s, p, 1)
     vp = pad_hw(v, p, p)
     taps = [op.Unsqueeze(tap(vp, (2, 3), a, b, (h, w), (s, s)), ints([2])) for a in range(k) for b in range(k)]
     cols = taps[0] if kk == 1 else op.Concat(*taps, axis=2)  # B, C, kk, h, w
-    windows = op.Transpose(op.Reshape(cols, ints([0, heads, c // heads, kk, h * w])), perm=[0, 1, 4, 3, 2])
+    windows = op.Transpose(op.Reshape(cols, vec([0, heads, c // heads, kk, h * w])), perm=[0, 1, 4, 3, 2])
     mixed = op.Transpose(op.MatMul(attn, windows), perm=[0, 1, 4, 3, 2])  # B, heads, C/heads, kk, L
-    mixed = op.Reshape(mixed, ints([0, c * kk, h, w]))
-    onehot = one_hot_taps(c, k, v.dtype.numpy())
-    extra = [hh + 2 * p - k - (h - 1) * s, ww + 2 * p - k - (w - 1) * s]
-    return op.ConvTranspose(
-        mixed,
-        op.Constant(value=onnx.numpy_helper.from_array(onehot)),
-        group=c,
-        kernel_shape=[k, k],
-        strides=[s, s],
-        pads=[p, p, p, p],
-        output_padding=extra,
-    )
+    mixed = op.Reshape(mixed, vec([0, c * kk, h, w]))
+    onehot = op.Constant(value=onnx.numpy_helper.from_array(one_hot_taps(c, k, v.dtype.numpy())))
+    if is_static(hh, ww):
+        extra = [hh + 2 * p - k - (h - 1) * s, ww + 2 * p - k - (w - 1) * s]
+        return op.ConvTranspose(
+            mixed, onehot, group=c, kernel_shape=[k, k], strides=[s, s], pads=[p, p, p, p], output_padding=extra
+        )
+    full = op.ConvTranspose(mixed, onehot, group=c, kernel_shape=[k, k], strides=[s, s])  # (h-1)s+k rows
+    fh, fw = (h - 1) * s + k, (w - 1) * s + k
+    end_h, end_w = maximum(hh + p - fh, 0), maximum(ww + p - fw, 0)
+    full = op.Pad(full, vec([0, 0, 0, 0, 0, 0, end_h, end_w]))
+    return op.Slice(full, ints([p, p]), vec([hh + p, ww + p]), ints([2, 3]))
 
 
 def per_pixel_kernel(v, attn, kernel_size: int, padding: int, stride: int):
     """The per-pixel ``(2k-1)^2`` kernel form (any stride; used for ``stride == 1``)."""
-    _, c, hh, ww = v.shape
-    heads = attn.shape[1]
+    _, _, hh, ww = dims(v)
+    c = static_dim(v, 1, "outlook_aggregate: the channel count")
+    heads = static_dim(attn, 1, "outlook_aggregate: the head count")
     k, p, s = kernel_size, padding, stride
     r, k2 = k - 1, 2 * k - 1
     left = max(0, r - p)
     # Wide-grid width: v padded by r on both sides, and room for the canvas shifts (p > r).
-    wq = max(ww + 2 * r, ww + p + left)
+    wq = ww + max(2 * r, p + left)
     kern = kernel_planes(attn, hh, ww, k, p, s, wq)
     vf = phase_planes(v, heads, hh + 2 * r + 1, wq, 1, r)
     return crop(aggregate(vf, split_taps(kern, k2 * k2), k2, 1, 1, hh, wq), c, hh, ww, wq)
