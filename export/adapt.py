@@ -279,6 +279,85 @@ def _convert_sk_linear(m: nn.Module) -> nn.Module:
     )
 
 
+# --- SelectiveKernel (timm, layers/selective_kernel.py: skresnet*, skresnext*) ----------------------------
+def _sk_path_parts(path: nn.Module) -> tuple[nn.Module | None, nn.Module | None, nn.Module | None]:
+    """The conv, norm and activation of a timm ``ConvNormAct`` path (the activation lives in the norm
+    layer, timm's ``BatchNormAct2d``, or beside it)."""
+    conv, bn = getattr(path, "conv", None), getattr(path, "bn", None)
+    act = getattr(path, "act", None)
+    if act is None or isinstance(act, nn.Identity):
+        act = getattr(bn, "act", None)
+    return conv, bn, act
+
+
+def _timm_sk_considers(m: nn.Module) -> bool:
+    return _named("SelectiveKernel")(m) or (
+        not _ours(m) and isinstance(getattr(m, "paths", None), nn.ModuleList) and hasattr(m, "attn")
+    )
+
+
+def _timm_sk_fits(m: nn.Module) -> str:
+    paths, attn = getattr(m, "paths", None), getattr(m, "attn", None)
+    if not isinstance(paths, nn.ModuleList) or not isinstance(attn, nn.Module):
+        return "no ModuleList 'paths' and 'attn' submodule: not timm's SelectiveKernel layout"
+    missing = _missing(attn, "fc_reduce", "bn", "fc_select")
+    if missing:
+        return f"its attn lacks {', '.join(missing)}: not timm's SelectiveKernelAttn layout"
+    if getattr(m, "split_input", False):
+        return (
+            "split_input=True: each path convolves its own slice of the input channels (timm's skresnet18/34), "
+            "while attn-export's SKConv gives every branch the whole input; kept as it is, it exports with "
+            "standard ops and a dynamic batch"
+        )
+    convs = [_sk_path_parts(p)[0] for p in paths]
+    if not all(isinstance(c, nn.Conv2d) for c in convs):
+        return "a path without a Conv2d 'conv': not timm's ConvNormAct layout"
+    c0 = convs[0]
+    if c0.in_channels != c0.out_channels:
+        return f"{c0.in_channels} channels in, {c0.out_channels} out: attn-export's SKConv keeps the channel count"
+    for i, c in enumerate(convs):
+        if c.kernel_size != (3, 3) or c.dilation != (i + 1, i + 1) or c.padding != (i + 1, i + 1):
+            return (
+                f"path {i} is a {c.kernel_size} conv with dilation {c.dilation} and padding {c.padding}; attn-export's "
+                f"SKConv has 3x3 paths with dilation and padding {i + 1} (timm's keep_3x3=True); kept as it is, it "
+                "exports with standard ops"
+            )
+        if c.bias is not None or c.groups != c0.groups or c.stride != c0.stride or c.stride[0] != c.stride[1]:
+            return f"path {i}'s conv differs from path 0 in bias, groups or stride: not timm's layout"
+    return ""
+
+
+def _copy_bn(dst: nn.Module, src: nn.Module) -> None:
+    dst.load_state_dict({k: v for k, v in src.state_dict().items() if k.split(".")[0] in dict(dst.state_dict())})
+    dst.eps = src.eps
+
+
+@register_adapter("SelectiveKernel (timm)", _timm_sk_considers, _timm_sk_fits)
+def _convert_timm_sk(m: nn.Module) -> nn.Module:
+    from attn_export.blocks.skconv import SKConv
+
+    parts = [_sk_path_parts(p) for p in m.paths]
+    conv0, _, act = parts[0]
+    attn = m.attn
+    acts = {type(a) for _, _, a in parts} | {type(getattr(attn, "act", None))}
+    if len(acts) != 1 or act is None:
+        raise ValueError(f"its activations differ ({sorted(t.__name__ for t in acts)}); SKConv has one")
+    channels, d = conv0.out_channels, attn.fc_reduce.out_channels
+    new = SKConv(
+        channels, len(parts), conv0.groups, reduction=channels, min_dim=d, stride=conv0.stride[0], act_layer=type(act)
+    )
+    with torch.no_grad():
+        for (conv, bn, _), branch in zip(parts, new.convs, strict=True):
+            branch.conv.weight.copy_(conv.weight)
+            _copy_bn(branch.bn, bn)
+        new.fc.conv.weight.copy_(attn.fc_reduce.weight)
+        _copy_bn(new.fc.bn, attn.bn)
+        new.fcs.weight.copy_(attn.fc_select.weight)
+        sel_bias = attn.fc_select.bias
+        new.fcs.bias.copy_(sel_bias if sel_bias is not None else torch.zeros_like(new.fcs.bias))
+    return new
+
+
 # --- applying adapters -------------------------------------------------------------------------------
 def _clone_args(args: tuple) -> tuple:
     return tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
@@ -328,6 +407,58 @@ def _max_error(a: nn.Module, b: nn.Module, args: tuple) -> tuple[float, float]:
     return err, max((float(x.abs().max()) for x in ra if x.numel()), default=0.0)
 
 
+#: What Ultralytics' ``parse_model`` sets on each layer of ``model.model``: its index, where its input comes
+#: from, its class path and its parameter count. ``DetectionModel._forward_once`` routes by ``f`` and ``i``.
+ULTRALYTICS_ATTRS = ("i", "f", "type", "np")
+#: The ``adapter`` of the records of wrappers (recognised, kept, listed for what they hold).
+WRAPPER = "Ultralytics-style wrapper"
+
+
+def _ultralytics_layer(m: nn.Module) -> bool:
+    return "i" in vars(m) and "f" in vars(m)
+
+
+def _carry_routing(old: nn.Module, new: nn.Module) -> list[str]:
+    """Copy the Ultralytics layer attributes of ``old`` onto its replacement (a swapped layer of
+    ``model.model`` without ``f``/``i`` breaks the model's forward); returns the names copied."""
+    if not _ultralytics_layer(old):
+        return []
+    names = [n for n in ULTRALYTICS_ATTRS if n in vars(old)]
+    for n in names:
+        setattr(new, n, vars(old)[n])  # an instance attribute, as parse_model sets them ('type' too)
+    return names
+
+
+def _conv_wrapper(m: nn.Module) -> bool:
+    """Ultralytics' ``Conv`` habit: children ``conv`` -> ``bn`` -> ``act`` (YOLO ports wrap ODConv2d so)."""
+    return all(isinstance(getattr(m, n, None), nn.Module) for n in ("conv", "bn", "act"))
+
+
+def _with_wrappers(tree: dict[str, nn.Module], records: list[AdaptRecord]) -> list[AdaptRecord]:
+    """``records`` plus one record per Ultralytics-style wrapper that holds a candidate: a layer of an
+    Ultralytics model (``i``/``f`` attributes) or a ``Conv``-style ``conv``/``bn``/``act`` module. Wrappers
+    are kept as they are; their candidates have records of their own. In module order."""
+    order = {p: i for i, p in enumerate(tree)}
+    paths = [r.path for r in records]
+    out = list(records)
+    for path, mod in tree.items():
+        if not path or _ours(mod) or path in paths:
+            continue
+        inside = [p for p in paths if p.startswith(path + ".")]
+        if not inside:
+            continue
+        if _ultralytics_layer(mod):
+            what = f"Ultralytics layer {vars(mod)['i']} (input from {vars(mod)['f']})"
+        elif _conv_wrapper(mod) and f"{path}.conv" in inside:
+            what = "a Conv-style wrapper (conv -> bn -> act, the Ultralytics habit)"
+        else:
+            continue
+        held = ", ".join(f"{tree[p].__class__.__name__} at '{p}'" for p in inside)
+        reason = f"{what}: kept as it is, it exports with standard ops; it holds {held}, listed on its own"
+        out.append(AdaptRecord(path, type(mod).__name__, "left", reason, adapter=WRAPPER))
+    return sorted(out, key=lambda r: order.get(r.path, -1))
+
+
 def _describe(new: nn.Module) -> str:
     block = getattr(new, GSOP_CHILD, None)
     if block is not None and not _ours(new):
@@ -345,7 +476,8 @@ def adapt(model: nn.Module, sample: torch.Tensor, atol: float = 1e-6) -> tuple[n
     """
     candidates: list[tuple[str, nn.Module, Adapter, str]] = []
     fitting: list[str] = []
-    for path, mod in model.named_modules():
+    tree = dict(model.named_modules())
+    for path, mod in tree.items():
         if any(path == p or path.startswith(p + ".") for p in fitting if p) or (fitting and fitting[0] == ""):
             continue  # inside a module that is being adapted
         for ad in ADAPTERS:
@@ -395,6 +527,7 @@ def adapt(model: nn.Module, sample: torch.Tensor, atol: float = 1e-6) -> tuple[n
             rec.reason = f"swap not exact in float64 (max error {err:.2e}): its forward differs from the official one"
             continue
         new.train(mod.training)
+        carried = _carry_routing(mod, new)
         if path:
             parent_path, _, attr = path.rpartition(".")
             setattr(model.get_submodule(parent_path) if parent_path else model, attr, new)
@@ -402,7 +535,9 @@ def adapt(model: nn.Module, sample: torch.Tensor, atol: float = 1e-6) -> tuple[n
             model = new
         rec.action = "adapted"
         rec.reason = f"{_describe(new)}; exact in float64 on its input in the model (max error {err:.1e})"
-    return model, records
+        if carried:
+            rec.reason += f"; Ultralytics layer attributes {', '.join(carried)} carried over (its model routes by them)"
+    return model, _with_wrappers(tree, records)
 
 
 def adapt_model(model: nn.Module, sample: torch.Tensor, atol: float = 1e-6) -> list[AdaptRecord]:

@@ -105,6 +105,84 @@ class ReferenceRunner(Runner):
         return dict(zip(self.output_names, outs, strict=True))
 
 
+class PluginGraphRunner(Runner):
+    """A ``--target trt`` graph on onnxruntime's CPU provider: every standard node by onnxruntime, every
+    plugin node by its numpy reference (the code :class:`ReferenceRunner` runs), as an onnxruntime-extensions
+    Python op (:func:`attn_export.plugins.reference.ort_plugin_graph`).
+
+    ``cross_check=True``: the first call also runs the first item of its batch through the graph on
+    :class:`ReferenceRunner` (ONNX's reference evaluator, the independent path) and on onnxruntime, and
+    raises ``RuntimeError`` where an output differs by more than ``atol + rtol * |reference|``;
+    ``cross_checked`` then holds ``{output: max abs difference}``.
+    """
+
+    name = "onnxruntime+numpy plugins"
+
+    def __init__(
+        self,
+        model,
+        threads: int | None = None,
+        cross_check: bool = True,
+        atol: float = 1e-4,
+        rtol: float = 1e-3,
+    ) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        from attn_export.plugins.reference import ort_plugin_graph, register_ort_kernels
+
+        if isinstance(model, bytes):
+            model = onnx.load_model_from_string(model)
+        elif isinstance(model, (str, os.PathLike)):
+            model = onnx.load(str(model))
+        self._model = model
+        library = register_ort_kernels()
+        ort.set_default_logger_severity(3)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        options.register_custom_ops_library(library)
+        graph = ort_plugin_graph(model).SerializeToString()
+        self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.provider = "CPUExecutionProvider, plugin nodes by their numpy references"
+        self._pending_check = cross_check
+        self._tol = (atol, rtol)
+        self.cross_checked: dict[str, float] = {}
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.session.run(self.output_names, {n: np.ascontiguousarray(feeds[n]) for n in self.input_names})
+        return dict(zip(self.output_names, outs, strict=True))
+
+    def _cross_check(self, feeds: Mapping[str, np.ndarray]) -> None:
+        one = {n: np.asarray(feeds[n])[:1] for n in self.input_names}
+        ref = ReferenceRunner(self._model).infer(one)
+        got = self._run(one)
+        atol, rtol = self._tol
+        for name, r in ref.items():
+            g = got[name]
+            if g.shape != r.shape:
+                raise RuntimeError(
+                    f"cross-check: output {name} has shape {g.shape} on onnxruntime and {r.shape} on onnx.reference"
+                )
+            diff = np.abs(g.astype(np.float64) - r.astype(np.float64))
+            self.cross_checked[name] = float(diff.max()) if diff.size else 0.0
+            if not np.all(diff <= atol + rtol * np.abs(r)):
+                raise RuntimeError(
+                    f"cross-check: output {name} differs by {self.cross_checked[name]:.2e} between onnxruntime with "
+                    "the numpy plugin ops and onnx.reference on the first item of the batch"
+                )
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check_feeds(feeds)
+        if self._pending_check:
+            self._cross_check(feeds)
+            self._pending_check = False
+        return self._run(feeds)
+
+
 def graph_batch_sizes(max_batch: int) -> tuple[int, ...]:
     """The batch sizes captured as CUDA graphs for a batcher of ``max_batch``: the powers of two below it,
     and itself (``16 -> (1, 2, 4, 8, 16)``, ``12 -> (1, 2, 4, 8, 12)``). A batch of ``n`` runs in the
