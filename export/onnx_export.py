@@ -41,8 +41,13 @@ TRT_VERIFY_MAX_BATCH = 8
 #: The verification backend of each target (the report's ``backend``).
 VERIFY_BACKENDS = {
     "ort": "onnxruntime CPUExecutionProvider",
-    "trt": "onnx.reference.ReferenceEvaluator with the numpy plugin references",
+    "trt": "onnxruntime CPUExecutionProvider with the numpy plugin references as custom ops "
+    "(cross-checked on onnx.reference.ReferenceEvaluator at batch 1)",
 }
+#: How target ``trt`` runs its plugin graph: ``"onnxruntime"`` (each plugin node by its numpy reference as an
+#: onnxruntime-extensions Python op; the first batch's first item also on ONNX's reference evaluator, which
+#: must agree) or ``"reference"`` (the whole graph on ONNX's reference evaluator: slow, numpy throughout).
+TRT_VERIFY_RUNNER = "onnxruntime"
 
 
 @dataclass
@@ -124,11 +129,21 @@ def _runner_factory(target: str) -> Callable:
     """``ModelProto -> Runner`` for the target's verification backend."""
     from attn_export.runtime.runners import OnnxRuntimeRunner, ReferenceRunner
 
-    if target == "trt":
+    if target == "trt" and TRT_VERIFY_RUNNER == "reference":
         from attn_export.plugins import reference_ops
 
         ops = reference_ops()
         return lambda proto: ReferenceRunner(proto, new_ops=ops)
+    if target == "trt":
+        from attn_export.runtime.runners import PluginGraphRunner
+
+        built = [0]  # the cross-check runs once, on the first graph (the shipped one): the probe adds outputs
+
+        def plugin_runner(proto):
+            built[0] += 1
+            return PluginGraphRunner(proto, cross_check=built[0] == 1)
+
+        return plugin_runner
     return lambda proto: OnnxRuntimeRunner(proto.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
