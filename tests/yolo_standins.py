@@ -15,11 +15,13 @@ one as ONNX with free batch, height and width.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 
@@ -215,3 +217,28 @@ def v8_decode(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     scores = raw[4:].T
     cls = scores.argmax(1)
     return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1), scores.max(1), cls
+
+
+def reference(path, data: bytes, head: str, stride: int, conf_rank: int = 15, size: int = 320, conf=None):
+    """The graph's raw output on the rect letterbox, decoded in numpy (float64), thresholded at ``conf``, else
+    just below the ``conf_rank``-th best score; boxes mapped back to the image, best first. Returns
+    ``(conf, boxes, scores, classes)``."""
+    import onnxruntime as ort
+
+    from attn_export.detection.postprocess import letterbox_u8, rect_shape
+
+    img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    h, w = img.shape[:2]
+    pixels, scale, (px, py) = letterbox_u8(img, size, stride)
+    assert pixels.shape[1:] == rect_shape(h, w, size, stride) and pixels.shape[1:] != (size, size)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    raw = session.run(None, {"images": (pixels[None].astype(np.float32) / 255)})[0][0]
+    boxes, scores, cls = (v5_decode if head == "yolov5" else v8_decode)(raw)
+    order = np.argsort(-scores, kind="stable")  # ties (uniform padding) in index order, as the service keeps them
+    if conf is None:
+        conf = float(scores[order[conf_rank]] + scores[order[conf_rank - 1]]) / 2
+    keep = order[scores[order] > conf]
+    b = (boxes[keep] - [px, py, px, py]) / scale
+    b[:, 0::2] = b[:, 0::2].clip(0, w)
+    b[:, 1::2] = b[:, 1::2].clip(0, h)
+    return conf, b, scores[keep], cls[keep]

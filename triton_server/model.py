@@ -9,8 +9,9 @@ interpreter's site-packages (``PYTHONPATH`` and ``ATTN_EXPORT_SITE_DIRS``); see 
 - :class:`Detector` (``--backend python``): the whole contract in one model. ``execute`` gets the
   dynamic batcher's requests and runs them through the detection pipeline of ``attn-export serve``
   (:mod:`attn_export.detection.pipeline`): every image decoded and letterboxed, all of them through the
-  network in one call (onnxruntime, or a TensorRT engine), then NMS and the boxes mapped back to each
-  image's pixels. A request whose image is bad gets its own error; the
+  network in one call (onnxruntime, or a TensorRT engine; a graph with free height and width gets each
+  image's rect letterbox, one call per shape), the output read by its head (the contract, YOLOv5, YOLOv8),
+  then NMS and the boxes mapped back to each image's pixels. A request whose image is bad gets its own error; the
   others in the batch are answered.
 - :class:`Preprocess` and :class:`Postprocess`: the two Python steps of the ensemble around a network
   that runs in Triton's native onnxruntime or TensorRT backend (``--backend onnxruntime|tensorrt``).
@@ -99,8 +100,12 @@ class _Decoding(_Base):
     def _decode_setup(self, params: dict[str, str]) -> None:
         from attn_export.detection.pipeline import Limits  # Pillow, numpy: only where the model runs
 
+        stride = int(params["stride"]) if params.get("stride") else None  # set: free H and W, rect letterbox
         self.limits = Limits(
-            int(params["input_size"]), int(params.get("max_pixels", 40_000_000)), int(params.get("max_side", 20_000))
+            int(params["input_size"]),
+            int(params.get("max_pixels", 40_000_000)),
+            int(params.get("max_side", 20_000)),
+            stride,
         )
 
     def _decode(self, request) -> list:
@@ -138,18 +143,30 @@ class Detector(_Decoding):
             device_id=self.device_id,
         )
         self.input_name = self.runner.input_names[0]
-        self.output_name = self.runner.output_names[0]
+        self.output_name = self.runner.output_names[0]  # a YOLO export's first output: the decoded one
+        self.head = params.get("head") or "contract"
         self.chunk = int(params.get("network_max_batch") or self.config.get("max_batch_size") or 1) or 1
 
-    def _infer(self, pixels: np.ndarray) -> np.ndarray:
-        parts = []
-        for i in range(0, len(pixels), self.chunk):
-            batch = to_input(pixels[i : i + self.chunk])
-            parts.append(self.runner.infer({self.input_name: batch})[self.output_name])
-        return np.concatenate(parts)
+    def _infer(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
+        """Images (3, h, w) uint8 -> their rows (N, 4 + C); images of one shape run together (rect
+        letterboxes of several shapes: one call per shape, in chunks of the network's max batch)."""
+        from attn_export.detection.heads import decode
+
+        by_shape: dict[tuple, list[int]] = {}
+        for i, p in enumerate(pixels):
+            by_shape.setdefault(p.shape, []).append(i)
+        rows: list = [None] * len(pixels)
+        for idx in by_shape.values():
+            for j in range(0, len(idx), self.chunk):
+                part = idx[j : j + self.chunk]
+                batch = to_input(np.stack([pixels[i] for i in part]))
+                out = decode(self.runner.infer({self.input_name: batch})[self.output_name], self.head)
+                for i, row in zip(part, out, strict=True):
+                    rows[i] = row
+        return rows
 
     def execute(self, requests: list) -> list:
-        from attn_export.detection.pipeline import answer, stack
+        from attn_export.detection.pipeline import answer, take_pixels
 
         pb = self.pb
         responses: list = [None] * len(requests)
@@ -162,7 +179,7 @@ class Detector(_Decoding):
                 responses[i] = _error(pb, str(e))
         if jobs:
             try:
-                preds = self._infer(np.concatenate([stack(decoded) for _, _, decoded in jobs]))
+                preds = self._infer([p for _, _, decoded in jobs for p in take_pixels(decoded)])
             except Exception as e:  # every request of the batch gets the error; the model stays up
                 log.exception("inference failed")
                 for i, _, _ in jobs:
@@ -217,8 +234,10 @@ class Postprocess(_Base):
         params = self._setup(args)
         self.defaults = defaults_from(params)
         self.network_output = params["network_output"]
+        self.head = params.get("head") or "contract"
 
     def execute(self, requests: list) -> list:
+        from attn_export.detection.heads import decode
         from attn_export.detection.imaging import Decoded
         from attn_export.detection.pipeline import answer
 
@@ -230,7 +249,7 @@ class Postprocess(_Base):
             except ContractError as e:
                 responses.append(_error(pb, str(e)))
                 continue
-            preds = pb.get_input_tensor_by_name(request, self.network_output).as_numpy()
+            preds = decode(pb.get_input_tensor_by_name(request, self.network_output).as_numpy(), self.head)
             geometry = pb.get_input_tensor_by_name(request, LETTERBOX).as_numpy()
             decoded = [
                 Decoded(None, int(g[5]), int(g[6]), "", float(g[0]), (int(g[1]), int(g[2])), (int(g[3]), int(g[4])))

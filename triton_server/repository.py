@@ -43,9 +43,11 @@ from attn_export.detection.contract import (
     string_parameters,
     to_pbtxt,
 )
+from attn_export.detection.heads import DEFAULT_STRIDE, HeadError, choose_head, class_count
 from attn_export.triton_server.launcher import ARGS_FILE
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
+DEFAULT_INPUT_SIZE = 320
 DEFAULT_MAX_BATCH = 8
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 _NUMPY_TO_V2 = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32", "uint8": "UINT8"}
@@ -82,23 +84,32 @@ class Network:
     path: Path
     kind: str  # "onnx" or "engine"
     input_name: str
-    input_dims: list[int]  # without the batch axis: 3, S, S
+    input_dims: list[int]  # without the batch axis: 3, S, S (3, -1, -1: free height and width)
     input_type: str  # v2 datatype
     output_name: str
-    output_dims: list[int]  # N, 4 + C (-1 where the graph leaves it open)
+    output_dims: list[int]  # N, 4 + C (-1 where the graph leaves it open); the head's layout
     output_type: str
     class_names: list[str]
     max_batch: int | None  # the batch profile's maximum, where the model has one
     plugin_mode: str | None = None
     custom_ops: list[str] = field(default_factory=list)
+    head: str = "contract"  # how the output reads (attn_export.detection.heads)
+    stride: int = DEFAULT_STRIDE
+    size: int | None = None  # the letterbox size of a graph with free height and width
+
+    @property
+    def rect(self) -> bool:
+        """Free height and width: each image letterboxed to its own rectangle of whole strides."""
+        return self.input_dims[-1] == -1 and self.input_dims[-2] == -1
 
     @property
     def input_size(self) -> int:
-        return int(self.input_dims[-1])
+        return int(self.size or DEFAULT_INPUT_SIZE) if self.rect else int(self.input_dims[-1])
 
     @property
     def num_classes(self) -> int:
-        return int(self.output_dims[-1]) - 4
+        n = class_count(self.head, [None, *(None if d == -1 else d for d in self.output_dims)])
+        return -1 if n is None else n
 
     @property
     def model_file(self) -> str:
@@ -139,8 +150,9 @@ def _onnx_dims(value_info) -> tuple[list[int | None], str]:
     return dims, _NUMPY_TO_V2.get(np_type, np_type.upper())
 
 
-def onnx_network(path: Path, class_names: Sequence[str] | None = None) -> Network:
-    """Names, types and dims of an ONNX detector graph (one image input, one output)."""
+def onnx_network(path: Path, class_names: Sequence[str] | None = None, forced_head: str | None = None) -> Network:
+    """Names, types and dims of an ONNX detector graph (one image input; its first output is read, by the
+    head ``forced_head`` or the one :func:`~attn_export.detection.heads.choose_head` finds)."""
     import onnx
 
     try:
@@ -156,17 +168,25 @@ def onnx_network(path: Path, class_names: Sequence[str] | None = None) -> Networ
             f"inputs {[i.name for i in inputs]} and outputs {[o.name for o in graph.output]}"
         )
     in_dims, in_type = _onnx_dims(inputs[0])
-    out_dims, out_type = _onnx_dims(graph.output[0])
-    if len(in_dims) != 4 or None in in_dims[1:] or in_dims[2] != in_dims[3]:
-        raise RepositoryError(f"{path}: the input must be (batch, 3, S, S) with S fixed; it is {in_dims}")
-    if len(out_dims) != 3 or out_dims[2] is None or out_dims[2] < 5:
-        raise RepositoryError(f"{path}: the output must be (batch, N, 4 + classes); it is {out_dims}")
+    out_dims, out_type = _onnx_dims(graph.output[0])  # the first output: YOLO's decoded one
+    free_hw = len(in_dims) == 4 and in_dims[1] is not None and in_dims[2] is None and in_dims[3] is None
+    if len(in_dims) != 4 or in_dims[1] is None or (not free_hw and (None in in_dims[2:] or in_dims[2] != in_dims[3])):
+        raise RepositoryError(
+            f"{path}: the input must be (batch, 3, S, S) with S fixed, or (batch, 3, height, width) with both free; "
+            f"it is {in_dims}"
+        )
+    props = {p.key: p.value for p in model.metadata_props}
+    if len(out_dims) != 3:
+        raise RepositoryError(f"{path}: the output must be (batch, N, 4 + classes) or a YOLO head's; it is {out_dims}")
+    try:
+        head = choose_head(out_dims, props, forced_head)
+    except HeadError as e:
+        raise RepositoryError(f"{path}: {e}") from e
     if in_dims[0] is not None:
         raise RepositoryError(
             f"{path}: the graph has a fixed batch of {in_dims[0]}; Triton's dynamic batcher needs a dynamic batch "
             "axis: export it with attn-export"
         )
-    props = {p.key: p.value for p in model.metadata_props}
     names = list(class_names or _names(props.get("classes", "")))
     batch = {}
     if "batch" in props:
@@ -179,7 +199,7 @@ def onnx_network(path: Path, class_names: Sequence[str] | None = None) -> Networ
         path=path,
         kind="onnx",
         input_name=inputs[0].name,
-        input_dims=[int(d) for d in in_dims[1:]],
+        input_dims=[-1 if d is None else int(d) for d in in_dims[1:]],
         input_type=in_type,
         output_name=graph.output[0].name,
         output_dims=[-1 if d is None else int(d) for d in out_dims[1:]],
@@ -187,10 +207,21 @@ def onnx_network(path: Path, class_names: Sequence[str] | None = None) -> Networ
         class_names=names,
         max_batch=int(batch["max"]) if isinstance(batch, dict) and batch.get("max") else None,
         custom_ops=custom,
+        head=head,
+        stride=_positive(props.get("stride")) or DEFAULT_STRIDE,
+        size=_positive(props.get("input_size")),
     )
 
 
-def engine_network(path: Path, class_names: Sequence[str] | None = None) -> Network:
+def _positive(value) -> int | None:
+    try:
+        n = int(json.loads(value) if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        return None
+    return n if n > 0 else None
+
+
+def engine_network(path: Path, class_names: Sequence[str] | None = None, forced_head: str | None = None) -> Network:
     """A TensorRT engine's I/O from the metadata file attn-export writes beside it (``ENGINE.json``)."""
     meta_path = path.with_name(path.name + ".json")
     if not meta_path.is_file():
@@ -217,7 +248,17 @@ def engine_network(path: Path, class_names: Sequence[str] | None = None) -> Netw
         class_names=list(class_names or meta.get("classes") or []),
         max_batch=int(meta["batch"]["max"]),
         plugin_mode=(meta.get("plugins") or {}).get("mode"),
+        head=_head([None, *dims(out["shape"])], meta, forced_head, path),
+        stride=_positive(meta.get("stride")) or DEFAULT_STRIDE,
+        size=_positive(meta.get("input_size")),
     )
+
+
+def _head(shape, meta, forced_head, path) -> str:
+    try:
+        return choose_head([None if d == -1 else d for d in shape], meta, forced_head)
+    except HeadError as e:
+        raise RepositoryError(f"{path}: {e}") from e
 
 
 def export_network(
@@ -226,8 +267,12 @@ def export_network(
     max_batch: int,
     verify: bool = True,
     progress: Callable[[str, str], None] | None = None,
+    dynamic_hw: tuple[int, int, int] | None = None,
+    forced_head: str | None = None,
 ) -> Network:
-    """Export a checkpoint to ``folder/<stem>.onnx`` (dynamic batch, verified at 1 and ``max_batch``)."""
+    """Export a checkpoint to ``folder/<stem>.onnx`` (dynamic batch, verified at 1 and ``max_batch``; with
+    ``dynamic_hw`` free height and width over that range)."""
+    from attn_export.detection.loader import export_metadata
     from attn_export.export import ExportError, export_onnx, load_model
 
     try:
@@ -237,16 +282,20 @@ def export_network(
                 f"{checkpoint}: the checkpoint holds no input shape; export it with attn-export first"
             )
         batch = (1, min(4, max_batch), max_batch)
-        meta = {"classes": loaded.meta.get("classes"), "batch": {"min": 1, "opt": batch[1], "max": max_batch}}
+        meta = {
+            **export_metadata(loaded.model, loaded.meta, loaded.input_shape),
+            "batch": {"min": 1, "opt": batch[1], "max": max_batch},
+        }
+        extra = {"dynamic_hw": tuple(dynamic_hw)} if dynamic_hw else {}
         result = export_onnx(
             loaded.model, folder / f"{checkpoint.stem}.onnx", loaded.input_shape, batch=batch, verify=verify,
-            progress=progress, metadata=meta,
+            progress=progress, metadata=meta, **extra,
         )  # fmt: skip
     except ExportError as e:
         raise RepositoryError(f"cannot export {checkpoint} to ONNX: {e}") from e
     if not result.ok:
         raise RepositoryError(f"the ONNX export of {checkpoint} failed verification against PyTorch")
-    return onnx_network(result.path)
+    return onnx_network(result.path, forced_head=forced_head)
 
 
 def load_network(
@@ -256,6 +305,8 @@ def load_network(
     class_names: Sequence[str] | None = None,
     verify: bool = True,
     progress: Callable[[str, str], None] | None = None,
+    dynamic_hw: tuple[int, int, int] | None = None,
+    forced_head: str | None = None,
 ) -> Network:
     from attn_export.detection.loader import checkpoint_meta, model_kind
 
@@ -263,11 +314,13 @@ def load_network(
         raise RepositoryError(f"{model}: no such file")
     kind = "engine" if model.suffix.lower() in ENGINE_SUFFIXES else model_kind(model)
     if kind == "checkpoint":
-        net = export_network(model, staging, max_batch or DEFAULT_MAX_BATCH, verify, progress)
+        net = export_network(model, staging, max_batch or DEFAULT_MAX_BATCH, verify, progress, dynamic_hw, forced_head)
+    elif dynamic_hw:
+        raise RepositoryError(f"--dynamic-hw exports a checkpoint; {model} is already a {kind}")
     elif kind == "engine":
-        net = engine_network(model, class_names)
+        net = engine_network(model, class_names, forced_head)
     else:
-        net = onnx_network(model, class_names)
+        net = onnx_network(model, class_names, forced_head)
         if not net.class_names:
             for suffix in (".pt", ".pth", ".ckpt"):
                 sibling = model.with_suffix(suffix)
@@ -284,6 +337,11 @@ def _io(name: str, datatype: str, dims: Sequence[int]) -> dict:
     return {"name": name, "data_type": Enum(CONFIG_TYPES.get(datatype, f"TYPE_{datatype}")), "dims": list(dims)}
 
 
+def _reading(net: Network) -> dict:
+    """How the Python steps read the network: its head, and the rect letterbox's stride where H and W are free."""
+    return {"head": net.head, **({"stride": net.stride} if net.rect else {})}
+
+
 def _class_names(net: Network) -> list[str]:
     names = list(net.class_names)[: net.num_classes] if net.num_classes > 0 else list(net.class_names)
     return names + [f"class{i}" for i in range(len(names), max(net.num_classes, 0))]
@@ -293,7 +351,7 @@ def python_configs(
     name: str, net: Network, max_batch: int, instances: int, kind: str, defaults: Params, delay_us: int, extra: dict
 ) -> dict[str, tuple[dict, str]]:
     """``{model name: (config, model.py class)}`` for the one-model Python-backend repository."""
-    params = {"model_file": net.model_file, "network_max_batch": net.max_batch or max_batch, **extra}
+    params = {"model_file": net.model_file, "network_max_batch": net.max_batch or max_batch, **_reading(net), **extra}
     config = model_config(
         name, max_batch=max_batch, class_names=_class_names(net), input_size=net.input_size, defaults=defaults,
         instances=instances, instance_kind=kind, max_queue_delay_us=delay_us, parameters=params,
@@ -318,7 +376,7 @@ def ensemble_configs(
     pre, network, post = f"{name}_preprocess", f"{name}_network", f"{name}_postprocess"
     contract_in, contract_out = contract_io(defaults.max_det)
     names = _class_names(net)
-    common = {"class_names": names, "input_size": net.input_size}
+    common = {"class_names": names, "input_size": net.input_size, **_reading(net)}
     group = [{"count": int(instances), "kind": Enum(kind)}]
     cpu_group = [{"count": int(instances), "kind": Enum("KIND_CPU")}]
     net_in = _io(net.input_name, net.input_type, net.input_dims)
@@ -379,6 +437,8 @@ def write_repository(
     force: bool = False,
     verify: bool = True,
     progress: Callable[[str, str], None] | None = None,
+    head: str | None = None,
+    dynamic_hw: tuple[int, int, int] | None = None,
 ) -> Repository:
     """Write the model repository for ``model`` (a checkpoint, an ONNX graph or a TensorRT engine) into ``repo``.
 
@@ -415,7 +475,7 @@ def write_repository(
     try:
         result = _write(
             model, repo, staging, backend, name, max_batch, instances, kind, Params(conf, iou, max_det),
-            max_queue_delay_us, threads, class_names, libs, force, verify, progress,
+            max_queue_delay_us, threads, class_names, libs, force, verify, progress, head, dynamic_hw,
         )  # fmt: skip
         ok = True
         return result
@@ -427,9 +487,9 @@ def write_repository(
 
 def _write(
     model, repo, staging, backend, name, max_batch, instances, kind, defaults, delay_us, threads, class_names, libs,
-    force, verify, progress,
+    force, verify, progress, head=None, dynamic_hw=None,
 ) -> Repository:  # fmt: skip
-    net = load_network(model, staging, max_batch, class_names, verify, progress)
+    net = load_network(model, staging, max_batch, class_names, verify, progress, dynamic_hw, head)
     if net.max_batch is not None and max_batch is not None and max_batch > net.max_batch:
         raise RepositoryError(
             f"--max-batch {max_batch} is above the model's batch profile (at most {net.max_batch}); use "
@@ -540,10 +600,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--class-names", help="comma-separated class names (default: from the model)")
     p.add_argument("--plugin-lib", action="append", default=[], type=Path,
                    help="a TensorRT plugin library to copy into the repository and load in tritonserver")  # fmt: skip
+    p.add_argument("--head", choices=("contract", "yolov5", "yolov8"),
+                   help="how the network's (first) output reads (default: from its shape and metadata)")  # fmt: skip
+    p.add_argument("--dynamic-hw", metavar="MIN:OPT:MAX",
+                   help="a checkpoint: export with free height and width over this range (rect letterbox)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace models of the same names in the repository")
     p.add_argument("--no-verify", action="store_true", help="skip the export's check against PyTorch (checkpoints)")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
+
+
+def _range(text: str | None) -> tuple[int, int, int] | None:
+    if not text:
+        return None
+    try:
+        lo, opt, hi = (int(t) for t in text.split(":"))
+    except ValueError:
+        raise RepositoryError(f"--dynamic-hw {text!r}: give MIN:OPT:MAX side lengths, e.g. 160:320:640") from None
+    if not 0 < lo <= opt <= hi:
+        raise RepositoryError(f"--dynamic-hw {text!r}: need 0 < MIN <= OPT <= MAX")
+    return lo, opt, hi
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -565,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
             instances=args.instances, kind=args.kind, conf=args.conf, iou=args.iou, max_det=args.max_det,
             max_queue_delay_us=args.max_queue_delay_us, threads=args.threads, class_names=names,
             plugin_libs=args.plugin_lib, force=args.force, verify=not args.no_verify, progress=progress,
+            head=args.head, dynamic_hw=_range(args.dynamic_hw),
         )  # fmt: skip
     except RepositoryError as e:
         print(f"attn-export triton: error: {e}", file=sys.stderr)

@@ -19,12 +19,11 @@ import math
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
 from serve_helpers import LiveServer, client_for, free_port, make_settings
-from yolo_standins import ColourBoxes, YoloV5StandIn, YoloV8StandIn, export_free_hw, v5_decode, v8_decode
+from yolo_standins import ColourBoxes, YoloV5StandIn, YoloV8StandIn, export_free_hw, reference, v5_decode, v8_decode
 
 from attn_export.detection import contract
 from attn_export.detection.heads import HeadError, choose_head, decode, describe_module
@@ -196,25 +195,6 @@ def _noise(w: int, h: int, seed: int) -> bytes:
     return _png(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
-def _reference(path, data: bytes, head: str, stride: int, conf_rank: int = 15):
-    """The graph's raw output on the rect letterbox, decoded in numpy (float64), thresholded just below the
-    ``conf_rank``-th best score; boxes mapped back to the image. Returns (conf, boxes, scores, classes)."""
-    img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    h, w = img.shape[:2]
-    pixels, scale, (px, py) = letterbox_u8(img, SIZE, stride)
-    assert pixels.shape[1:] == rect_shape(h, w, SIZE, stride) and pixels.shape[1:] != (SIZE, SIZE)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    raw = session.run(None, {"images": (pixels[None].astype(np.float32) / 255)})[0][0]
-    boxes, scores, cls = (v5_decode if head == "yolov5" else v8_decode)(raw)
-    order = np.argsort(-scores)
-    conf = float(scores[order[conf_rank]] + scores[order[conf_rank - 1]]) / 2
-    keep = order[scores[order] > conf]
-    b = (boxes[keep] - [px, py, px, py]) / scale
-    b[:, 0::2] = b[:, 0::2].clip(0, w)
-    b[:, 1::2] = b[:, 1::2].clip(0, h)
-    return conf, b, scores[keep], cls[keep]
-
-
 def _check(got_boxes, got_scores, got_cls, want) -> None:
     _, boxes, scores, cls = want
     assert len(got_scores) == len(scores)
@@ -244,7 +224,7 @@ def test_yolo_heads_answer_detect_v2_and_grpc_as_numpy_decodes(graphs, graph, he
         meta = httpx.get(f"{live.url}/v2/models/{model_name}").json()
         assert meta["name"] == model_name
         for data in images:
-            want = _reference(graphs[graph], data, want_head, stride)
+            want = reference(graphs[graph], data, want_head, stride)
             params = {"conf": want[0], "iou": 1.0, "max_det": 100}
             r = httpx.post(f"{live.url}/detect", files={"images": ("a.png", data)}, params=params, timeout=30)
             assert r.status_code == 200, r.text
