@@ -8,7 +8,6 @@ blocks. Heavy modules (torch, onnx, onnxruntime) are imported only once a comman
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -116,9 +115,11 @@ def _versions() -> str:
 
 
 def _write_report(path: Path, data: dict) -> None:
-    from attn_export.files import write_text
+    """The JSON report, and beside it the same for people: ``R.md`` and ``R.html`` (each written atomically)."""
+    from attn_export.export.report_page import write_report
 
-    write_text(path, json.dumps(data, indent=2))
+    for written in write_report(path, data)[1:]:
+        log.info("report page: %s", written)
 
 
 def run_export(args: argparse.Namespace) -> int:
