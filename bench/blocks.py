@@ -411,7 +411,8 @@ def parser() -> argparse.ArgumentParser:
         prog="attn-export bench",
         description="Time each block: the official module in PyTorch eager, our block exported to ONNX on "
         "onnxruntime, the naive torch.onnx export of the official module on onnxruntime, and our block "
-        "in PyTorch eager (CPU).",
+        "in PyTorch eager (CPU). `attn-export bench MODEL.pt` times a whole model instead "
+        "(`attn-export bench MODEL.pt --help`).",
     )
     p.add_argument(
         "--blocks",
@@ -442,6 +443,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and not argv[0].startswith("-"):  # attn-export bench MODEL.pt: a whole model
+        from attn_export.bench.model_bench import main as model_main
+
+        return model_main(argv)
     device = argparse.ArgumentParser(add_help=False)
     device.add_argument("--device", default="cpu")
     if device.parse_known_args(argv)[0].device != "cpu":  # the GPU benchmark: its own module and flags
