@@ -19,6 +19,7 @@ Errors are the protocol's ``{"error": MESSAGE}`` with a 4xx status for what the 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import re
 import time
@@ -26,7 +27,7 @@ import zlib
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Path, Request, Security
 from fastapi.responses import JSONResponse, Response
 
 from attn_export import __version__
@@ -42,6 +43,8 @@ from attn_export.detection.contract import (
     split_bytes,
 )
 from attn_export.serve.door import SCOPE_TICKET
+from attn_export.serve.routes_detect import API_KEY_SCHEME
+from attn_export.serve.schemas import V2_ERRORS, V2_INFER_BODY, V2_INFER_RESPONSES
 from attn_export.serve.v2_protocol import (
     EXTENSIONS,
     SERVER_NAME,
@@ -56,6 +59,23 @@ from attn_export.serve.v2_protocol import (
 )
 
 HEADER_LENGTH = "inference-header-content-length"
+LENGTH_DOC = "binary tensor data extension: the length of the JSON request at the start of the body (ASCII digits)"
+#: the path parameters as the schema shows them
+MODEL = Path(description="the model's name (GET /v2/repository/index lists it)")
+VERSION = Path(description=f"the model's version: {MODEL_VERSION}")
+
+
+def _without_version(handler):
+    """``handler`` for the route without ``/versions/{version}``: no such parameter (version "")."""
+
+    @functools.wraps(handler)
+    async def run(*args, **kwargs):
+        kwargs.setdefault("version", "")
+        return await handler(*args, **kwargs)
+
+    sig = inspect.signature(handler)
+    run.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "version"])
+    return run
 
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -284,7 +304,7 @@ def infer_response(req: dict, model: str, tensors: dict[str, np.ndarray], output
 def oip_router(svc) -> APIRouter:
     """The ``/v2`` routes for a :class:`~attn_export.serve.service.Service` (read at request time: the model
     loads later)."""
-    router = APIRouter(prefix="/v2", include_in_schema=False)
+    router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
     settings = svc.settings
 
     def guarded(handler):
@@ -314,19 +334,26 @@ def oip_router(svc) -> APIRouter:
             return error(503, f"not ready: {svc.not_ready_reason()}", {"Retry-After": "5"})
         return Response(status_code=200)
 
-    async def metadata(model: str, version: str = ""):
+    async def metadata(model: str = MODEL, version: str = VERSION):
         return model_metadata(svc, model_or_error(svc, model, version))
 
-    async def model_ready(model: str, version: str = ""):
+    async def model_ready(model: str = MODEL, version: str = VERSION):
         model_or_error(svc, model, version)
         if not svc.ready:
             return error(503, f"model {shown(model)} is not ready", {"Retry-After": "5"})
         return Response(status_code=200)
 
-    async def config(model: str, version: str = ""):
+    async def config(model: str = MODEL, version: str = VERSION):
         return model_config_of(svc, model_or_error(svc, model, version))
 
-    async def infer(request: Request, model: str, version: str = ""):
+    async def infer(
+        request: Request,
+        model: str = MODEL,
+        version: str = VERSION,
+        # for the schema only: the handler reads both headers from the request (a 400 in the protocol's form)
+        _length: str | None = Header(None, alias="Inference-Header-Content-Length", description=LENGTH_DOC),
+        _coding: str | None = Header(None, alias="Content-Encoding", description="gzip, deflate or identity"),
+    ):
         t0 = time.perf_counter()
         # the API key is checked at the door (serve/middleware.py, PROTECTED_V2), before the body
         m = model_or_error(svc, model, version)
@@ -366,10 +393,24 @@ def oip_router(svc) -> APIRouter:
             return []
         return [{"name": m.name, "version": MODEL_VERSION, "state": "READY" if svc.ready else "UNAVAILABLE"}]
 
-    for prefix in ("/models/{model}", "/models/{model}/versions/{version}"):
-        router.add_api_route(prefix, guarded(metadata), methods=["GET"], summary="Model metadata")
-        router.add_api_route(f"{prefix}/ready", guarded(model_ready), methods=["GET"], summary="Model readiness")
-        router.add_api_route(f"{prefix}/config", guarded(config), methods=["GET"], summary="Model config")
-        router.add_api_route(f"{prefix}/infer", guarded(infer), methods=["POST"], summary="Inference")
+    errors = V2_ERRORS
+
+    def plain(handler):
+        return _without_version(guarded(handler))
+
+    for prefix, wrap in (("/models/{model}", plain), ("/models/{model}/versions/{version}", guarded)):
+        get = functools.partial(router.add_api_route, methods=["GET"], responses=errors)
+        get(prefix, wrap(metadata), summary="Model metadata")
+        get(f"{prefix}/ready", wrap(model_ready), summary="Model readiness")
+        get(f"{prefix}/config", wrap(config), summary="Model config")
+        router.add_api_route(
+            f"{prefix}/infer",
+            wrap(infer),
+            methods=["POST"],
+            summary="Inference: images in, the four detection tensors out",
+            responses=V2_INFER_RESPONSES,
+            openapi_extra={"requestBody": V2_INFER_BODY},
+            dependencies=[Security(API_KEY_SCHEME)],
+        )
     router.add_api_route("/repository/index", repository_index, methods=["POST"], summary="Repository index")
     return router
