@@ -2,7 +2,8 @@
 #   make run    export the shipped shapes detector to ONNX (verified against PyTorch) and serve it on
 #               http://127.0.0.1:8000 with onnxruntime on the CPU (Ctrl-C stops it)
 #   make test   run the test suite
-# Also: make demo (export and verify the demo model of every block), make bench, make weights.
+# Also: make demo (export and verify the demo model of every block), make bench, make weights,
+#   make fuzz (the service's fuzzers for FUZZ_SECONDS each, default 60; make test runs them a few seconds each).
 # torch==2.13.0 is installed first: it is the local CPU wheel; an unpinned torch would pull CUDA builds.
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test demo bench clean serve weights
+.PHONY: run test demo bench clean serve weights fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +34,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/attn-export bench
+
+fuzz: $(STAMP)
+	FUZZ_SECONDS=$${FUZZ_SECONDS:-60} $(PY) -m pytest -q tests/serve/test_fuzz_parsers.py tests/serve/test_fuzz_http.py tests/serve/test_fuzz_grpc.py tests/serve/test_no_500.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info
