@@ -59,6 +59,20 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, help="output .onnx (default: next to MODEL, .onnx)")
     p.add_argument("--input-shape", help="input shape without the batch, e.g. 3,320,320 (default: from the checkpoint)")
     p.add_argument(
+        "--input",
+        action="append",
+        metavar="NAME:C,H,W",
+        help="a named tensor input and its shape without the batch; repeat it for a model of several inputs "
+        "(passed to forward by name where the names are its parameters, else in the order given)",
+    )
+    p.add_argument(
+        "--dynamic-hw",
+        metavar="MIN:OPT:MAX",
+        help="make the image input's height and width dynamic too (both sides range over MIN..MAX); verified at "
+        "MIN, OPT, MAX, an odd and a non-square size. A model that cannot take a free size (a fixed position "
+        "embedding, a flatten into a fixed Linear) keeps its size, and the export says why",
+    )
+    p.add_argument(
         "--batch",
         default="1:1:32",
         help="MIN:OPT:MAX batch sizes for profiles and verification (default 1:1:32; the ONNX graph accepts any batch)",
@@ -124,8 +138,8 @@ def _write_report(path: Path, data: dict) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from attn_export.export import ExportError, export_onnx, load_model
-    from attn_export.export.checkpoint import parse_shape
-    from attn_export.export.profile import parse_batch
+    from attn_export.export.checkpoint import parse_inputs, parse_shape
+    from attn_export.export.profile import parse_batch, parse_hw
 
     t0 = time.perf_counter()
     stage = "arguments"
@@ -137,15 +151,26 @@ def run_export(args: argparse.Namespace) -> int:
         if args.fp16 and args.bf16:
             raise ExportError("--fp16 and --bf16: choose one half precision")
         batch = parse_batch(args.batch)
+        hw = parse_hw(args.dynamic_hw) if args.dynamic_hw else None
+        inputs = parse_inputs(args.input) if args.input else None
+        if inputs and args.input_shape:
+            raise ExportError("--input and --input-shape: give the shapes one way (--input NAME:C,H,W, repeatable)")
         output = args.output or args.model.with_suffix(".onnx")
         log.info(_versions())
         stage = "load"
         with _timed("load") as done:
             loaded = load_model(args.model, trust_checkpoint=args.trust_checkpoint)
             shape = parse_shape(args.input_shape) if args.input_shape else loaded.input_shape
+            if inputs:
+                shape = next(iter(inputs.values()))
             if not shape:
                 raise ExportError(f"{args.model}: the checkpoint holds no input shape; pass --input-shape C,H,W")
-            done(f"{args.model} ({loaded.source}, {loaded.arch}), input (batch, {', '.join(map(str, shape))})")
+            shown = (
+                ", ".join(f"{n} (batch, {', '.join(map(str, s))})" for n, s in inputs.items())
+                if inputs
+                else f"(batch, {', '.join(map(str, shape))})"
+            )
+            done(f"{args.model} ({loaded.source}, {loaded.arch}), input {shown}")
         stage = "export"  # export_onnx names its own stages
         result = export_onnx(
             loaded.model,
@@ -160,6 +185,8 @@ def run_export(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=_progress,
             metadata={"classes": loaded.meta.get("classes")},
+            dynamic_hw=hw,
+            inputs=inputs,
         )
     except ExportError as e:
         log.debug("traceback", exc_info=e)
@@ -176,10 +203,14 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"attn-export: verification FAILED; no {output} written ({took:.1f}s)", file=sys.stderr)
         return 1
     size = result.size_bytes / 1e6
+    dynamic = "dynamic batch"
+    if result.dynamic_hw:
+        dynamic = f"dynamic batch, height and width {result.dynamic_hw[0]}..{result.dynamic_hw[2]}"
+    elif result.hw_refused:
+        dynamic = "dynamic batch; height and width static"
     ops = ", ".join(f"{k} {v}" for k, v in result.ops.items())
     print(
-        f"exported {result.path} ({size:.2f} MB, {result.nodes} nodes, opset {result.opset}, dynamic batch) "
-        f"in {took:.1f}s"
+        f"exported {result.path} ({size:.2f} MB, {result.nodes} nodes, opset {result.opset}, {dynamic}) in {took:.1f}s"
     )
     print(f"ops: {ops}")
     if result.target == "trt":

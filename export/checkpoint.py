@@ -107,6 +107,7 @@ def _from_checkpoint(obj: dict, path: Path) -> LoadedModel:
     try:
         model = archs[arch](**obj.get("kwargs", {}))
         model.load_state_dict(obj["state_dict"])
+        model.eval()  # the format holds weights for inference; a fresh module starts in train mode
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         raise ExportError(f"{path}: cannot build {arch} from the checkpoint: {e}") from e
     shape = obj.get("input_shape")
@@ -189,3 +190,21 @@ def parse_shape(text: str) -> tuple[int, ...]:
     if not dims or min(dims) < 1:
         raise ExportError(f"--input-shape: expected positive integers like 3,320,320 (no batch), got {text!r}")
     return dims
+
+
+def parse_inputs(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """``["image:3,64,64", "mask:1,64,64"]`` (``--input``, repeatable) -> ``{"image": (3, 64, 64), ...}``."""
+    out: dict[str, tuple[int, ...]] = {}
+    for item in items:
+        name, sep, dims = item.rpartition(":")
+        if not sep or not name:
+            raise ExportError(f"--input: expected NAME:C,H,W (e.g. image:3,320,320), got {item!r}")
+        if name in out:
+            raise ExportError(f"--input: {name!r} given twice")
+        try:
+            out[name] = parse_shape(dims)
+        except ExportError:
+            raise ExportError(
+                f"--input {name}: expected positive integers like 3,320,320 (no batch), got {dims!r}"
+            ) from None
+    return out

@@ -36,6 +36,12 @@ class OutputCheck:
     passed: bool
     problem: str = ""  # what went wrong besides the tolerance (e.g. a shape that differs), in words
     graph_shape: list[int] | None = None  # the graph's shape, where it differs from PyTorch's (``shape``)
+    height: int | None = None  # the image input's height and width at this check (graphs with dynamic_hw)
+    width: int | None = None
+
+
+#: One verification run: a batch size and each input's shape without the batch.
+Case = tuple[int, Mapping[str, Sequence[int]]]
 
 
 @dataclass
@@ -47,6 +53,13 @@ class VerifyReport:
     batches: list[int]
     outputs: list[OutputCheck] = field(default_factory=list)
     blocks: list[OutputCheck] = field(default_factory=list)
+    #: the exported (adapted, BatchNorm-folded) copy in PyTorch against the reference model: where the
+    #: outputs fail while the blocks pass, this says whether the adaptation changed the results
+    adapted: list[OutputCheck] = field(default_factory=list)
+    #: what was compared with what, in words: {"outputs": ..., "blocks": ..., "adapted": ...}
+    compared: dict[str, str] = field(default_factory=dict)
+    #: one entry per run: [batch, height, width] (height and width None for a graph of fixed size)
+    sizes: list[list[int | None]] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -73,27 +86,38 @@ class VerifyReport:
             "backend": self.backend,
             "seed": self.seed,
             "batches": self.batches,
+            "sizes": self.sizes,
+            "compared": self.compared,
             "passed": self.passed,
             "first_divergent_block": self.first_divergent_block,
             "problems": self.problems,
             "outputs": [asdict(c) for c in self.outputs],
             "blocks": [asdict(c) for c in self.blocks],
+            "adapted": [asdict(c) for c in self.adapted],
         }
 
     def table(self) -> str:
         """A fixed-width table of every check, outputs first, then blocks in execution order."""
-        head = f"{'check':<34} {'batch':>5} {'max abs':>10} {'max rel':>10} {'mean abs':>10} {'p99 abs':>10}  result"
+        sized = any(c.height is not None for c in [*self.outputs, *self.blocks])
+        size_head = f" {'size':>9}" if sized else ""
+        head = (
+            f"{'check':<34} {'batch':>5}{size_head} {'max abs':>10} {'max rel':>10} {'mean abs':>10} {'p99 abs':>10}"
+            "  result"
+        )
         lines = [head, "-" * len(head)]
-        for kind, checks in (("output", self.outputs), ("block", self.blocks)):
+        for kind, checks in (("output", self.outputs), ("block", self.blocks), ("adapted", self.adapted)):
             for c in checks:
                 label = f"{kind} {c.name}"
                 label = label if len(label) <= 34 else "…" + label[-33:]
                 stats = " ".join(f"{_num(v):>10}" for v in (c.max_abs, c.max_rel, c.mean_abs, c.p99_abs))
                 verdict = "ok" if c.passed else ("FAIL (shape)" if c.graph_shape is not None else "FAIL")
-                lines.append(f"{label:<34} {c.batch:>5} {stats}  {verdict}")
+                size = f" {f'{c.height}x{c.width}' if c.height is not None else '-':>9}" if sized else ""
+                lines.append(f"{label:<34} {c.batch:>5}{size} {stats}  {verdict}")
         verdict = "PASSED" if self.passed else "FAILED"
         tol = f"atol={self.outputs[0].atol:g}, rtol={self.outputs[0].rtol:g}" if self.outputs else ""
         lines.append(f"verification {verdict} on {self.backend} ({tol}, seed {self.seed})")
+        if "outputs" in self.compared:
+            lines.append(f"outputs: {self.compared['outputs']}")
         if self.first_divergent_block:
             lines.append(f"first block to diverge: {self.first_divergent_block}")
         lines += [f"problem: {p}" for p in self.problems]
@@ -176,6 +200,13 @@ def _block_labels(paths: Sequence[str], count: int) -> list[str]:
     return [f"block[{i}]" for i in range(count)]  # a block called more than once: label by call order
 
 
+def _case_label(batch: int, shapes: Mapping[str, Sequence[int]]) -> str:
+    image = next((v for v in shapes.values() if len(v) == 3), ())
+    if image:
+        return f"a batch of {batch} at {image[1]}x{image[2]}"
+    return f"a batch of {batch}"
+
+
 def compare_runners(
     reference: Runner,
     runner: Runner,
@@ -190,6 +221,10 @@ def compare_runners(
     *,
     probe: Runner | None = None,
     block_paths: Sequence[str] = (),
+    probe_reference: Runner | None = None,
+    cases: Sequence[Case] | None = None,
+    sized: bool = False,
+    compared: Mapping[str, str] | None = None,
 ) -> VerifyReport:
     """Run ``reference`` and ``runner`` on the same fresh random inputs (standard normal, one batch of
     each size in ``batches``, from ``seed``) and compare every output; ``backend`` names ``runner`` in
@@ -197,34 +232,66 @@ def compare_runners(
 
     ``reference`` returns the model's outputs in order, which ``runner`` returns under
     ``output_names``. With a ``probe`` (``runner``'s backend on the graph that also returns the
-    outputs of the blocks at ``block_paths``, after the model's), ``reference`` returns those block
-    outputs after the model's too, and they are compared block by block (the report's ``blocks``).
-    A runner that fails raises :class:`ExportError` naming the batch.
+    outputs of the blocks at ``block_paths``, after the model's), the block outputs come from
+    ``probe_reference`` (the model that was exported, with the same blocks probed; default
+    ``reference``) after the model's, and they are compared block by block (the report's ``blocks``).
+    With a ``probe_reference``, its model outputs are compared with ``reference``'s too (the report's
+    ``adapted``: did adapting the model change its results?).
+
+    ``cases`` replaces ``batches``/``input_name``/``input_shape``: each is ``(batch, {input name: shape
+    without the batch})``, for several inputs and several image sizes; ``sized`` records each check's
+    height and width (those of the first input). A runner that fails raises :class:`ExportError`
+    naming the batch (and the size).
     """
     seed = secrets.randbits(31) if seed is None else seed
     rng = np.random.default_rng(seed)
-    report = VerifyReport(backend, seed, [int(b) for b in batches])
+    if cases is None:
+        cases = [(int(b), {input_name: tuple(input_shape)}) for b in batches]
+    report = VerifyReport(backend, seed, sorted({int(b) for b, _ in cases}), compared=dict(compared or {}))
     n = len(output_names)
-    for b in report.batches:
-        x = rng.standard_normal((b, *input_shape), dtype=np.float32)
+    block_ref = probe_reference or reference
+    for b, shapes in cases:
+        image = next((tuple(v) for v in shapes.values() if len(v) == 3), ())
+        hw = (image[1], image[2]) if sized and image else (None, None)
+        report.sizes.append([int(b), *hw])
+        where = _case_label(b, shapes) if sized else f"a batch of {b}"
+        feeds = {name: rng.standard_normal((b, *shape), dtype=np.float32) for name, shape in shapes.items()}
         try:
-            ref = list(reference.infer({input_name: x}).values())
+            ref = list(reference.infer(feeds).values())
+            mine = list(block_ref.infer(feeds).values()) if probe_reference is not None else ref
         except Exception as e:
             raise ExportError(
-                f"verification: the PyTorch model fails on a batch of {b} ({first_line(e)}); the model "
-                "must run at every batch size the ONNX graph accepts"
+                f"verification: the PyTorch model fails on {where} ({first_line(e)}); the model "
+                "must run at every input size the ONNX graph accepts"
             ) from e
         try:
-            got = runner.infer({input_name: x})
-            got_all = probe.infer({input_name: x}) if probe is not None else {}
+            got = runner.infer(feeds)
+            got_all = probe.infer(feeds) if probe is not None else {}
         except Exception as e:
             raise ExportError(
-                f"verification: {backend} cannot run the exported graph on a batch of {b} ({first_line(e)})"
+                f"verification: {backend} cannot run the exported graph on {where} ({first_line(e)})"
             ) from e
-        report.outputs += compare_outputs(dict(zip(output_names, ref[:n], strict=True)), got, b, atol, rtol)
+        new: list[OutputCheck] = []
+        checks = compare_outputs(dict(zip(output_names, ref[:n], strict=True)), got, b, atol, rtol)
+        report.outputs += checks
+        new += checks
+        if probe_reference is not None:
+            checks = compare_outputs(
+                dict(zip(output_names, ref[:n], strict=True)),
+                dict(zip(output_names, mine[:n], strict=True)),
+                b,
+                atol,
+                rtol,
+            )
+            report.adapted += checks
+            new += checks
         if probe is not None:
-            labels = _block_labels(block_paths, len(ref) - n)
-            refs = dict(zip(labels, ref[n:], strict=True))
+            labels = _block_labels(block_paths, len(mine) - n)
+            refs = dict(zip(labels, mine[n:], strict=True))
             got_blocks = dict(zip(labels, list(got_all.values())[n:], strict=False))
-            report.blocks += compare_outputs(refs, got_blocks, b, atol, rtol)
+            checks = compare_outputs(refs, got_blocks, b, atol, rtol)
+            report.blocks += checks
+            new += checks
+        for c in new:
+            c.height, c.width = hw
     return report

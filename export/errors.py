@@ -12,6 +12,11 @@ class ExportError(Exception):
     """A clear, user-facing failure: the message says what is wrong and what to do."""
 
 
+class SizeRefused(ExportError):
+    """The model cannot take a free image size (``dynamic_hw``): the message says why, in one line.
+    The export then keeps height and width static."""
+
+
 def strip_ansi(text: str) -> str:
     """``text`` without terminal colour codes (torch's exporter colours its messages)."""
     return _ANSI.sub("", text)

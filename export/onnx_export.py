@@ -10,12 +10,15 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import inspect
 import json
 import logging
 import math
 import os
+import re
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +27,17 @@ from torch import nn
 
 from attn_export.export.adapt import AdaptRecord, adapt, function_rewrites
 from attn_export.export.compare import VerifyReport, compare_runners
-from attn_export.export.errors import ExportError, first_line
-from attn_export.export.profile import parse_batch
+from attn_export.export.errors import ExportError, SizeRefused, first_line
+from attn_export.export.profile import check_input_shape, parse_batch, parse_hw, verify_sizes
 from attn_export.export.surgery import check_plugin_nodes, clean_graph
-from attn_export.export.torch_export import INPUT_NAME, Probe, export_failure, find_blocks, torch_onnx_export
+from attn_export.export.torch_export import (
+    INPUT_NAME,
+    Probe,
+    Splat,
+    export_failure,
+    find_blocks,
+    torch_onnx_export,
+)
 from attn_export.files import write_bytes
 from attn_export.runtime.precision import prepare_for_inference
 
@@ -69,6 +79,14 @@ class ExportResult:
     blocks: list[str] = field(default_factory=list)
     report: VerifyReport | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    #: ``{"name", "shape"}`` of each graph input (the batch and, with dynamic_hw, height/width by name)
+    inputs: list[dict] = field(default_factory=list)
+    #: ``(min, opt, max)`` of the image sides where the graph's height and width are symbolic, else None
+    dynamic_hw: tuple[int, int, int] | None = None
+    #: why height and width stayed static although ``dynamic_hw`` was asked for (one line), else ""
+    hw_refused: str = ""
+    #: ``{"given": "train"|"eval", "exported": "eval", "note": ...}``
+    mode: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -78,7 +96,11 @@ class ExportResult:
         return {
             "path": str(self.path) if self.path else None,
             "target": self.target,
-            "input": {"name": self.input_name, "shape": ["batch", *self.input_shape]},
+            "input": {"name": self.input_name, "shape": self._graph_shape(self.input_name, self.input_shape)},
+            "inputs": [{"name": i["name"], "shape": self._graph_shape(i["name"], i["shape"][1:])} for i in self.inputs],
+            "dynamic_hw": dict(zip(("min", "opt", "max"), self.dynamic_hw, strict=True)) if self.dynamic_hw else None,
+            "dynamic_hw_refused": self.hw_refused or None,
+            "mode": self.mode,
             "outputs": self.output_names,
             "batch": {"min": self.batch[0], "opt": self.batch[1], "max": self.batch[2]},
             "opset": self.opset,
@@ -91,6 +113,12 @@ class ExportResult:
             "timings_s": self.timings,
             "verification": self.report.to_dict() if self.report else None,
         }
+
+    def _graph_shape(self, name: str, shape: Sequence[int]) -> list:
+        """The graph's shape of input ``name``: ``batch`` first, ``height``/``width`` where they are symbolic."""
+        dims: list = ["batch", *shape]
+        dynamic = self.dynamic_hw and len(shape) == 3 and tuple(shape[1:]) == tuple(self.input_shape[1:])
+        return [*dims[:2], "height", "width"] if dynamic else dims
 
 
 class _Stage:
@@ -159,45 +187,233 @@ def verify_onnx(
     rtol: float,
     seed: int | None = None,
     target: str = "ort",
+    *,
+    reference: nn.Module | None = None,
+    cases: Sequence | None = None,
+    sized: bool = False,
+    compared: dict[str, str] | None = None,
 ) -> VerifyReport:
     """Compare PyTorch with the target's ONNX backend (:data:`VERIFY_BACKENDS`) on the graph ``shipped``,
     and block by block on ``probe`` (the graph that also returns the blocks' outputs).
 
-    The backend: onnxruntime on CPU for ``ort``; for ``trt``, ONNX's reference evaluator with the numpy
+    ``model`` is the module that was exported (adapted, BatchNorm folded): its blocks are probed.
+    ``reference`` (default ``model``) is what the graph's outputs are compared with: the user's model
+    as given, in eval mode. ``cases`` (``(batch, {input name: shape})`` each) replace ``batches`` and
+    ``input_shape`` for several inputs or image sizes.
+
+    The backend: onnxruntime on CPU for ``ort``; for ``trt``, the plugin graph with the numpy
     implementations of the plugin nodes (TensorRT itself is not needed, so the plugin graph is checked on
     any machine).
     """
     from attn_export.runtime.runners import TorchRunner
 
+    if cases is None:
+        cases = [(int(b), {INPUT_NAME: tuple(input_shape)}) for b in batches]
+    names = list(cases[0][1])
     make_runner = _runner_factory(target)
     runner = make_runner(shipped)
     probe_runner = make_runner(probe) if block_paths else None
     probe_mod = Probe(model, block_paths)
     try:
-        reference = TorchRunner(probe_mod, [INPUT_NAME])
-        backend = VERIFY_BACKENDS[target]
+        exported = TorchRunner(probe_mod, names)
+        original = TorchRunner(reference, names) if reference is not None and reference is not model else None
         return compare_runners(
-            reference,
+            original or exported,
             runner,
-            backend,
-            INPUT_NAME,
-            input_shape,
-            batches,
+            VERIFY_BACKENDS[target],
+            names[0],
+            cases[0][1][names[0]],
+            [b for b, _ in cases],
             output_names,
             atol,
             rtol,
             seed,
             probe=probe_runner,
             block_paths=block_paths,
+            probe_reference=exported if original is not None else None,
+            cases=cases,
+            sized=sized,
+            compared=compared,
         )
     finally:
         probe_mod.remove()
 
 
+def _check_inputs(input_shape: Sequence[int] | None, inputs: Mapping[str, Sequence[int]] | None) -> dict:
+    """``{name: shape without the batch}``: ``inputs`` as given, else ``{"input": input_shape}``."""
+    if inputs is None:
+        if input_shape is None:
+            raise ExportError("input shape: give input_shape (C, H, W), or inputs={name: shape}")
+        return {INPUT_NAME: check_input_shape(input_shape)}
+    if not inputs:
+        raise ExportError("--input: give at least one input as NAME:C,H,W")
+    specs: dict[str, tuple[int, ...]] = {}
+    for name, shape in inputs.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.:-]*", name):
+            raise ExportError(f"--input: {name!r} is not a usable input name (letters, digits, _ . : -)")
+        try:
+            specs[name] = check_input_shape(shape)
+        except ExportError as e:
+            raise ExportError(f"--input {name}: {e}") from e
+    return specs
+
+
+def _describe_inputs(specs: Mapping[str, Sequence[int]], batch: int) -> str:
+    if len(specs) == 1:
+        return f"an input of shape {(batch, *next(iter(specs.values())))}"
+    return "inputs " + ", ".join(f"{n} {(batch, *s)}" for n, s in specs.items())
+
+
+def _forward_params(model: nn.Module) -> tuple[list[str], bool] | None:
+    """The names of ``model.forward``'s positional parameters, and whether it takes ``*args``."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = [p for p in sig.parameters.values() if p.kind in kinds]
+    varargs = any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in sig.parameters.values())
+    return [p.name for p in params if p.default is inspect.Parameter.empty], varargs
+
+
+_KEYS = r"""{p}\s*(?:\[\s*|\.get\(\s*)['"]([^'"]+)['"]"""
+
+
+def _dict_keys(model: nn.Module, param: str) -> list[str] | None:
+    """The string keys ``forward`` reads from its parameter ``param`` (``x["image"]``, ``x.get("mask")``),
+    or None where it reads none and calls no dict method on it."""
+    try:
+        src = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return None
+    p = re.escape(param)
+    keys = list(dict.fromkeys(re.findall(_KEYS.format(p=rf"\b{p}"), src)))
+    if keys:
+        return keys
+    if re.search(rf"\b{p}\.(items|keys|values)\(", src):
+        return []
+    return None
+
+
+def _wrapper_hint(keys: Sequence[str], specs: Mapping[str, Sequence[int]]) -> str:
+    """The wrapper to write around a model whose forward takes a dict: a module whose forward takes tensors."""
+    names = [k for k in keys if k.isidentifier()] or ["image"]
+    shapes = list(specs.values())
+    dims = [",".join(map(str, shapes[i])) if i < len(shapes) else "C,H,W" for i in range(len(names))]
+    args = ", ".join(names)
+    built = ", ".join(f"{k!r}: {k}" for k in names)
+    pairs = list(zip(names, dims, strict=True))
+    return (
+        "write a wrapper whose forward takes tensors and builds the dict, and export it instead:\n"
+        "    class Wrapped(torch.nn.Module):\n"
+        "        def __init__(self, model):\n"
+        "            super().__init__()\n"
+        "            self.model = model\n\n"
+        f"        def forward(self, {args}):\n"
+        f"            return self.model({{{built}}})\n"
+        f"then export Wrapped(model) with inputs={{{', '.join(f'{k!r}: ({d})' for k, d in pairs)}}} "
+        f"(CLI: save it, then {' '.join(f'--input {k}:{d}' for k, d in pairs)})"
+    )
+
+
+def _check_forward(model: nn.Module, specs: Mapping[str, Sequence[int]]) -> None:
+    """Refuse, before running it, a forward whose positional parameters the inputs cannot fill, or one
+    that reads its single argument as a dict."""
+    found = _forward_params(model)
+    if found is None:
+        return
+    required, varargs = found
+    if len(required) == 1 and len(specs) >= 1:
+        keys = _dict_keys(model, required[0])
+        if keys is not None:
+            what = f" (it reads {', '.join(map(repr, keys))})" if keys else ""
+            raise ExportError(
+                f"run: {type(model).__name__}.forward takes a dict as '{required[0]}'{what}; the export takes "
+                f"tensors only. {_wrapper_hint(keys, specs)}"
+            )
+    if not varargs and len(required) > len(specs):
+        raise ExportError(
+            f"run: {type(model).__name__}.forward takes {len(required)} inputs ({', '.join(required)}) but "
+            f"{len(specs)} {'was' if len(specs) == 1 else 'were'} given; give each with --input NAME:C,H,W "
+            "(API: inputs={name: shape})"
+        )
+
+
+def _order_inputs(model: nn.Module, specs: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """``specs`` in the order of ``forward``'s parameters when every name is one of them, else as given."""
+    found = _forward_params(model)
+    if found is None or len(specs) < 2:
+        return specs
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return specs
+    if all(n in params for n in specs):
+        return {n: specs[n] for n in sorted(specs, key=params.index)}
+    return specs
+
+
+@contextlib.contextmanager
+def _warnings_to_debug() -> Iterator[None]:
+    """torch's ``UserWarning``s and the like go to the debug log (the CLI shows them with -v)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for w in caught:
+                log.debug("warning: %s:%s: %s: %s", w.filename, w.lineno, w.category.__name__, w.message)
+
+
+def _training_modules(model: nn.Module) -> list[str]:
+    """Paths of the submodules left in train mode that behave differently in eval (Dropout, BatchNorm...)."""
+    modes = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
+    return [p or "<model>" for p, m in model.named_modules() if m.training and isinstance(m, modes)]
+
+
+def _shapes_at(
+    specs: Mapping[str, Sequence[int]], dynamic: Sequence[str], hw: tuple[int, int]
+) -> dict[str, tuple[int, ...]]:
+    return {n: (s[0], *hw) if n in dynamic else tuple(s) for n, s in specs.items()}
+
+
+def _sample(specs: Mapping[str, Sequence[int]], batch: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn((batch, *s), generator=gen) for s in specs.values())
+
+
+def _size_problem(model: nn.Module, args: tuple) -> str | None:
+    """None where ``model`` runs on ``args``, else the reason, naming the innermost module that raised."""
+    paths = {id(m): p for p, m in model.named_modules()}
+    stack: list[nn.Module] = []
+
+    def enter(mod, args) -> None:
+        stack.append(mod)
+
+    def leave(mod, args, out) -> None:  # returns None: a hook's return value would replace the output
+        if stack:
+            stack.pop()
+
+    handles = []
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(enter))
+        handles.append(m.register_forward_hook(leave))
+    try:
+        with torch.no_grad():
+            model(*args)
+        return None
+    except Exception as e:
+        failed = stack[-1] if stack else model
+        return f"module '{paths.get(id(failed)) or '<model>'}' ({type(failed).__name__}): {first_line(e)}"
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def export_onnx(
     model: nn.Module,
     output: str | os.PathLike,
-    input_shape: Sequence[int],
+    input_shape: Sequence[int] | None = None,
     batch: tuple[int, int, int] | str = (1, 1, 32),
     opset: int = MIN_OPSET,
     target: str = "ort",
@@ -208,13 +424,27 @@ def export_onnx(
     progress: Callable[[str, str], None] | None = None,
     metadata: dict | None = None,
     copy_model: bool = True,
+    dynamic_hw: tuple[int, int, int] | str | None = None,
+    inputs: Mapping[str, Sequence[int]] | None = None,
 ) -> ExportResult:
     """Export ``model`` to ONNX at ``output`` with a dynamic batch axis, then verify it.
 
+    ``input_shape`` is the input's shape without the batch; ``inputs={name: shape}`` gives several
+    named tensor inputs instead (passed to ``forward`` by name where the names are its parameters,
+    else in the order given). ``dynamic_hw=(min, opt, max)`` (or ``"MIN:OPT:MAX"``) makes the height
+    and width of the image inputs (rank 3 without the batch) symbolic too, both sides ranging over
+    ``min..max``; the verification then runs at MIN, OPT, MAX, an odd and a non-square size. A model
+    that cannot take a free size (a fixed position embedding, a flatten into a fixed ``Linear``) is
+    exported at its given size, and the result's ``hw_refused`` says why.
+
     ``target="ort"`` lowers the attn-export ops into standard ONNX ops, verified on onnxruntime;
     ``target="trt"`` writes each op call as one TensorRT plugin node (everything else standard ONNX),
-    verified on ``onnx.reference`` with the numpy plugin references, at batches capped at
-    :data:`TRT_VERIFY_MAX_BATCH` (the reference evaluator is slow).
+    verified with the numpy plugin references, at batches capped at :data:`TRT_VERIFY_MAX_BATCH`.
+
+    The graph's outputs are compared with ``model`` as given (a deep copy in eval mode, float32: not
+    adapted, not BatchNorm-folded), so a wrong adaptation cannot pass; each attn-export block's output
+    is compared with the same block in the exported copy, to say where a difference starts. A model
+    in train mode is exported in eval mode: ``progress`` says so, and the result's ``mode`` records it.
 
     The file appears only when the export and the verification succeed (a temporary file in the same
     folder is renamed into place). A graph that fails verification is kept beside it as
@@ -227,6 +457,43 @@ def export_onnx(
     when the model itself is a foreign block, the replacement is only in the result's graph.
     Problems raise :class:`ExportError` with a one-line message that names the stage.
     """
+    with _warnings_to_debug():
+        return _export_onnx(
+            model,
+            output,
+            input_shape,
+            batch,
+            opset,
+            target,
+            verify,
+            atol,
+            rtol,
+            seed,
+            progress,
+            metadata,
+            copy_model,
+            dynamic_hw,
+            inputs,
+        )
+
+
+def _export_onnx(
+    model,
+    output,
+    input_shape,
+    batch,
+    opset,
+    target,
+    verify,
+    atol,
+    rtol,
+    seed,
+    progress,
+    metadata,
+    copy_model,
+    dynamic_hw,
+    inputs,
+) -> ExportResult:
     from attn_export.plugins import TARGETS, onnx_translation_table
 
     if target not in TARGETS:
@@ -234,59 +501,129 @@ def export_onnx(
     if opset < MIN_OPSET:
         raise ExportError(f"--opset: the exporter needs opset {MIN_OPSET} or newer, got {opset}")
     batch = parse_batch(batch) if isinstance(batch, str) else tuple(batch)
-    input_shape = tuple(int(d) for d in input_shape)
+    hw = parse_hw(dynamic_hw) if dynamic_hw is not None else None
+    specs = _check_inputs(input_shape, inputs)
     output = Path(output)
     if output.exists() and output.is_dir():
         raise ExportError(f"{output}: is a directory; give a file path for the ONNX model")
     if not output.parent.exists():
         raise ExportError(f"{output.parent}: the output folder does not exist")
-    result = ExportResult(None, target, INPUT_NAME, input_shape, [], batch, opset)
+    first_name, first_shape = next(iter(specs.items()))
+    result = ExportResult(None, target, first_name, first_shape, [], batch, opset)
     stage = _Stage(result.timings, progress)
     with stage("prepare"):
+        given = _training_modules(model)
+        result.mode = {"given": "train" if model.training or given else "eval", "exported": "eval"}
+        reference = None
         if copy_model:
             try:
+                reference = copy.deepcopy(model)
                 model = copy.deepcopy(model)
             except Exception as e:
                 raise ExportError(
                     f"prepare: the model cannot be deep-copied ({first_line(e)}); export_onnx works on a copy so "
                     "that your model stays as it is: pass copy_model=False to export it in place"
                 ) from e
+        else:
+            try:  # the reference the graph is compared with; in place, the model itself is about to change
+                reference = copy.deepcopy(model)
+            except Exception:
+                reference = None
         # Never chain on what train()/eval() return: mmcv/mmdet-style backbones override train()
         # without returning self.
-        model.eval()
-        model.float()
-        trace_batch = max(2, batch[1])  # 0/1 are specialised by torch.export; trace with a batch of 2 or more
-        sample = torch.randn((trace_batch, *input_shape), generator=torch.Generator().manual_seed(0))
+        for m in (model, reference):
+            if m is not None:
+                m.eval()
+                m.float()
+        specs = _order_inputs(model, specs)
+        _check_forward(model, specs)
+    if result.mode["given"] == "train":
+        which = ", ".join(given[:4]) + (f" and {len(given) - 4} more" if len(given) > 4 else "")
+        result.mode["note"] = (
+            "the model was in train mode; it is exported and verified in eval mode (Dropout off, BatchNorm on its "
+            "running statistics)" + (f": {which}" if which else "")
+        )
+        stage.say("prepare", f"warning: {result.mode['note']}")
+    result.inputs = [{"name": n, "shape": ["batch", *s]} for n, s in specs.items()]
 
-    with stage("adapt"):
+    with stage("run"):
+        # the user's batch in what the user sees; the trace below uses a batch of 2 or more, since torch.export
+        # specialises sizes 0 and 1
         try:
             with torch.no_grad():
-                first = model(sample)
+                first = model(*_sample(specs, batch[1]))
         except Exception as e:
             raise ExportError(
-                f"the model does not run on an input of shape {tuple(sample.shape)}: {first_line(e)}"
+                f"run: the model does not run on {_describe_inputs(specs, batch[1])}: {first_line(e)}"
             ) from e
-        model, result.adapted = adapt(model, sample)
+        leaves = torch.utils._pytree.tree_leaves(first)
+        if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+            kinds = sorted({type(t).__name__ for t in leaves if not isinstance(t, torch.Tensor)}) or ["nothing"]
+            raise ExportError(
+                f"run: the model returns {', '.join(kinds)} besides tensors; an ONNX graph returns tensors only "
+                "(return a tensor, or a tuple/list/dict of tensors)"
+            )
+        n_out = len(leaves)
+        result.output_names = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
+
+    trace_batch = max(2, batch[1])
+    with stage("adapt"):
+        sample = _sample(specs, trace_batch)
+        if len(sample) == 1:
+            model, result.adapted = adapt(model, sample[0])
+        else:  # adapt runs model(sample): one argument, here the tuple that Splat spreads
+            splat, result.adapted = adapt(Splat(model), sample)
+            model = splat.model
+            for r in result.adapted:
+                r.path = "" if r.path == "model" else r.path.removeprefix("model.")
         # BatchNorm folded into the convs (half precision starts from it); in place: the model is the
         # export's own copy, or the caller asked for an in-place export (copy_model=False)
         model = prepare_for_inference(model, inplace=True)
         result.blocks = find_blocks(model)
-        n_out = len(torch.utils._pytree.tree_leaves(first))
-        result.output_names = ["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
     for r in result.adapted:
         stage.say("adapt", f"{r.path or '<model>'}: {r.foreign} {r.action} {r.reason}".rstrip())
     stage.say("adapt", f"{len(result.blocks)} attn-export block(s): {', '.join(result.blocks) or 'none'}")
 
+    batches = _verify_batches(batch, first_shape, target)
+    images = [n for n, s in specs.items() if len(s) == 3]
+    dynamic = [n for n in images if specs[n][1:] == specs[images[0]][1:]] if hw and images else []
+    sizes: list[tuple[int, int]] = []
+    if hw and not dynamic:
+        raise ExportError("--dynamic-hw: no image input (C, H, W) to make height and width dynamic")
+    if hw:
+        sizes = verify_sizes(hw)
+        with stage("sizes"):
+            trace_hw = (hw[1], hw[1])
+            problems = {s: _size_problem(model, _sample(_shapes_at(specs, dynamic, s), batches[0])) for s in sizes}
+        failed = {s: p for s, p in problems.items() if p}
+        if failed and len(failed) >= len([s for s in sizes if s != trace_hw]):
+            result.hw_refused = next(iter(failed.values()))
+        elif failed:
+            (h, w), why = next(iter(failed.items()))
+            raise ExportError(
+                f"--dynamic-hw {':'.join(map(str, hw))}: the model fails at {h}x{w} ({why}); give a range of sizes "
+                "it runs at"
+            )
     table = onnx_translation_table(target)
-    with stage("export"), function_rewrites():
-        probe = Probe(model, result.blocks)
-        try:
-            names = result.output_names + [f"block:{p}" for p in result.blocks]
-            proto = torch_onnx_export(probe, (sample,), table, opset)
-        except Exception as e:
-            probe.remove()
-            raise ExportError(export_failure(e, model, sample, table, opset)) from e
-        probe.remove()
+    names = result.output_names + [f"block:{p}" for p in result.blocks]
+    proto = None
+    if hw and not result.hw_refused:
+        sample = _sample(_shapes_at(specs, dynamic, (hw[1], hw[1])), trace_batch)
+        with stage("export"), function_rewrites():
+            try:
+                proto = _export_probe(model, result.blocks, sample, table, opset, list(specs), True)
+            except SizeRefused as e:
+                result.hw_refused = str(e)
+    if proto is None:
+        sample = _sample(specs, trace_batch)
+        with stage("export"), function_rewrites():
+            proto = _export_probe(model, result.blocks, sample, table, opset, list(specs), False)
+    if hw and result.hw_refused:
+        h, w = specs[dynamic[0]][1:]
+        stage.say("export", f"height and width stay static at {h}x{w}: {result.hw_refused}")
+        sizes = []
+    elif hw:
+        result.dynamic_hw = hw
     stage.say("export", f"torch.onnx (dynamo) opset {opset}, target {target}, {len(proto.graph.node)} nodes")
 
     with stage("surgery"):
@@ -303,12 +640,30 @@ def export_onnx(
 
     if verify:
         with stage("verify"):
-            batches = _verify_batches(batch, input_shape, target)
+            if result.dynamic_hw:
+                opt = (hw[1], hw[1])
+                cases = [(b, _shapes_at(specs, dynamic, opt)) for b in batches]
+                cases += [(batches[0], _shapes_at(specs, dynamic, s)) for s in sizes if s != opt]
+            else:
+                cases = [(b, dict(specs)) for b in batches]
+            compared = {
+                "outputs": f"the exported graph on {VERIFY_BACKENDS[target].split(' (')[0]} against your model as "
+                "given (a deep copy in eval mode, float32: not adapted, BatchNorm not folded)",
+                "blocks": "each attn-export block's output in the graph against the same block in the exported "
+                "PyTorch copy (adapted, BatchNorm folded), to show where a difference starts",
+                "adapted": "the exported PyTorch copy (adapted, BatchNorm folded) against your model as given",
+            }
+            if reference is None:
+                compared["outputs"] = (
+                    "the exported graph against the exported PyTorch copy (your model could not be deep-copied, and "
+                    "copy_model=False changed it in place)"
+                )
+                compared.pop("adapted")
             result.report = verify_onnx(
                 model,
                 shipped,
                 probe_graph,
-                input_shape,
+                first_shape,
                 batches,
                 result.output_names,
                 result.blocks,
@@ -316,10 +671,15 @@ def export_onnx(
                 rtol,
                 seed,
                 target=target,
+                reference=reference,
+                cases=cases,
+                sized=bool(result.dynamic_hw),
+                compared=compared,
             )
-        capped = " (capped: the reference evaluator is slow)" if target == "trt" and max(batches) < batch[2] else ""
+        capped = " (capped: the plugin graph's check is slow)" if target == "trt" and max(batches) < batch[2] else ""
         verdict = "passed" if result.report.passed else "FAILED"
-        stage.say("verify", f"batches {batches}{capped} on {result.report.backend}: {verdict}")
+        at = f" at sizes {', '.join(f'{h}x{w}' for h, w in sizes)}" if result.dynamic_hw else ""
+        stage.say("verify", f"batches {batches}{capped}{at} on {result.report.backend}: {verdict}")
 
     if result.report is not None and not result.report.passed:
         kept = output.with_name(output.stem + ".unverified.onnx")
@@ -332,6 +692,22 @@ def export_onnx(
             if value is not None:
                 entry = shipped.metadata_props.add()
                 entry.key, entry.value = str(key), value if isinstance(value, str) else json.dumps(value)
+        if result.dynamic_hw:
+            entry = shipped.metadata_props.add()
+            entry.key, entry.value = "dynamic_hw", json.dumps(dict(zip(("min", "opt", "max"), hw, strict=True)))
         result.size_bytes = write_bytes(output, shipped.SerializeToString())
     result.path = output
     return result
+
+
+def _export_probe(model, blocks, sample, table, opset, input_names, dynamic_hw):
+    """The torch export of ``model`` wrapped in a :class:`Probe` of ``blocks``: the ONNX ``ModelProto``."""
+    probe = Probe(model, blocks)
+    try:
+        return torch_onnx_export(probe, sample, table, opset, dynamic_hw=dynamic_hw, input_names=input_names)
+    except SizeRefused:
+        raise
+    except Exception as e:
+        raise ExportError(export_failure(e, model, sample if len(sample) > 1 else sample[0], table, opset)) from e
+    finally:
+        probe.remove()

@@ -37,3 +37,33 @@ def profile_shapes(input_shape: Sequence[int], batch: Sequence[int]) -> tuple[tu
     """The optimisation profile's (min, opt, max) input shapes: each batch size prepended to the shape."""
     dims = check_input_shape(input_shape)
     return tuple((b, *dims) for b in parse_batch(batch))
+
+
+def parse_hw(hw: str | Sequence[int]) -> tuple[int, int, int]:
+    """``(min, opt, max)`` image side lengths for ``--dynamic-hw``, from ``"160:320:640"`` or three sizes,
+    with ``2 <= min <= opt <= max`` and ``min < max`` (torch fixes sizes 0 and 1 while tracing)."""
+    if isinstance(hw, str):
+        try:
+            vals = [int(p) for p in hw.split(":")]
+        except ValueError:
+            vals = []
+    else:
+        vals = [int(v) for v in hw]
+    if len(vals) != 3 or not (2 <= vals[0] <= vals[1] <= vals[2]) or vals[0] == vals[2]:
+        shown = repr(hw) if isinstance(hw, str) else str(tuple(hw))
+        raise ExportError(
+            f"--dynamic-hw: expected MIN:OPT:MAX side lengths with 2 <= MIN <= OPT <= MAX and MIN < MAX, got {shown}"
+        )
+    return vals[0], vals[1], vals[2]
+
+
+def verify_sizes(hw: Sequence[int]) -> list[tuple[int, int]]:
+    """The (height, width) sizes a graph with dynamic height and width is verified at: MIN, OPT, MAX, an
+    odd size (both sides odd) and a non-square one, all within ``min..max``."""
+    lo, opt, hi = parse_hw(hw)
+    sizes = [(lo, lo), (opt, opt), (hi, hi)]
+    odd = next((v for v in (opt + 1, opt - 1, lo + 1, hi - 1, opt + 3, opt - 3) if lo <= v <= hi and v % 2), None)
+    if odd is not None:
+        sizes.append((odd, odd))
+    sizes.append((lo, opt) if lo != opt else (opt, hi))
+    return list(dict.fromkeys(sizes))

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from attn_export.export.adapt import block_types, capture_inputs
-from attn_export.export.errors import ExportError, first_line, strip_ansi
+from attn_export.export.errors import ExportError, SizeRefused, first_line, strip_ansi
 
 log = logging.getLogger("attn_export")
 
@@ -55,17 +55,90 @@ class Probe(nn.Module):
         for h in self._handles:
             h.remove()
 
-    def forward(self, x):
+    def forward(self, *args):
         self._store.clear()
-        out = self.model(x)
+        out = self.model(*args)
         probes = tuple(self._store)
         self._store.clear()
         return (*torch.utils._pytree.tree_leaves(out), *probes)
 
 
-def _dynamic_shapes(args: Sequence, batch: int):
+#: The names of the symbolic image axes of a graph exported with ``dynamic_hw`` (the batch is "batch").
+HW_NAMES = ("height", "width")
+
+
+class Splat(nn.Module):
+    """``Splat(model)(args)`` runs ``model(*args)``: a model of several inputs seen as one of one argument,
+    for the helpers that run ``model(sample)`` (adapt, capture_inputs)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, args):
+        return self.model(*args)
+
+
+def _dynamic_shapes(args: Sequence, batch: int, dynamic_hw: bool = False):
+    """``dynamic_shapes`` for ``torch.export``: the batch axis of every tensor whose first axis is
+    ``batch``; with ``dynamic_hw`` also axes 2 and 3 of every rank-4 tensor shaped like the first one
+    (one height and one width for all image inputs of that size; other sizes stay static).
+
+    Height and width are ``Dim.DYNAMIC``: torch then infers their ranges and turns the guards a model's
+    sizes imply (a stride, a minimum) into runtime checks, instead of refusing an explicit range that
+    some intermediate size would leave at 1. What a model cannot follow at all (a fixed position
+    embedding) is found by :func:`check_hw_input` on the graph and by running the model at other sizes.
+    """
     dim = torch.export.Dim("batch", min=1)
-    return tuple({0: dim} if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch else None for a in args)
+    images = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4]
+    hw = tuple(images[0].shape[2:]) if dynamic_hw and images else None
+    specs = []
+    for a in args:
+        if not (isinstance(a, torch.Tensor) and a.dim()):
+            specs.append(None)
+            continue
+        spec = {0: dim} if a.shape[0] == batch else {}
+        if hw is not None and a.dim() == 4 and tuple(a.shape[2:]) == hw:
+            spec.update({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC})
+        specs.append(spec or None)
+    return tuple(specs)
+
+
+def _rename_dims(proto, names: dict[str, str]) -> None:
+    """Rename symbolic dims (``s53`` -> ``height``) everywhere in the graph, inside expressions too."""
+    if not names:
+        return
+    pattern = re.compile(r"\b(" + "|".join(re.escape(k) for k in names) + r")\b")
+    values = [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]
+    for v in values:
+        for d in v.type.tensor_type.shape.dim:
+            if d.HasField("dim_param"):
+                d.dim_param = pattern.sub(lambda m: names[m.group(1)], d.dim_param)
+
+
+def check_hw_input(proto, dynamic) -> None:
+    """Name the symbolic image axes ``height``/``width`` (and the batch ``batch``), or raise
+    :class:`SizeRefused` where the export fixed them or tied them together."""
+    renames: dict[str, str] = {}
+    for spec, value in zip(dynamic, proto.graph.input, strict=False):
+        dims = value.type.tensor_type.shape.dim
+        if not spec or not dims:
+            continue
+        if 0 in spec and dims[0].HasField("dim_param"):
+            renames.setdefault(dims[0].dim_param, "batch")
+        if 2 not in spec:
+            continue
+        h, w = dims[2], dims[3]
+        if h.HasField("dim_value") or w.HasField("dim_value"):
+            fixed = " x ".join(
+                str(d.dim_value) if d.HasField("dim_value") else n for d, n in zip((h, w), HW_NAMES, strict=True)
+            )
+            raise SizeRefused(f"the export fixed the image size to {fixed}: the model computes with a constant size")
+        if h.dim_param == w.dim_param:
+            raise SizeRefused("the model needs height == width (square inputs only)")
+        renames.setdefault(h.dim_param, HW_NAMES[0])
+        renames.setdefault(w.dim_param, HW_NAMES[1])
+    _rename_dims(proto, renames)
 
 
 @contextlib.contextmanager
@@ -113,13 +186,40 @@ def _captured_output(what: str):
             log.debug("%s: what torch printed:\n%s", what, dumped.rstrip())
 
 
-def torch_onnx_export(module: nn.Module, args: tuple, table: dict, opset: int):
-    """``torch.onnx.export`` (dynamo) of ``module`` with a dynamic batch; its ``ModelProto``, unprocessed."""
+def _takes_varargs(module: nn.Module) -> bool:
+    """Whether ``forward`` takes ``*args`` only (as :class:`Probe` does): torch.export then wants the
+    dynamic shapes of all positional inputs as one tuple."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 1 and params[0].kind == inspect.Parameter.VAR_POSITIONAL
+
+
+def torch_onnx_export(
+    module: nn.Module,
+    args: tuple,
+    table: dict,
+    opset: int,
+    dynamic_hw: bool = False,
+    input_names: Sequence[str] | None = None,
+):
+    """``torch.onnx.export`` (dynamo) of ``module`` with a dynamic batch; its ``ModelProto``, unprocessed
+    but for the names of its symbolic axes.
+
+    ``dynamic_hw``: the rank-4 image input(s) get symbolic ``height`` and ``width`` besides ``batch``;
+    where the model fixes them (or needs them equal) :class:`SizeRefused` says so.
+    ``input_names``: the graph's input names (default ``input`` for one input).
+    """
     quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "torchvision is not installed" notes: we do not use torchvision
     batch = args[0].shape[0]
-    dynamic = _dynamic_shapes(args, batch)
+    dynamic = _dynamic_shapes(args, batch, dynamic_hw)
+    if input_names is None and len(args) == 1:
+        input_names = [INPUT_NAME]
     try:
         with warnings.catch_warnings(), _captured_output(f"torch.onnx.export of {type(module).__name__}"):
             warnings.simplefilter("ignore")
@@ -127,9 +227,9 @@ def torch_onnx_export(module: nn.Module, args: tuple, table: dict, opset: int):
                 module,
                 args,
                 dynamo=True,
-                input_names=[INPUT_NAME] if len(args) == 1 else None,
+                input_names=list(input_names) if input_names else None,
                 opset_version=opset,
-                dynamic_shapes=dynamic,
+                dynamic_shapes=(dynamic,) if _takes_varargs(module) else dynamic,
                 custom_translation_table=table,
                 optimize=True,
                 verbose=False,
@@ -142,11 +242,12 @@ def torch_onnx_export(module: nn.Module, args: tuple, table: dict, opset: int):
     # fixed batch, which renaming the axis "batch" later would hide.
     for spec, value in zip(dynamic, proto.graph.input, strict=False):
         dims = value.type.tensor_type.shape.dim
-        if spec and dims and dims[0].HasField("dim_value"):
+        if spec and 0 in spec and dims and dims[0].HasField("dim_value"):
             raise ExportError(
                 f"the batch dimension was fixed to {dims[0].dim_value} while tracing: the model computes with a "
                 "constant batch size (e.g. x.view(4, ...)); use x.shape[0] or -1 for the batch instead"
             )
+    check_hw_input(proto, dynamic)
     return proto
 
 
@@ -230,9 +331,14 @@ def explain_export_failure(e: BaseException, model: nn.Module | None = None) -> 
     return f"export failed in {at}: {first_line(e)}"
 
 
-def locate_failure(model: nn.Module, sample: torch.Tensor, table: dict, opset: int) -> tuple[str, str] | None:
-    """Find the smallest submodule that fails to export on its own: ``(path, reason)``."""
-    seen = capture_inputs(model, [p for p, _ in model.named_modules() if p], sample)
+def locate_failure(model: nn.Module, sample: torch.Tensor | tuple, table: dict, opset: int) -> tuple[str, str] | None:
+    """Find the smallest submodule that fails to export on its own: ``(path, reason)``. ``sample``: the
+    model's input, or a tuple of its inputs."""
+    if isinstance(sample, tuple):
+        seen = capture_inputs(Splat(model), [f"model.{p}" for p, _ in model.named_modules() if p], sample)
+        seen = {k.removeprefix("model."): v for k, v in seen.items()}
+    else:
+        seen = capture_inputs(model, [p for p, _ in model.named_modules() if p], sample)
     mods = dict(model.named_modules())
 
     def fails(path: str) -> str | None:
@@ -259,7 +365,7 @@ def locate_failure(model: nn.Module, sample: torch.Tensor, table: dict, opset: i
             return culprit
 
 
-def export_failure(e: BaseException, model: nn.Module, sample: torch.Tensor, table: dict, opset: int) -> str:
+def export_failure(e: BaseException, model: nn.Module, sample: torch.Tensor | tuple, table: dict, opset: int) -> str:
     """The one-line message for an export of ``model`` that raised ``e``: the user's frame, and the smallest
     submodule that fails to export on its own where one does."""
     if _is_data_dependent(e):

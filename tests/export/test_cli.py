@@ -404,7 +404,9 @@ def test_model_that_does_not_run(tmp_path, capsys):
     path = tmp_path / "m.pt"
     torch.save(TinyNet(), path)
     argv = [str(path), "--trust-checkpoint", "--input-shape", "3,8,8"]  # TinyNet wants 16 channels
-    expect_error(capsys, argv, tmp_path, "does not run", "(2, 3, 8, 8)")
+    # the stage, and the user's batch (OPT of the default 1:1:32), not the batch of 2 the trace uses
+    err = expect_error(capsys, argv, tmp_path, "run: the model does not run", "(1, 3, 8, 8)")
+    assert "(2, 3, 8, 8)" not in err
 
 
 # --- 4. a verification failure ------------------------------------------------------------------------
