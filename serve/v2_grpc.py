@@ -16,7 +16,9 @@ RPCs: ``ServerLive``, ``ServerReady``, ``ServerMetadata``, ``ModelReady``, ``Mod
 length-prefixed elements, or in ``contents.bytes_contents``; the outputs in ``raw_output_contents``;
 request parameters ``conf``, ``iou``, ``max_det``). The others answer UNIMPLEMENTED.
 
-Errors are gRPC status codes: INVALID_ARGUMENT for what the client sent, NOT_FOUND for an unknown
+Errors are gRPC status codes: INVALID_ARGUMENT for what the client sent (an unparsable protobuf too: the
+RPCs are registered to take their requests as bytes and parse them themselves, see :class:`Registrar`;
+grpc would answer UNKNOWN when its deserializer raised), NOT_FOUND for an unknown
 model or version, UNAUTHENTICATED without the API key (metadata ``x-api-key``) when the server has
 one, UNAVAILABLE when the server is loading, busy or shutting down (the message and the trailing
 metadata ``retry-after`` say how many seconds to wait), DEADLINE_EXCEEDED past ``request_timeout_s``.
