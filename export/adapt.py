@@ -7,6 +7,10 @@ eager mode, in float64, on the input the module really receives in the model, be
 the official code uses): adapted, or left, and why. The model itself may be the foreign block (an
 official ``ODConv2d`` saved bare); :func:`adapt` then returns its replacement.
 
+Wrappers are listed too (kept as they are): a layer of an Ultralytics model (``i``/``f``/``type``/``np``,
+which its ``DetectionModel`` routes by, and which a swapped layer keeps) or a ``Conv``-style
+``conv``/``bn``/``act`` module, when it holds a candidate.
+
 GSoP's official channel attention is not a module but the ``chan_att`` method of the GSoP ResNet
 ``Bottleneck``: that Bottleneck is kept, its attention layers move into an attn-export
 ``GSoPAttention`` child, and its ``chan_att`` calls that child.
@@ -472,7 +476,8 @@ def adapt(model: nn.Module, sample: torch.Tensor, atol: float = 1e-6) -> tuple[n
     A swap is exact when the float64 outputs differ by at most ``atol`` times the larger of 1 and the
     output's magnitude (float64 rounding grows with it, e.g. in the covariance of large activations).
     Returns the adapted model (``model`` itself, changed in place, or the replacement when the model
-    itself is a foreign block) and one record per candidate module: what was done and why.
+    itself is a foreign block) and one record per candidate module (what was done and why) and per
+    wrapper that holds one, in module order.
     """
     candidates: list[tuple[str, nn.Module, Adapter, str]] = []
     fitting: list[str] = []
@@ -575,7 +580,8 @@ def _make_fold(original):
         if geo is None or input.dim() != 3:
             return original(input, output_size, kernel_size, dilation, padding, stride)
         k, d, p, s = geo
-        hh, ww = _pair(output_size)
+        # the output size as given: a symbolic height/width (SymInt) must not be specialised by int()
+        hh, ww = (output_size, output_size) if not isinstance(output_size, (tuple, list)) else output_size[:2]
         h, w = out_size(hh, k, s, p, d), out_size(ww, k, s, p, d)
         taps = input.reshape(input.shape[0], input.shape[1] // (k * k), k * k, h, w)
         return fold_taps(taps, hh, ww, k, p, s, d)
