@@ -9,6 +9,12 @@ faster-coco-eval (or pycocotools) computes the COCO metrics.
 
 ``--compare`` runs the checkpoint on PyTorch and its exported graph on onnxruntime over the same
 images and fails (exit 1) when the two mAPs differ by more than ``--max-diff`` (0.005).
+
+``--rect`` letterboxes each image to the smallest rectangle of whole strides with the long side at the
+input size (Ultralytics' rect inference; images of one shape batched together), as ``attn-export serve``
+does for a graph with free height and width. ``--rect-vs-square`` evaluates both on the same images and
+backend (onnxruntime: the checkpoint exported with free height and width) and fails when their mAPs
+differ by more than ``--max-diff``: the test for exporting the shipped detector with ``--dynamic-hw``.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attn_export.detection.postprocess import letterbox, postprocess, scale_boxes
+from attn_export.detection.postprocess import letterbox, postprocess, rect_shape, scale_boxes
 
 DEFAULT_SEED = 12345
 
@@ -65,19 +71,26 @@ def detect(
     iou: float = 0.6,
     max_det: int = 100,
     multi_label: bool = True,
+    stride: int | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per image ``(boxes xyxy in image pixels, scores, class ids 0-based)``, as mAP evaluation wants
     them: every class scoring above ``conf`` for a box (``multi_label``, as Ultralytics' validation
-    does), class-aware NMS at ``iou``, at most ``max_det``."""
-    out = []
-    for i in range(0, len(images), batch):
-        chunk = images[i : i + batch]
-        boxed = [letterbox(im, size) for im in chunk]
-        pred = predict(np.stack([b[0] for b in boxed]))
-        for (_, scale, pad), im, (boxes, scores, cls) in zip(
-            boxed, chunk, postprocess(pred, conf, iou, max_det, multi_label), strict=True
-        ):
-            out.append((scale_boxes(boxes, scale, pad, im.shape[:2]), scores, cls))
+    does), class-aware NMS at ``iou``, at most ``max_det``. ``stride``: the rect letterbox (images of
+    one letterboxed shape batched together), else the square."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        key = rect_shape(*im.shape[:2], size, stride) if stride else (size, size)
+        groups.setdefault(key, []).append(i)
+    out: list = [None] * len(images)
+    for idx in groups.values():
+        for j in range(0, len(idx), batch):
+            chunk = idx[j : j + batch]
+            boxed = [letterbox(images[i], size, stride) for i in chunk]
+            pred = predict(np.stack([b[0] for b in boxed]))
+            for (_, scale, pad), i, (boxes, scores, cls) in zip(
+                boxed, chunk, postprocess(pred, conf, iou, max_det, multi_label), strict=True
+            ):
+                out[i] = (scale_boxes(boxes, scale, pad, images[i].shape[:2]), scores, cls)
     return out
 
 
@@ -135,9 +148,16 @@ def coco_map(coco_gt: dict, detections) -> dict:
     }
 
 
-def evaluate(predict: Predict, images: list[np.ndarray], coco_gt: dict, size: int = 320, batch: int = 16) -> dict:
+def evaluate(
+    predict: Predict,
+    images: list[np.ndarray],
+    coco_gt: dict,
+    size: int = 320,
+    batch: int = 16,
+    stride: int | None = None,
+) -> dict:
     t0 = time.perf_counter()
-    dets = detect(predict, images, size, batch)
+    dets = detect(predict, images, size, batch, stride=stride)
     took = time.perf_counter() - t0
     metrics = coco_map(coco_gt, dets)
     metrics["images"] = len(images)
@@ -171,10 +191,13 @@ def onnx_predictor(path: str | Path, threads: int | None = None) -> Predict:
     return predict
 
 
-def export_for_eval(model, input_shape, path: Path) -> Path:
+def export_for_eval(model, input_shape, path: Path, dynamic_hw: tuple[int, int, int] | None = None) -> Path:
     from attn_export.export import export_onnx
 
-    result = export_onnx(model, path, input_shape, batch=(1, 2, 4), seed=0)
+    extra = {"dynamic_hw": dynamic_hw} if dynamic_hw else {}
+    result = export_onnx(model, path, input_shape, batch=(1, 2, 4), seed=0, **extra)
+    if dynamic_hw and getattr(result, "hw_refused", ""):
+        raise RuntimeError(f"the export kept height and width static: {result.hw_refused}")
     if not result.ok:
         raise RuntimeError(f"the exported graph failed verification: {result.report.table() if result.report else ''}")
     return result.path
@@ -197,7 +220,20 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="evaluate the checkpoint on PyTorch AND exported to ONNX on onnxruntime; fail if mAPs differ",
     )
-    p.add_argument("--max-diff", type=float, default=0.005, help="largest allowed mAP difference with --compare")
+    p.add_argument("--rect", action="store_true", help="rect letterbox (the smallest rectangle of whole strides)")
+    p.add_argument(
+        "--rect-vs-square",
+        action="store_true",
+        help="evaluate square and rect inference on the same backend; fail if their mAPs differ by more than "
+        "--max-diff (onnxruntime: the checkpoint exported with free height and width)",
+    )
+    p.add_argument("--stride", type=int, default=32, help="the model's largest stride, for --rect (default 32)")
+    p.add_argument(
+        "--max-diff",
+        type=float,
+        default=0.005,
+        help="largest allowed mAP difference with --compare or --rect-vs-square",
+    )
     p.add_argument("--min-map50", type=float, help="exit 1 if mAP@0.5 is below this")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON only")
     return p
@@ -217,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attn-export evaluate: error: {args.model}: no such file", file=sys.stderr)
         return 2
     is_onnx = args.model.suffix == ".onnx"
+    if args.compare and args.rect_vs_square:
+        print("attn-export evaluate: error: --compare and --rect-vs-square: choose one", file=sys.stderr)
+        return 2
+    stride = args.stride if args.rect else None
     if is_onnx and (args.backend != "onnxruntime" or args.compare):
         print(
             "attn-export evaluate: error: an .onnx model needs --backend onnxruntime (and no --compare)",
@@ -228,9 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     images, coco_gt = validation_set(args.seed, args.images)
     log(f"validation set: {args.images} images, seed {args.seed} ({time.perf_counter() - t0:.1f}s)")
     results: dict[str, dict] = {}
+    if args.rect_vs_square:
+        return _rect_vs_square(args, images, coco_gt, log)
     if is_onnx:
         size = args.size or 320
-        results["onnxruntime"] = evaluate(onnx_predictor(args.model, args.threads), images, coco_gt, size, args.batch)
+        predict = onnx_predictor(args.model, args.threads)
+        results["onnxruntime"] = evaluate(predict, images, coco_gt, size, args.batch, stride)
     else:
         from attn_export.export import ExportError, load_model
 
@@ -242,12 +285,15 @@ def main(argv: list[str] | None = None) -> int:
         shape = loaded.input_shape or (3, args.size or 320, args.size or 320)
         size = args.size or int(shape[-1])
         if args.backend == "torch" or args.compare:
-            results["torch"] = evaluate(torch_predictor(loaded.model, args.threads), images, coco_gt, size, args.batch)
+            predict = torch_predictor(loaded.model, args.threads)
+            results["torch"] = evaluate(predict, images, coco_gt, size, args.batch, stride)
         if args.backend == "onnxruntime" or args.compare:
             with tempfile.TemporaryDirectory() as tmp:
                 log("exporting to ONNX ...")
-                path = export_for_eval(loaded.model, (3, size, size), Path(tmp) / "model.onnx")
-                results["onnxruntime"] = evaluate(onnx_predictor(path, args.threads), images, coco_gt, size, args.batch)
+                hw = (2 * args.stride, size, size) if stride else None
+                path = export_for_eval(loaded.model, (3, size, size), Path(tmp) / "model.onnx", hw)
+                predict = onnx_predictor(path, args.threads)
+                results["onnxruntime"] = evaluate(predict, images, coco_gt, size, args.batch, stride)
     ok = True
     summary: dict = {"seed": args.seed, "images": args.images, "results": results}
     if len(results) == 2:
@@ -271,6 +317,63 @@ def main(argv: list[str] | None = None) -> int:
                 f"(max {args.max_diff}) {verdict}"
             )
     return 0 if ok else 1
+
+
+def _rect_vs_square(args, images, coco_gt, log) -> int:
+    """``--rect-vs-square``: one backend, both letterboxes, the same images; exit 1 past ``--max-diff``."""
+    import platform
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model.suffix == ".onnx":
+            size = args.size or 320
+            predict = onnx_predictor(args.model, args.threads)
+        else:
+            from attn_export.export import ExportError, load_model
+
+            try:
+                loaded = load_model(args.model)
+            except ExportError as e:
+                print(f"attn-export evaluate: error: {e}", file=sys.stderr)
+                return 2
+            size = args.size or int((loaded.input_shape or (3, 320, 320))[-1])
+            if args.backend == "torch":
+                predict = torch_predictor(loaded.model, args.threads)
+            else:
+                log("exporting to ONNX with free height and width ...")
+                hw = (2 * args.stride, size, size)
+                path = export_for_eval(loaded.model, (3, size, size), Path(tmp) / "model.onnx", hw)
+                predict = onnx_predictor(path, args.threads)
+        results = {
+            "square": evaluate(predict, images, coco_gt, size, args.batch),
+            "rect": evaluate(predict, images, coco_gt, size, args.batch, args.stride),
+        }
+    diff = {k: abs(results["square"][k] - results["rect"][k]) for k in ("mAP50", "mAP50_95")}
+    ok = max(diff.values()) <= args.max_diff
+    summary = {"seed": args.seed, "images": args.images, "backend": args.backend, "cpu": _cpu_model(),
+               "results": results, "diff": diff, "ok": ok}  # fmt: skip
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"{args.backend} on {_cpu_model() or platform.processor()}, {args.images} images, batch {args.batch}")
+        for name, m in results.items():
+            _print_metrics(f"{name:6s}", m)
+            print(f"  {m['images'] / max(m['seconds'], 1e-9):.1f} images/s (letterbox, network, NMS)")
+        print(
+            f"rect vs square: |d mAP@0.5| {diff['mAP50']:.4f}, |d mAP@0.5:0.95| {diff['mAP50_95']:.4f} "
+            f"(max {args.max_diff}) {'ok' if ok else 'FAIL'}"
+        )
+    return 0 if ok else 1
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import math
 
 import httpx
@@ -248,3 +249,15 @@ def test_yolo_heads_answer_detect_v2_and_grpc_as_numpy_decodes(graphs, graph, he
                 client.close()
             ((b, s, c),) = contract.unpack({n: res.as_numpy(n) for n in contract.OUTPUTS})
             _check(b, s, c, want)
+
+
+def test_the_rect_benchmark_prints_its_figures(graphs, tmp_path, capsys):
+    from attn_export.serve.rect_bench import main
+
+    out = tmp_path / "figures.json"
+    assert main([str(graphs["colour"]), "--count", "1", "--mixed", "4", "--repeat", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "images/s" in text and "rect / square" in text
+    figures = json.loads(out.read_text())
+    assert figures["rect"]["batches"] >= 1 and figures["square"]["images_per_s"] > 0
+    assert set(figures) >= {"cpu", "square", "rect", "mixed group", "mixed pad"}
