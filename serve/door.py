@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import ctypes
 import ctypes.util
 import logging
@@ -53,6 +54,7 @@ class Busy(RuntimeError):
         self.reason = reason  # in_flight, bytes, pixels, queue
         self.message = message
         self.retry_after = retry_after
+        self.wait_s: float | None = None  # bytes: the reservations in the way lapse within this many seconds
 
 
 def shed(busy: Busy, metrics=None) -> dict[str, str]:
@@ -89,8 +91,31 @@ class RateMeter:
             return len(self._times) / span
 
 
+#: how long a body's declared size is reserved before any of it must arrive (see :class:`Door`)
+PROMISE_GRACE_S = 0.25
+#: a reservation whose arrival the door cannot watch (a gRPC message being received) is kept this long
+UNSEEN_GRACE_S = 1.0
+#: the longest a request waits at the door for reservations that are about to lapse
+MAX_DOOR_WAIT_S = 2.0
+
+_PRE_ADMITTED: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar("attn_export_pre_admitted", default=None)
+
+
 class Door:
-    """Bounds on the requests, body bytes and image pixels in flight (thread-safe)."""
+    """Bounds on the requests, body bytes and image pixels in flight (thread-safe).
+
+    The byte budget fills with bytes, not promises. A body's declared ``Content-Length`` is reserved when
+    the request is admitted (so a body that is admitted is not refused half-way), but a reservation is
+    kept only while the body arrives on pace: within ``grace_s`` of admission and then at least its share
+    of the body deadline (``arrived >= declared * (age - grace_s) / pace_s``; ``pace_s`` is the body
+    timeout). A reservation that falls behind (a client that sends nothing, or a byte a second) is
+    *reclaimed* by the next request or chunk that needs the room: it shrinks to the bytes that arrived,
+    and the rest of that body is charged as it arrives (and refused with 503 when the budget is full of
+    real bytes). So clients declaring large bodies and sending nothing hold nothing that others need,
+    however many they are; clients that really send their bodies are bounded by the budget as before.
+    A request that finds the budget held by reservations about to lapse waits for them (at most
+    ``MAX_DOOR_WAIT_S``, see :meth:`enter`) instead of being refused.
+    """
 
     def __init__(
         self,
@@ -99,16 +124,26 @@ class Door:
         max_pixels: int,
         max_retry_after_s: int = 60,
         meter: RateMeter | None = None,
+        *,
+        pace_s: float = 30.0,
+        grace_s: float = PROMISE_GRACE_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_requests = max_requests
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
         self.max_retry_after_s = max_retry_after_s
         self.meter = meter or RateMeter()
+        self.pace_s = pace_s
+        self.grace_s = grace_s
+        self.clock = clock
         self.requests = 0  # admitted, body read, not yet answered
         self.reading = 0  # admitted, body still arriving
-        self.bytes = 0
+        self.bytes = 0  # reserved: the bytes arrived, and the reservations of bodies arriving on pace
         self.pixels = 0
+        self.reclaimed = 0  # reservations reclaimed from bodies that fell behind (a counter)
+        self._promises: set[Ticket] = set()  # tickets whose reservation runs ahead of their arrived bytes
+        self._waiters: list = []  # (loop, future) of the requests waiting at the door for bytes
         self._lock = threading.Lock()
 
     def retry_after(self, backlog: int | None = None) -> int:
@@ -119,26 +154,112 @@ class Door:
             return 1 if backlog == 0 else min(5, self.max_retry_after_s)
         return int(min(self.max_retry_after_s, max(1, math.ceil(backlog / rate))))
 
-    def _busy(self, reason: str, what: str) -> Busy:
-        return Busy(reason, f"the server is busy: {what}; retry after the time in Retry-After", self.retry_after())
+    def _busy(self, reason: str, what: str, wait_s: float | None = None) -> Busy:
+        busy = Busy(reason, f"the server is busy: {what}; retry after the time in Retry-After", self.retry_after())
+        busy.wait_s = wait_s
+        return busy
 
-    def admit(self, declared_bytes: int = 0) -> Ticket:
+    # -- reservations (under the lock) ------------------------------------------------------------
+    def _lapse_at(self, t: Ticket) -> float:
+        """When ``t``'s reservation falls behind if no more of its body arrives."""
+        if not t.watched:
+            return t.admitted_at + max(self.grace_s, UNSEEN_GRACE_S)
+        return t.admitted_at + self.grace_s + self.pace_s * t.arrived / max(t.declared, 1)
+
+    def _make_room(self, need: int, now: float, exclude: Ticket | None = None) -> tuple[bool, float | None]:
+        """Whether ``need`` more bytes fit, reclaiming reservations that fell behind (stalest first); else
+        (False, seconds until the reservations in the way lapse, or None when waiting would not help)."""
+        free = self.max_bytes - self.bytes
+        if need <= free or self.bytes == 0 or (exclude is not None and self.bytes == exclude.bytes):
+            return True, None  # alone, a request larger than the budget still runs
+        ahead = [(self._lapse_at(t), t) for t in self._promises if t is not exclude]
+        stale = sorted((at, id(t), t) for at, t in ahead if at <= now)
+        if free + sum(t.bytes - t.arrived for _, _, t in stale) >= need:
+            taken: list[Ticket] = []
+            for _, _, t in stale:
+                if self.max_bytes - self.bytes >= need:
+                    break
+                self.bytes -= t.bytes - t.arrived
+                t.bytes = t.arrived
+                self._promises.discard(t)
+                self.reclaimed += 1
+                taken.append(t)
+            for t in taken:
+                if t.on_reclaim is not None:
+                    with contextlib.suppress(Exception):
+                        t.on_reclaim()
+            return True, None
+        # worth waiting for: reservations of bodies that have shown nothing yet (a body arriving holds its own)
+        empty = [(at, t) for at, t in ahead if at > now and t.arrived == 0]
+        if empty and free + sum(t.bytes - t.arrived for _, _, t in stale) + sum(t.bytes for _, t in empty) >= need:
+            return False, max(0.005, min(at for at, _ in empty) - now)
+        return False, None
+
+    def admit(self, declared_bytes: int = 0, *, watched: bool = True, on_reclaim=None) -> Ticket:
         """A ticket for one request whose body is about to be read, or :class:`Busy` (nothing read yet).
 
-        While its body arrives a request holds only its bytes (a slow client holds no request place);
-        :meth:`Ticket.start` takes the request place once the body is there.
+        While its body arrives a request holds only its bytes (a slow client holds no request place), and
+        its declared size only while the body arrives on pace (see the class); :meth:`Ticket.start` takes
+        the request place once the body is there. ``watched=False``: the body's arrival cannot be followed
+        (a gRPC message): its reservation lapses ``UNSEEN_GRACE_S`` after admission, and then ``on_reclaim``
+        is called when it is reclaimed (the caller stops that read). A :class:`Busy` for bytes carries
+        ``wait_s`` when reservations in the way lapse within that many seconds (see :meth:`enter`).
         """
         with self._lock:
             if self.requests >= self.max_requests:
                 raise self._busy("in_flight", f"{self.requests} requests are in flight (at most {self.max_requests})")
-            if declared_bytes and self.bytes + declared_bytes > self.max_bytes and self.bytes > 0:
-                raise self._busy(
-                    "bytes",
-                    f"{self.bytes:,} body bytes are in flight; {declared_bytes:,} more would pass {self.max_bytes:,}",
-                )
+            now = self.clock()
+            if declared_bytes:
+                fits, wait_s = self._make_room(declared_bytes, now)
+                if not fits:
+                    raise self._busy(
+                        "bytes",
+                        f"{self.bytes:,} body bytes are in flight; {declared_bytes:,} more would pass "
+                        f"{self.max_bytes:,}",
+                        wait_s,
+                    )
+            ticket = Ticket(self, declared_bytes, now, watched, on_reclaim)
             self.reading += 1
             self.bytes += declared_bytes
-        return Ticket(self, declared_bytes)
+            if declared_bytes:
+                self._promises.add(ticket)
+        return ticket
+
+    async def enter(self, declared_bytes: int = 0, max_wait_s: float = MAX_DOOR_WAIT_S, **kwargs) -> Ticket:
+        """:meth:`admit`, waiting (at most ``max_wait_s``) while the bytes in the way are reservations about to
+        lapse; :class:`Busy` otherwise."""
+        deadline = time.monotonic() + max_wait_s
+        while True:
+            try:
+                return self.admit(declared_bytes, **kwargs)
+            except Busy as e:
+                if e.wait_s is None or time.monotonic() + e.wait_s > deadline:
+                    raise
+                await self.changed(e.wait_s)
+
+    async def changed(self, timeout: float) -> None:
+        """Return when bytes are given back (a request left, or a message turned out smaller than its
+        reservation), or after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        entry = (loop, waiter)
+        with self._lock:
+            self._waiters.append(entry)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            with self._lock, contextlib.suppress(ValueError):
+                self._waiters.remove(entry)
+
+    def _wake(self) -> None:
+        """Tell the requests waiting at the door (:meth:`changed`) that bytes were given back."""
+        with self._lock:
+            waiters, self._waiters = self._waiters, []
+        for loop, waiter in waiters:
+            with contextlib.suppress(RuntimeError):  # its loop closed
+                loop.call_soon_threadsafe(_set_done, waiter)
 
     def leave(self, ticket: Ticket, answered: bool, on_idle: Callable[[], None] | None = None) -> None:
         """``ticket``'s request is over: its share is given back, an answer counts in the service rate, and
@@ -150,12 +271,32 @@ class Door:
             on_idle()
 
     @contextlib.contextmanager
+    def pre_admitted(self, ticket: Ticket) -> Iterator[Ticket]:
+        """Within the block, :meth:`passage` uses ``ticket`` (admitted before its message was received) instead
+        of admitting the message again."""
+        token = _PRE_ADMITTED.set(ticket)
+        try:
+            yield ticket
+        finally:
+            _PRE_ADMITTED.reset(token)
+
+    @contextlib.contextmanager
     def passage(self, nbytes: int, on_idle: Callable[[], None] | None = None) -> Iterator[Ticket]:
         """Admit a request that arrived whole (a gRPC message of ``nbytes``) and take its place at once;
-        :class:`Busy` past a bound. The block's normal end counts as an answer."""
+        :class:`Busy` past a bound. The block's normal end counts as an answer.
+
+        Where the message was admitted before it was received (:meth:`pre_admitted`: ``start_grpc``'s
+        interceptor), that ticket is charged the message's size and takes the place; its owner releases it."""
+        early = _PRE_ADMITTED.get()
+        if early is not None and early.door is self and not early.started and not early.released:
+            early.settle(nbytes)
+            early.start()
+            yield early
+            return
         ticket = self.admit(nbytes)
         answered = False
         try:
+            ticket.settle(nbytes)  # all there: no reservation ahead of it
             ticket.start()
             yield ticket
             answered = True
@@ -163,15 +304,30 @@ class Door:
             self.leave(ticket, answered, on_idle)
 
 
+def _set_done(waiter) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class Ticket:
     """One admitted request's share of the door's bounds; :meth:`release` gives it back (once)."""
 
-    def __init__(self, door: Door, nbytes: int) -> None:
+    def __init__(self, door: Door, declared: int, admitted_at: float, watched: bool = True, on_reclaim=None) -> None:
         self.door = door
-        self.bytes = nbytes
+        self.declared = declared
+        self.admitted_at = admitted_at
+        self.watched = watched
+        self.on_reclaim = on_reclaim
+        self.arrived = 0  # body bytes (and bytes made from them) held
+        self.bytes = declared  # reserved: arrived, or more while a reservation is kept
         self.pixels = 0
         self.started = False
         self.released = False
+
+    @property
+    def reclaimed(self) -> bool:
+        """The reservation was taken back before the body arrived (its bytes are charged as they come)."""
+        return not self.started and self.bytes < self.declared
 
     def start(self) -> None:
         """The body is read: take a request place (:class:`Busy` when they are all taken meanwhile)."""
@@ -182,15 +338,46 @@ class Ticket:
             door.reading -= 1
             door.requests += 1
             self.started = True
+            door._promises.discard(self)
 
-    def add_bytes(self, n: int) -> None:
-        """Body bytes past the declared length (a body without ``Content-Length``)."""
+    def _claim(self, n: int, now: float) -> None:
+        door = self.door
+        fits, wait_s = door._make_room(n, now, exclude=self)
+        if not fits:
+            raise door._busy("bytes", f"{door.bytes:,} body bytes are in flight (at most {door.max_bytes:,})", wait_s)
+        door.bytes += n
+        self.bytes += n
+
+    def received(self, n: int) -> None:
+        """``n`` body bytes arrived: within the reservation they are already counted; past it (no declared
+        length, or a reservation reclaimed) they take room, reclaiming lapsed reservations of others;
+        :class:`Busy` (nothing counted) when the budget is full."""
         door = self.door
         with door._lock:
-            if door.bytes + n > door.max_bytes and door.bytes > self.bytes:
-                raise door._busy("bytes", f"{door.bytes:,} body bytes are in flight (at most {door.max_bytes:,})")
-            door.bytes += n
-            self.bytes += n
+            over = self.arrived + n - self.bytes
+            if over > 0:
+                self._claim(over, door.clock())
+            self.arrived += n
+
+    def add_bytes(self, n: int) -> None:
+        """``n`` more bytes held on this request's behalf (a body decompressed); :class:`Busy` past the budget."""
+        door = self.door
+        with door._lock:
+            self._claim(n, door.clock())
+            self.arrived += n
+
+    def settle(self, n: int) -> None:
+        """The whole body is ``n`` bytes (a gRPC message once received): the reservation becomes ``n``."""
+        door = self.door
+        with door._lock:
+            if n > self.bytes:
+                self._claim(n - self.bytes, door.clock())
+            else:
+                door.bytes -= self.bytes - n
+                self.bytes = n
+            self.arrived = n
+            door._promises.discard(self)
+        door._wake()
 
     def reserve_pixels(self, n: int) -> None:
         """Take ``n`` image pixels (read from the headers, before decoding); :class:`Busy` past the bound.
@@ -225,9 +412,11 @@ class Ticket:
                 door.requests -= 1
             else:
                 door.reading -= 1
+            door._promises.discard(self)
             door.bytes -= self.bytes
             door.pixels -= self.pixels
             self.bytes = self.pixels = 0
+        door._wake()
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -267,6 +456,37 @@ def scope_header(scope, name: bytes) -> str | None:
     return None
 
 
+#: the most digits of a Content-Length read as a number (more is larger than any body a server takes)
+_MAX_LENGTH_DIGITS = 18
+
+
+def content_length(text: str | None) -> int | None:
+    """A ``Content-Length`` header's value: None when absent; :class:`ValueError` (one line) unless it is ASCII
+    digits (``'²'.isdigit()`` is True in Python, and ``int()`` of thousands of digits raises). A number of more
+    than 18 digits reads as 10**18 (past any limit: 413)."""
+    if text is None:
+        return None
+    value = text.strip(" \t")
+    if not value or not (value.isascii() and value.isdigit()):
+        shown = value.encode("ascii", "backslashreplace").decode()[:40]
+        raise ValueError(f"the Content-Length header must be a decimal number of bytes, not {shown!r}")
+    return int(value) if len(value) <= _MAX_LENGTH_DIGITS else 10**_MAX_LENGTH_DIGITS
+
+
+async def _received(ticket: Ticket, n: int, max_wait_s: float = MAX_DOOR_WAIT_S) -> None:
+    """:meth:`Ticket.received`, waiting (at most ``max_wait_s``) while the room is held by reservations about
+    to lapse."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        try:
+            ticket.received(n)
+            return
+        except Busy as e:
+            if e.wait_s is None or time.monotonic() + e.wait_s > deadline:
+                raise
+            await ticket.door.changed(e.wait_s)
+
+
 async def _send_json(send, status: int, body: dict, headers: dict | None = None) -> None:
     import json
 
@@ -302,6 +522,7 @@ class AdmissionMiddleware:
         self.metrics = metrics
         self.guarded = guarded or (lambda scope: scope["method"] in BODY_METHODS)
         self.on_idle = on_idle
+        door.pace_s = body_timeout_s  # a declared body's reservation is kept while it arrives within this
 
     # -- helpers -------------------------------------------------------------------------------
     def _count(self, counter: str, label: str) -> None:
@@ -321,13 +542,18 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.max_body_bytes
-        declared_text = scope_header(scope, b"content-length")
-        declared = int(declared_text) if declared_text and declared_text.isdigit() else None
+        try:
+            declared = content_length(scope_header(scope, b"content-length"))
+        except ValueError as e:
+            self._count("rejected", "bad_request")
+            body = {"error": "bad_request", "detail": str(e), "status": 400}
+            await _send_json(send, 400, body, {"Connection": "close"})
+            return
         if declared is not None and declared > limit:
             await self._too_large(scope, receive, send, declared)
             return
         try:
-            ticket = self.door.admit(declared or 0)
+            ticket = await self.door.enter(declared or 0)
         except Busy as e:
             await self._busy(send, e)
             return
@@ -394,12 +620,11 @@ class AdmissionMiddleware:
                 if total > self.max_body_bytes:
                     await self._too_large(scope, receive, send, None)
                     return None
-                if declared is None:
-                    try:
-                        ticket.add_bytes(len(body))
-                    except Busy as e:
-                        await self._busy(send, e, Connection="close")
-                        return None
+                try:  # within the reservation: counted already; past it (reclaimed, or no length) room is taken
+                    await _received(ticket, len(body))
+                except Busy as e:
+                    await self._busy(send, e, Connection="close")
+                    return None
                 chunks.append(body)
             if not message.get("more_body", False):
                 break

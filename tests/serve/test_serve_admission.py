@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import re
 import socket
 import threading
@@ -19,6 +20,7 @@ from attn_export.serve.door import (
     Busy,
     Door,
     RateMeter,
+    Ticket,
     protocol_with_header_timeout,
     release_memory,
 )
@@ -465,3 +467,207 @@ def test_cli_options_reach_the_settings():
     assert (s.header_timeout_s, s.body_timeout_s) == (2.5, 4.0)
     env = settings_to_env(s)  # what worker processes read (the header timeout among them)
     assert env["ATTN_EXPORT_HEADER_TIMEOUT_S"] == "2.5" and env["ATTN_EXPORT_MAX_IN_FLIGHT"] == "3"
+
+
+# ------------------------------------------------------------------------------------------ the byte budget
+MiB = 1 << 20
+
+
+class FakeClock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_the_budget_fills_with_bytes_not_promises():
+    """Eight bodies declaring 20 MiB hold the whole 160 MiB only while they arrive on pace: one that sends
+    nothing, or a byte a second, gives its reservation up to the next request that needs it."""
+    clock = FakeClock()
+    door = Door(max_requests=64, max_bytes=160 * MiB, max_pixels=100, pace_s=30.0, grace_s=0.25, clock=clock)
+    hostages = [door.admit(20 * MiB) for _ in range(8)]
+    with pytest.raises(Busy) as e:  # within their grace: the newcomer is told how long until they lapse
+        door.admit(MiB)
+    assert e.value.reason == "bytes" and e.value.wait_s == pytest.approx(0.25)
+    for _ in range(5):
+        clock.t += 1.0
+        for h in hostages[:4]:
+            h.received(1)
+        normal = door.admit(MiB)
+        normal.received(MiB)
+        normal.start()
+        door.leave(normal, answered=True)
+    assert door.reclaimed == 1  # only what was needed: one reservation made room for all five
+    big = door.admit(100 * MiB)  # needs five more; the drippers' byte a second keeps none of theirs
+    assert door.reclaimed == 6 and sum(h.reclaimed for h in hostages[:4]) >= 2
+    assert door.bytes == sum(h.bytes for h in hostages) + big.bytes and door.bytes <= door.max_bytes
+    big.release()
+    # a reclaimed body goes on, charged as it arrives, while there is room
+    h = next(h for h in hostages if h.reclaimed)
+    h.received(2 * MiB)
+    assert h.bytes == h.arrived
+    for t in hostages:
+        t.release()
+    assert (door.bytes, door.reading, door.requests) == (0, 0, 0)
+
+
+def test_a_body_on_pace_keeps_its_reservation():
+    """A body arriving at its share of the deadline is not reclaimed; when the budget is full of such bodies
+    (real uploads), a newcomer gets 503 at once (no wait: nothing in the way lapses soon)."""
+    clock = FakeClock()
+    door = Door(max_requests=64, max_bytes=100 * MiB, max_pixels=100, pace_s=10.0, grace_s=0.25, clock=clock)
+    uploads = [door.admit(50 * MiB) for _ in range(2)]
+    for _ in range(4):
+        clock.t += 1.0
+        for u in uploads:
+            u.received(6 * MiB)  # 6 MiB/s: ahead of 50 MiB in 10 s
+        with pytest.raises(Busy) as e:
+            door.admit(MiB)
+        assert e.value.wait_s is None
+    assert door.reclaimed == 0 and door.bytes == 100 * MiB
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_door_accounting_random_walk(seed):
+    """Random admissions, arrivals, clock steps, starts and releases against an independent ledger: the door's
+    bytes are the sum of its tickets' reservations, never past the budget but for one request alone, every
+    reservation covers the bytes arrived, and a body on pace keeps its reservation."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    clock = FakeClock()
+    budget = int(rng.integers(20, 60)) * MiB
+    door = Door(max_requests=1000, max_bytes=budget, max_pixels=10, pace_s=5.0, grace_s=0.25, clock=clock)
+    live: list[Ticket] = []
+    behind: set[int] = set()
+    for _ in range(3000):
+        op = rng.integers(0, 5)
+        if op == 0:
+            with contextlib.suppress(Busy):
+                live.append(door.admit(int(rng.integers(0, 12 * MiB))))
+        elif op == 1 and live:
+            t = live[int(rng.integers(len(live)))]
+            if not t.started:
+                room = max(t.declared - t.arrived, 0) if t.declared else int(rng.integers(1, MiB))
+                if room:
+                    with contextlib.suppress(Busy):
+                        t.received(int(rng.integers(1, room + 1)))
+        elif op == 2:
+            clock.t += float(rng.uniform(0, 0.3))
+        elif op == 3 and live:
+            t = live[int(rng.integers(len(live)))]
+            if not t.started and (not t.declared or t.arrived == t.declared):
+                t.start()
+        elif op == 4 and live:
+            live.pop(int(rng.integers(len(live)))).release()
+        ledger = sum(t.bytes for t in live)
+        assert door.bytes == ledger
+        assert door.bytes <= budget or len([t for t in live if t.bytes]) == 1
+        for t in live:
+            assert t.bytes >= t.arrived
+            if t.started or not t.declared:
+                continue
+            if t.arrived <= t.declared * (clock.t - t.admitted_at - 0.25) / 5.0:
+                behind.add(id(t))  # from now on its reservation may be taken (and stays taken)
+            elif id(t) not in behind:
+                assert t.bytes == t.declared, "a body always on pace lost its reservation"
+    assert door.reclaimed > 0 and behind  # the walk went where it matters
+    for t in live:
+        t.release()
+    assert (door.bytes, door.reading, door.requests) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("value", "status"),
+    [("\u00b2", 400), ("\u00b9\u00b2", 400), ("+12", 400), ("0x10", 400), ("", 400), ("9" * 5000, 413)],
+)
+def test_content_length_must_be_ascii_digits(value, status):
+    """'²'.isdigit() is True in Python and int() of 5000 digits raises: neither may become a 500."""
+    door = Door(max_requests=4, max_bytes=1000, max_pixels=100)
+    metrics = ServeMetrics()
+
+    async def app(scope, receive, send):  # pragma: no cover - must not run
+        raise AssertionError("the app ran")
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = _scope()
+    scope["headers"].append((b"content-length", value.encode("latin-1")))
+    mw = AdmissionMiddleware(app, door, max_body_bytes=10_000, body_timeout_s=5, metrics=metrics)
+    start, body = _call(mw, scope, receive)
+    assert start["status"] == status, body
+    assert (door.bytes, door.reading, door.requests) == (0, 0, 0)
+    if status == 400:
+        assert b"Content-Length" in body["body"]
+
+
+def _hostage(port: int, drip: bool, stop: threading.Event, length: int = 20 * MiB) -> threading.Thread:
+    """A client that declares ``length`` body bytes and sends nothing, or a byte a second; it reconnects when cut."""
+
+    def run() -> None:
+        while not stop.is_set():
+            try:
+                s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                head = f"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {length}\r\n"
+                s.sendall(head.encode() + b"\r\n")
+                while not stop.wait(1.0):
+                    if drip:
+                        s.sendall(b"x")
+                    s.setblocking(False)
+                    with contextlib.suppress(BlockingIOError):
+                        if s.recv(4096) == b"":
+                            break  # cut: come back
+                    s.setblocking(True)
+                s.close()
+            except OSError:
+                stop.wait(0.1)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture(scope="module")
+def budget_server(standin_onnx):
+    """A live server with the default byte budget (160 MiB) and body size (20 MiB)."""
+    from attn_export.serve.app import create_app
+
+    app = create_app(make_settings(standin_onnx, warmup=False, max_wait_ms=0.0))
+    with LiveServer(app) as server:
+        server.app = app
+        yield server
+
+
+@pytest.mark.parametrize("hostages", [8, 64])
+def test_clients_declaring_big_bodies_hold_no_one_hostage(budget_server, hostages):
+    """8 or 64 clients each declare 20 MiB (together the whole budget or more) and send nothing or a byte a
+    second: a normal client keeps getting 200s, and what the door holds is the bytes that arrived."""
+    stop = threading.Event()
+    threads = [_hostage(budget_server.port, drip=i % 2 == 1, stop=stop) for i in range(hostages)]
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # all of them connected and waiting at the door or reading
+            text = httpx.get(f"{budget_server.url}/metrics", timeout=10).text
+            if _metric(text, "attn_export_reading_requests") >= min(hostages, 8):
+                break
+            time.sleep(0.05)
+        statuses, took = [], []
+        for i in range(12):
+            img = make_image((320, 320), [cell_square(i % 3, i % 10, (i * 3) % 10)])
+            t0 = time.perf_counter()
+            r = httpx.post(f"{budget_server.url}/detect", files=_png(img), timeout=30)
+            took.append(time.perf_counter() - t0)
+            statuses.append(r.status_code)
+            if r.status_code == 200:
+                assert r.json()["images"][0]["detections"][0]["class_id"] == i % 3
+            time.sleep(0.1)
+        assert statuses == [200] * 12, (statuses, took)
+        assert max(took) < 5.0, took
+        door = budget_server.app.state.service.door
+        assert door.reading >= min(hostages, 8) and door.bytes <= door.max_bytes
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
