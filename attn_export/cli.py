@@ -15,7 +15,7 @@ from pathlib import Path
 
 from attn_export._version import __version__
 
-SUBCOMMANDS = ("demo", "bench", "serve", "data", "train", "evaluate", "triton")
+SUBCOMMANDS = ("demo", "bench", "kernels", "serve", "data", "train", "evaluate", "triton")
 log = logging.getLogger("attn_export")
 
 
@@ -50,7 +50,8 @@ def export_parser() -> argparse.ArgumentParser:
         "against PyTorch.",
         epilog="Other commands: serve (the detection service), triton (a Triton Inference Server model repository, and "
         "'triton serve' to run it), data / train / evaluate (the synthetic shapes "
-        "detector), demo (write and export the demo model), bench (time the blocks). "
+        "detector), demo (write and export the demo model), bench (time the blocks), kernels (what the "
+        "Triton kernels compile to, on the CPU). "
         "Run 'attn-export COMMAND --help' for theirs.",
     )
     p.add_argument(
@@ -385,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
             from attn_export.shapes.evaluate import main as evaluate_main
 
             return evaluate_main(rest)
+        if cmd == "kernels":
+            from attn_export.bench.kernels import main as kernels_main
+
+            return kernels_main(rest)
         from attn_export.bench.blocks import main as bench_main
 
         return bench_main(rest)

@@ -153,6 +153,11 @@ def _prune(configs, named_args, **kwargs) -> list:
     return kept or configs[-1:]
 
 
+#: The tile the kernel report (``attn-export kernels``) compiles for B32 C256 28x28 k3:
+#: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), one of :func:`_igemm_configs`.
+REPORT_CONFIG = (128, 64, 32, 4, 4)
+
+
 def _igemm_configs() -> list:
     """Tile shapes tried by the autotuner (the interpreter gets one small one)."""
     if triton.knobs.runtime.interpret:

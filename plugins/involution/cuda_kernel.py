@@ -48,7 +48,13 @@ def _involution2d_fwd(
     K: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    SAME: tl.constexpr,
 ):
+    """Tiles ``[BLOCK_P, BLOCK_C]``: pixels first, so the compiler lays a warp's lanes along the pixels
+    (the contiguous axis of x, weight and out). With ``SAME`` (stride 1 and ``2*PAD == DIL*(K-1)``: the
+    output has the input's size) a tap's source pixels are the output pixels shifted by a constant, which
+    the compiler sees as contiguous. The tap columns are a loop (not unrolled): 7 taps of straight-line
+    code instead of 49 keep the registers down."""
     c_blk, p_blk, bg, b, g = program_tile(n_cblk, n_pblk, G)  # bg = sample * G + group
 
     hw = H * W
@@ -64,43 +70,65 @@ def _involution2d_fwd(
     x_base = x_ptr + (b * C + g * CG) * hw
     o_base = out_ptr + (b * C + g * CG) * howo
     w_base = w_ptr + bg * (K * K) * howo
-    c_row = c_offs.to(tl.int64)[:, None]
+    c_col = c_offs.to(tl.int64)[None, :]
 
-    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for a in tl.static_range(K):
         ih = oh * STRIDE + a * DIL - PAD
-        h_ok = (ih >= 0) & (ih < H)
-        for bb in tl.static_range(K):
+        h_ok = p_mask & (ih >= 0) & (ih < H)
+        for bb in range(K):
             iw = ow * STRIDE + bb * DIL - PAD
-            ok = p_mask & h_ok & (iw >= 0) & (iw < W)
+            ok = h_ok & (iw >= 0) & (iw < W)
+            if SAME:  # noqa: SIM108  (a compile-time branch)
+                src = p_offs + ((a * DIL - PAD) * W + (bb * DIL - PAD))  # W == Wo here
+            else:
+                src = ih * W + iw
             wt = tl.load(w_base + (a * K + bb) * howo + p_offs, mask=p_mask, other=0.0).to(tl.float32)
-            xv = tl.load(
-                x_base + c_row * hw + (ih * W + iw)[None, :],
-                mask=c_mask[:, None] & ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            acc += xv * wt[None, :]
+            xv = tl.load(x_base + c_col * hw + src[:, None], mask=ok[:, None] & c_mask[None, :], other=0.0)
+            acc += xv.to(tl.float32) * wt[:, None]
 
     tl.store(
-        o_base + c_row * howo + p_offs[None, :],
+        o_base + c_col * howo + p_offs[:, None],
         acc.to(out_ptr.dtype.element_ty),
-        mask=c_mask[:, None] & p_mask[None, :],
+        mask=p_mask[:, None] & c_mask[None, :],
     )
+
+
+#: Which kernel the op runs: "tiles" (``_involution2d_fwd``) or "rows" (``_involution2d_rows``).
+DEFAULT = "tiles"
+#: The int32 arguments of each kernel, in order (the kernel report reads them).
+TILES_SCALARS = ("C", "H", "W", "Ho", "Wo", "G", "CG", "n_pblk", "n_cblk")
+ROWS_SCALARS = ("C", "H", "W", "Ho", "Wo", "G", "CG", "n_hblk", "n_cblk")
+
+
+def tiles_plan(x_shape, w_shape, kernel_size: int, stride: int, padding: int, dilation: int):
+    """``(grid, scalars, constexprs)`` of ``_involution2d_fwd`` for these shapes (ints)."""
+    c, g = x_shape[1], w_shape[1]
+    block_c, block_p = blocks(c // g, w_shape[3] * w_shape[4])
+    return launch_plan(x_shape, w_shape, kernel_size, stride, padding, dilation, block_c, block_p)
 
 
 def involution2d_cuda(
     x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int, padding: int, dilation: int
 ) -> torch.Tensor:
-    """Involution forward with the Triton kernel; same arguments and result as ``op.reference``."""
+    """Involution forward with the op's Triton kernel (:data:`DEFAULT`); same arguments and result as
+    ``op.reference``."""
+    if DEFAULT == "rows" and rows_fit(x.shape, padding):
+        return involution2d_cuda_rows(x, weight, kernel_size, stride, padding, dilation)
+    return involution2d_cuda_tiles(x, weight, kernel_size, stride, padding, dilation)
+
+
+def involution2d_cuda_tiles(
+    x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int, padding: int, dilation: int
+) -> torch.Tensor:
+    """Involution forward with the tile kernel ``_involution2d_fwd`` (the TensorRT plugin's kernel too)."""
     x, weight = contiguous_pair("involution2d_cuda", ("x", "weight"), x, weight)
     b, c = x.shape[:2]
     ho, wo = weight.shape[-2:]
     out = torch.empty((b, c, ho, wo), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_c, block_p = blocks(c // weight.shape[1], ho * wo)
-    plan = launch_plan(x.shape, weight.shape, kernel_size, stride, padding, dilation, block_c, block_p)
-    grid, scalars, constexprs = plan
+    grid, scalars, constexprs = tiles_plan(x.shape, weight.shape, kernel_size, stride, padding, dilation)
     _involution2d_fwd[(grid,)](x, weight, out, *scalars, **constexprs, num_warps=NUM_WARPS)
     return out
 
@@ -134,19 +162,20 @@ def _involution2d_rows(
     ROWS: tl.constexpr,
 ):
     """``ROWS`` whole output rows of ``BLOCK_C`` channels of one (sample, group) per program. For each
-    output row and tap row ``a`` it loads the padded input row once (``BLOCK_C x BLOCK_WIN``) and takes
-    the ``k`` column taps from it in registers (``tl.gather`` along the row: warp shuffles when compiled),
-    so x is read k times per output row instead of k*k times; the per-pixel weights are shared by the
-    channels."""
+    output row and tap row ``a`` it loads the padded input row once (``BLOCK_WIN x BLOCK_C``, pixels
+    first) and takes the ``k`` column taps from it in registers (``tl.gather`` along the row), so x is read
+    k times per output row instead of k*k times; the per-pixel weights are shared by the channels. The
+    launcher gives it ``BLOCK_W // 32`` warps, so every lane owns its own pixels and the weight rows are
+    read once (no warp holds a copy of another's)."""
     c_blk, h_blk, bg, b, g = program_tile(n_cblk, n_hblk, G)  # bg = sample * G + group
 
     hw = H * W
     howo = Ho * Wo
     c_offs = c_blk * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = (c_offs < CG)[:, None]
-    c_row = c_offs.to(tl.int64)[:, None]
-    x_base = x_ptr + (b * C + g * CG) * hw + c_row * hw
-    o_base = out_ptr + (b * C + g * CG) * howo + c_row * howo
+    cm = (c_offs < CG)[None, :]
+    c_col = c_offs.to(tl.int64)[None, :]
+    x_base = x_ptr + (b * C + g * CG) * hw + c_col * hw
+    o_base = out_ptr + (b * C + g * CG) * howo + c_col * howo
     w_base = w_ptr + bg * (K * K) * howo
     ow = tl.arange(0, BLOCK_W)
     ow_ok = ow < Wo
@@ -156,64 +185,62 @@ def _involution2d_rows(
     for r in range(0, ROWS):
         oh = h_blk * ROWS + r
         if oh < Ho:
-            acc = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)
-            for a in tl.static_range(K):
+            acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+            for a in range(K):
                 ih = oh * STRIDE + a * DIL - PAD
                 ok = col_ok & (iw * 0 + ih >= 0) & (iw * 0 + ih < H)  # (a vector: the interpreter wants one)
-                xrow = tl.load(x_base + ih * W + iw[None, :], mask=cm & ok[None, :], other=0.0).to(tl.float32)
+                xrow = tl.load(x_base + ih * W + iw[:, None], mask=ok[:, None] & cm, other=0.0).to(tl.float32)
                 for bb in tl.static_range(K):
                     idx = tl.where(ow_ok, ow * STRIDE + bb * DIL, 0)
-                    xv = tl.gather(xrow, tl.broadcast_to(idx[None, :], (BLOCK_C, BLOCK_W)), axis=1)
+                    xv = tl.gather(xrow, tl.broadcast_to(idx[:, None], (BLOCK_W, BLOCK_C)), axis=0)
                     w_row = w_base + (a * K + bb) * howo + oh * Wo
                     wt = tl.load(w_row + ow, mask=ow_ok, other=0.0).to(tl.float32)
-                    acc += xv * wt[None, :]
-            tl.store(o_base + oh * Wo + ow[None, :], acc.to(out_ptr.dtype.element_ty), mask=cm & ow_ok[None, :])
+                    acc += xv * wt[:, None]
+            tl.store(o_base + oh * Wo + ow[:, None], acc.to(out_ptr.dtype.element_ty), mask=ow_ok[:, None] & cm)
+
+
+def rows_fit(x_shape, padding: int) -> bool:
+    """Whether the row-reuse kernel takes these shapes (a padded row of at most :data:`ROWS_MAX_WIDTH`)."""
+    return triton.next_power_of_2(int(x_shape[3]) + 2 * padding) <= ROWS_MAX_WIDTH
+
+
+def rows_plan(x_shape, w_shape, kernel_size: int, stride: int, padding: int, dilation: int):
+    """``(grid, scalars, constexprs)`` of ``_involution2d_rows`` for these shapes (ints)."""
+    b, c, h, w = (int(v) for v in x_shape)
+    g = int(w_shape[1])
+    ho, wo = int(w_shape[3]), int(w_shape[4])
+    cg = c // g
+    block_win = triton.next_power_of_2(w + 2 * padding)
+    block_w = triton.next_power_of_2(wo)
+    block_c = min(triton.next_power_of_2(cg), max(2048 // block_win, 1), 16)
+    rows = 2
+    n_hblk = triton.cdiv(ho, rows)
+    n_cblk = triton.cdiv(cg, block_c)
+    grid = b * g * n_hblk * n_cblk
+    scalars = (c, h, w, ho, wo, g, cg, n_hblk, n_cblk)
+    constexprs = {"STRIDE": stride, "PAD": padding, "DIL": dilation, "K": kernel_size, "BLOCK_C": block_c,
+                  "BLOCK_W": block_w, "BLOCK_WIN": block_win, "ROWS": rows}  # fmt: skip
+    return grid, scalars, constexprs
+
+
+def rows_warps(constexprs: dict) -> int:
+    """Warps of the row-reuse kernel: one lane per output column (1 to 4 warps)."""
+    return max(1, min(4, constexprs["BLOCK_W"] // 32))
 
 
 def involution2d_cuda_rows(
     x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int, padding: int, dilation: int
 ) -> torch.Tensor:
-    """Involution forward with the row-reuse kernel (a candidate, timed beside the default one by
-    ``attn-export bench --device cuda``; not yet what the op runs). Same arguments and result as
-    ``op.reference``; a padded input row wider than :data:`ROWS_MAX_WIDTH` is a ``ValueError``."""
+    """Involution forward with the row-reuse kernel. Same arguments and result as ``op.reference``; a
+    padded input row wider than :data:`ROWS_MAX_WIDTH` is a ``ValueError``."""
     x, weight = contiguous_pair("involution2d_cuda_rows", ("x", "weight"), x, weight)
-    b, c, h, w = x.shape
-    g = weight.shape[1]
+    if not rows_fit(x.shape, padding):
+        raise ValueError(f"involution2d_cuda_rows: padded rows of {x.shape[3] + 2 * padding} exceed {ROWS_MAX_WIDTH}")
+    b, c = x.shape[:2]
     ho, wo = weight.shape[-2:]
-    cg = c // g
-    block_win = triton.next_power_of_2(w + 2 * padding)
-    if block_win > ROWS_MAX_WIDTH:
-        raise ValueError(f"involution2d_cuda_rows: padded rows of {w + 2 * padding} exceed {ROWS_MAX_WIDTH}")
     out = torch.empty((b, c, ho, wo), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_w = triton.next_power_of_2(wo)
-    block_c = min(triton.next_power_of_2(cg), max(4096 // block_win, 1), 64)
-    rows = 2
-    n_hblk = triton.cdiv(ho, rows)
-    n_cblk = triton.cdiv(cg, block_c)
-    grid = (b * g * n_hblk * n_cblk,)
-    _involution2d_rows[grid](
-        x,
-        weight,
-        out,
-        c,
-        h,
-        w,
-        ho,
-        wo,
-        g,
-        cg,
-        n_hblk,
-        n_cblk,
-        STRIDE=stride,
-        PAD=padding,
-        DIL=dilation,
-        K=kernel_size,
-        BLOCK_C=block_c,
-        BLOCK_W=block_w,
-        BLOCK_WIN=block_win,
-        ROWS=rows,
-        num_warps=NUM_WARPS,
-    )
+    grid, scalars, constexprs = rows_plan(x.shape, weight.shape, kernel_size, stride, padding, dilation)
+    _involution2d_rows[(grid,)](x, weight, out, *scalars, **constexprs, num_warps=rows_warps(constexprs))
     return out

@@ -41,7 +41,16 @@ def blocks(cg: int | None, howo: int | None) -> tuple[int, int]:
 
 def constexprs(kernel_size: int, stride: int, padding: int, dilation: int, block_c: int, block_p: int) -> dict:
     """The kernel's constexpr arguments."""
-    return {"STRIDE": stride, "PAD": padding, "DIL": dilation, "K": kernel_size, "BLOCK_C": block_c, "BLOCK_P": block_p}
+    same = stride == 1 and 2 * padding == dilation * (kernel_size - 1)  # the output has the input's size
+    return {
+        "STRIDE": stride,
+        "PAD": padding,
+        "DIL": dilation,
+        "K": kernel_size,
+        "BLOCK_C": block_c,
+        "BLOCK_P": block_p,
+        "SAME": same,
+    }
 
 
 def launch_plan(x, weight, kernel_size: int, stride: int, padding: int, dilation: int, block_c: int, block_p: int):

@@ -59,8 +59,11 @@ def aot_entry():
         K: tl.constexpr,
         BLOCK_C: tl.constexpr,
         BLOCK_P: tl.constexpr,
+        SAME: tl.constexpr,
     ):
-        _body(x_ptr, w_ptr, out_ptr, C, H, W, Ho, Wo, G, CG, n_pblk, n_cblk, STRIDE, PAD, DIL, K, BLOCK_C, BLOCK_P)
+        _body(
+            x_ptr, w_ptr, out_ptr, C, H, W, Ho, Wo, G, CG, n_pblk, n_cblk, STRIDE, PAD, DIL, K, BLOCK_C, BLOCK_P, SAME
+        )
 
     return triton.jit(involution2d_aot)
 

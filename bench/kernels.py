@@ -1,0 +1,1115 @@
+"""``attn-export kernels``: what every Triton kernel of the ops compiles to, read on the CPU (no GPU).
+
+Each kernel (the ops' CUDA kernels in ``plugins/*/cuda_kernel.py`` and the TensorRT AOT entries of
+``plugins/*/trt_plugin.py``) is compiled with Triton's own compiler for a named target (``GPUTarget``:
+sm_90, sm_80; ``ptxas`` ships in the Triton wheel) at the realistic shapes of issue 18, in fp32, fp16 and
+bf16, and the report prints per compiled kernel:
+
+- ``registers``, ``spill_bytes`` (spill stores), ``stack_bytes``, ``shared_bytes``: ``ptxas -v`` and the
+  compiled metadata;
+- ``warp_along_contiguous``: every global load and store of a large tensor (its TTGIR layout) runs its
+  warp's consecutive lanes along the tensor's contiguous axis (found from the real addresses, below);
+- ``vectorized_loads``: the PTX has vector global loads (``ld.global.v2/.v4``) or 8/16-byte ``cp.async``;
+  ``ptx_loads`` counts them;
+- ``est_hbm_fraction``: the minimum bytes (every input read once, every output written once) divided by
+  the bytes the compiled kernel moves, counted as 32-byte sectors per warp access.
+
+How the sectors are counted. A second process runs sample programs of the kernel in Triton's interpreter
+(``TRITON_INTERPRET=1``, batch 1, the rest of the shape as given) and records the byte offset and the mask
+of every element of every ``tl.load``/``tl.store`` it executes (loops and masks included). Each access is
+matched by source line to its load/store in the compiled TTGIR, whose layout (blocked, slice or linear
+encoding, with ``num_warps``) says which warp, lane and register holds each element; a warp's access is
+one instruction per register vector (the layout's ``sizePerThread`` along its fastest axis, up to 16
+bytes), and it costs the number of distinct 32-byte sectors its unmasked lanes touch. The sum over the
+sample programs, scaled to the whole grid at batch 32, is the moved bytes. No cache is modelled: a
+re-read is paid again (an upper bound on HBM traffic, a lower bound on the fraction); see
+docs/benchmarks.md ("Kernel report") for how it compares with a measured GPU.
+
+Results are cached per kernel (``~/.cache/attn-export/kernel-report``, keyed on Triton's version, the
+target, the case and the source of the kernels), so a second run only reads them back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ARCHS = {"sm_90": 90, "sm_80": 80}
+DTYPES = ("fp32", "fp16", "bf16")
+BATCH = 32  # the batch of the realistic shapes; programs are traced at batch 1 and scaled
+#: A tensor with at least this many elements (at batch 1) is "large": its accesses are judged.
+LARGE = 1 << 16
+#: Programs of each kernel run in the interpreter (spread over the batch-1 grid, first and last included).
+SAMPLE_PROGRAMS = 8
+SECTOR = 32
+_BITS = {"f32": 32, "f16": 16, "bf16": 16, "fp32": 32, "fp16": 16, "i32": 32, "i64": 64, "i8": 8, "i1": 8}
+_ROOT = Path(__file__).resolve().parents[1]
+#: Files whose text keys the cache (a kernel or its launch plan changed: recompile).
+_SOURCES = (
+    "plugins/_cuda_common.py",
+    "plugins/registry.py",
+    "plugins/involution/cuda_kernel.py",
+    "plugins/involution/plan.py",
+    "plugins/involution/trt_plugin.py",
+    "plugins/outlook/cuda_kernel.py",
+    "plugins/outlook/plan.py",
+    "plugins/outlook/trt_plugin.py",
+    "plugins/dynamic_conv/cuda_kernel.py",
+    "plugins/dynamic_conv/plan.py",
+    "plugins/dynamic_conv/trt_plugin.py",
+    "plugins/_trt_kit.py",
+    "bench/kernels.py",
+)
+
+
+# ------------------------------------------------------------------------------------------ cases
+@dataclass(frozen=True)
+class Case:
+    """One kernel at one shape and dtype: how to compile it and how to trace its accesses."""
+
+    kernel: str  # report name, e.g. "involution2d_fwd"
+    op: str  # involution | outlook | dynamic_conv
+    role: str  # op | aot
+    label: str  # shape label
+    dtype: str
+    compile_fn: str  # "module:attr" of the JITFunction, or "module:aot_entry()" for an AOT entry
+    signature: tuple  # ((name, type), ...) of the non-constexpr parameters, in order
+    constexprs: tuple  # ((name, value), ...)
+    trace_fn: str  # "module:attr" of the kernel run by the interpreter (the AOT's body)
+    trace_args: tuple  # ("tensor", index) or ("int", value) per positional parameter of trace_fn
+    trace_constexprs: tuple
+    tensors: tuple  # ((name, shape at batch 1, "in"|"out"), ...)
+    grid1: int  # programs at batch 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def key(self, arch: str) -> str:
+        return f"{self.kernel}/{self.label}/{self.dtype}/{arch}"
+
+    def trace_key(self) -> str:
+        return json.dumps([self.trace_fn, self.trace_args, self.trace_constexprs, self.tensors, self.dtype, self.grid1])
+
+
+def _sig(pointers: Sequence[str], dtype: str, ints: Sequence[str]) -> tuple:
+    return tuple((p, f"*{dtype}") for p in pointers) + tuple((n, "i32") for n in ints)
+
+
+def _aot_sig(pointers: Sequence[str], dtype: str, ints: Sequence[str]) -> tuple:
+    """TensorRT's order: inputs, scalars, output."""
+    return (
+        tuple((p, f"*{dtype}") for p in pointers[:-1])
+        + tuple((n, "i32") for n in ints)
+        + ((pointers[-1], f"*{dtype}"),)
+    )
+
+
+def _involution_cases(dtype: str) -> list[Case]:
+    from attn_export.plugins.involution import cuda_kernel as ck
+    from attn_export.plugins.involution import plan
+
+    b, c, h, w, k, g, s, p, d = 1, 256, 56, 56, 7, 16, 1, 3, 1
+    x, wt = (b, c, h, w), (b, g, k * k, h, w)
+    tensors = (("x", x, "in"), ("weight", wt, "in"), ("out", (b, c, h, w), "out"))
+    label = "B32 C256 56x56 k7 G16"
+    args = (("tensor", 0), ("tensor", 1), ("tensor", 2))
+    ptrs = ("x_ptr", "w_ptr", "out_ptr")
+    out = []
+    # the op's default kernel and the candidate (whichever the op runs is named by ck.DEFAULT)
+    for name, fn, planner in (
+        ("involution2d_tiles", "_involution2d_fwd", ck.tiles_plan),
+        ("involution2d_rows", "_involution2d_rows", ck.rows_plan),
+    ):
+        grid, scalars, ce = planner(x, wt, k, s, p, d)
+        names = ck.TILES_SCALARS if planner is ck.tiles_plan else ck.ROWS_SCALARS
+        role = "op" if name.endswith(ck.DEFAULT) else "op-candidate"
+        out.append(
+            Case(
+                name,
+                "involution",
+                role,
+                label,
+                dtype,
+                f"{ck.__name__}:{fn}",
+                _sig(ptrs, dtype, names),
+                tuple(ce.items()),
+                f"{ck.__name__}:{fn}",
+                args + tuple(("int", v) for v in scalars),
+                tuple(ce.items()),
+                tensors,
+                grid,
+            )
+        )
+    # the TensorRT AOT entry: static shapes (the launcher's blocks) and dynamic ones (blocks(None, None))
+    for tag, (bc, bp) in (("static", plan.blocks(c // g, h * w)), ("dynamic", plan.blocks(None, None))):
+        grid, scalars, ce = plan.launch_plan(x, wt, k, s, p, d, bc, bp)
+        out.append(
+            Case(
+                f"involution2d_aot[{tag}]",
+                "involution",
+                "aot",
+                label,
+                dtype,
+                "attn_export.plugins.involution.trt_plugin:aot_entry()",
+                _aot_sig(ptrs, dtype, plan.SCALARS),
+                tuple(ce.items()),
+                f"{ck.__name__}:_involution2d_fwd",
+                args + tuple(("int", v) for v in scalars),
+                tuple(ce.items()),
+                tensors,
+                grid,
+            )
+        )
+    return out
+
+
+def _outlook_cases(dtype: str) -> list[Case]:
+    from attn_export.plugins.outlook import cuda_kernel as ck
+    from attn_export.plugins.outlook import plan
+
+    b, c, h, w, k, heads, p = 1, 384, 28, 28, 3, 12, 1
+    out = []
+    ptrs = ("v_ptr", "attn_ptr", "out_ptr")
+    args = (("tensor", 0), ("tensor", 1), ("tensor", 2))
+    for s in (1, 2):
+        v = (b, c, h, w)
+        gh, gw = plan.window_grid(v, k, p, s)
+        attn = (b, heads, gh * gw, k * k, k * k)
+        tensors = (("v", v, "in"), ("attn", attn, "in"), ("out", v, "out"))
+        label = f"B32 C384 28x28 m12 k3 s{s}"
+        for role, blk in (("op", plan.blocks(c // heads, h * w)), ("aot", None)):
+            variants = (
+                [("", blk)]
+                if role == "op"
+                else [("static", plan.blocks(c // heads, h * w)), ("dynamic", plan.blocks(None, None))]
+            )
+            for tag, (bc, bp) in variants:
+                grid, scalars, ce = plan.launch_plan(v, attn, k, p, s, bc, bp)
+                trace = args + tuple(("int", x) for x in scalars)
+                if role == "op":
+                    out.append(
+                        Case(
+                            "outlook_aggregate_fwd",
+                            "outlook",
+                            "op",
+                            label,
+                            dtype,
+                            f"{ck.__name__}:_outlook_aggregate_fwd",
+                            _sig(ptrs, dtype, plan.SCALARS),
+                            tuple(ce.items()),
+                            f"{ck.__name__}:_outlook_aggregate_fwd",
+                            trace,
+                            tuple(ce.items()),
+                            tensors,
+                            grid,
+                        )
+                    )
+                else:
+                    out.append(
+                        Case(
+                            f"outlook_aggregate_aot[{tag}]",
+                            "outlook",
+                            "aot",
+                            label,
+                            dtype,
+                            "attn_export.plugins.outlook.trt_plugin:aot_entry()",
+                            _aot_sig(ptrs, dtype, plan.SCALARS),
+                            tuple(ce.items()),
+                            f"{ck.__name__}:_outlook_aggregate_fwd",
+                            trace,
+                            tuple(ce.items()),
+                            tensors,
+                            grid,
+                        )
+                    )
+    return out
+
+
+def _conv_cases(dtype: str) -> list[Case]:
+    from attn_export.plugins.dynamic_conv import cuda_kernel as ck
+    from attn_export.plugins.dynamic_conv import plan
+
+    b, cin, h, w, cout, k = 1, 256, 28, 28, 256, 3
+    x, wt = (b, cin, h, w), (b, cout, cin, k, k)
+    tensors = (("x", x, "in"), ("weight", wt, "in"), ("out", (b, cout, h, w), "out"))
+    label = "B32 C256 28x28 k3"
+    ptrs = ("x_ptr", "w_ptr", "out_ptr")
+    args = (("tensor", 0), ("tensor", 1), ("tensor", 2))
+    geom = dict(SH=1, SW=1, PH=1, PW=1, DH=1, DW=1, KH=k, KW=k)
+    bm, bn, bk, warps, stages = ck.REPORT_CONFIG
+    precision = "tf32" if dtype == "fp32" else None
+    ce = dict(geom, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION=precision, UPCAST=False)
+    ints = (cin, h, w, cout, h, w, 1, cin, cout)
+    conv_ints = ("CIN", "H", "W", "COUT", "HO", "WO", "GROUPS", "CIN_G", "COUT_G")
+    grid = b * (-(-h * w // bm)) * (-(-cout // bn))
+    trace_ce = dict(ce, UPCAST=dtype == "bf16", DOT_PRECISION="ieee" if dtype != "fp16" else None)
+    out = [
+        Case(
+            "dynamic_conv2d_igemm",
+            "dynamic_conv",
+            "op",
+            label,
+            dtype,
+            f"{ck.__name__}:_dynamic_conv2d_igemm",
+            _sig(ptrs, dtype, conv_ints),
+            tuple(ce.items()),
+            f"{ck.__name__}:_dynamic_conv2d_igemm",
+            args + tuple(("int", v) for v in ints),
+            tuple(trace_ce.items()),
+            tensors,
+            grid,
+            warps,
+            stages,
+        )
+    ]
+    for tag, blk in (("static", plan.blocks(cout, cin, h * w)), ("dynamic", plan.blocks(None, None, None))):
+        grid, scalars, ce = plan.launch_plan(x, wt, (1, 1), (1, 1), (1, 1), 1, (k, k), *blk, plan.dot_precision(dtype))
+        tce = dict(ce, DOT_PRECISION="ieee" if dtype != "fp16" else ce["DOT_PRECISION"])
+        out.append(
+            Case(
+                f"dynamic_conv2d_aot[{tag}]",
+                "dynamic_conv",
+                "aot",
+                label,
+                dtype,
+                "attn_export.plugins.dynamic_conv.trt_plugin:aot_entry()",
+                _aot_sig(ptrs, dtype, plan.SCALARS),
+                tuple(ce.items()),
+                f"{ck.__name__}:_dynamic_conv2d_fwd",
+                args + tuple(("int", v) for v in scalars),
+                tuple(tce.items()),
+                tensors,
+                grid,
+            )
+        )
+    return out
+
+
+def cases(dtypes: Sequence[str] = DTYPES, ops: Sequence[str] | None = None) -> list[Case]:
+    """Every kernel of issue 18's realistic shapes, in each of ``dtypes`` (``ops``: a subset of
+    involution, outlook, dynamic_conv)."""
+    found = []
+    for dtype in dtypes:
+        found += _involution_cases(dtype) + _outlook_cases(dtype) + _conv_cases(dtype)
+    return [c for c in found if ops is None or c.op in ops]
+
+
+# ------------------------------------------------------------------------------------------ layouts
+@dataclass(frozen=True)
+class Layout:
+    """A TTGIR distributed layout: per thread (warp, lane) and register, the element coordinates."""
+
+    kind: str  # blocked | slice | linear
+    params: tuple  # blocked: (spt, tpw, wpc, order); linear: (register, lane, warp); slice: (dim, parent)
+
+    def mapping(self, shape: tuple[int, ...], num_warps: int, elem_bytes: int):
+        """``(coords, group, lane_axis)``: coords (warps, 32, regs, ndim) element coordinates, group (regs,)
+        the vector instruction of each register, lane_axis the tensor axis consecutive lanes step along
+        (None: they all hold the same elements)."""
+        import numpy as np
+
+        if self.kind == "slice":
+            dim, parent = self.params
+            pshape = list(shape)
+            pshape.insert(dim, 1)
+            coords, group, lane_axis = parent.mapping(tuple(pshape), num_warps, elem_bytes)
+            coords = np.delete(coords, dim, axis=-1)
+            if lane_axis is not None:
+                lane_axis = None if lane_axis == dim else lane_axis - (lane_axis > dim)
+            return coords, group, lane_axis
+        if self.kind == "blocked":
+            return _blocked_mapping(*self.params, shape, num_warps, elem_bytes)
+        return _linear_mapping(*self.params, shape, num_warps, elem_bytes)
+
+
+def _digits(index, radices, order):
+    """Mixed-radix digits of ``index`` with ``order[0]`` fastest."""
+    out = [None] * len(radices)
+    for d in order:
+        out[d] = index % radices[d]
+        index = index // radices[d]
+    return out
+
+
+def _blocked_mapping(spt, tpw, wpc, order, shape, num_warps, elem_bytes):
+    import numpy as np
+
+    nd = len(shape)
+    tile = [spt[d] * tpw[d] * wpc[d] for d in range(nd)]
+    reps = [max(1, -(-shape[d] // tile[d])) for d in range(nd)]
+    nregs = [spt[d] * reps[d] for d in range(nd)]
+    warps = np.arange(num_warps)[:, None, None]
+    lanes = np.arange(32)[None, :, None]
+    regs = np.arange(int(np.prod(nregs)))[None, None, :]
+    wd = _digits(warps, wpc, order)
+    ld = _digits(lanes, tpw, order)
+    rd = _digits(regs, nregs, order)
+    coords = np.zeros((num_warps, 32, regs.shape[-1], nd), dtype=np.int64)
+    for d in range(nd):
+        x = (rd[d] // spt[d]) * tile[d] + wd[d] * spt[d] * tpw[d] + ld[d] * spt[d] + rd[d] % spt[d]
+        coords[..., d] = np.broadcast_to(x % shape[d], coords.shape[:3])
+    o0 = order[0]
+    vec = max(1, min(spt[o0], 16 // elem_bytes))
+    key = [rd[d][0, 0] if d != o0 else rd[d][0, 0] // vec for d in range(nd)]
+    group = np.zeros(regs.shape[-1], dtype=np.int64)
+    for d in range(nd):
+        group = group * (nregs[d] + 1) + key[d]
+    lane_axis = next((d for d in order if tpw[d] > 1 and shape[d] > spt[d]), None)
+    return coords, group, lane_axis
+
+
+def _linear_mapping(register, lane, warp, shape, num_warps, elem_bytes):
+    import numpy as np
+
+    nd = len(shape)
+
+    def span(bases, n):
+        idx = np.arange(n)
+        out = np.zeros((n, nd), dtype=np.int64)
+        for bit, basis in enumerate(bases):
+            on = ((idx >> bit) & 1).astype(bool)
+            out[on] ^= np.asarray(basis, dtype=np.int64)
+        return out
+
+    nreg = 1 << len(register)
+    r, ln, w = span(register, nreg), span(lane, 32), span(warp, num_warps)
+    coords = w[:, None, None, :] ^ ln[None, :, None, :] ^ r[None, None, :, :]
+    coords %= np.asarray(shape, dtype=np.int64)
+    vec = 1
+    for basis in register:  # leading unit steps along one axis form the vector
+        expect = [0] * nd
+        axis = next((d for d in range(nd) if basis[d]), None)
+        if axis is None:
+            break
+        expect[axis] = vec
+        if list(basis) != expect or (vec * 2) * elem_bytes > 16:
+            break
+        vec *= 2
+    group = np.arange(nreg) // vec
+    first = next((b for b in lane if any(b)), None)
+    lane_axis = None if first is None else next(d for d in range(nd) if first[d])
+    return coords, group, lane_axis
+
+
+_ENC_DEF = re.compile(r"^(#\w+) = (#ttg\.\w+<\{.*\}>)\s*$", re.M)
+_MEM = re.compile(r"\b(tt\.load|tt\.store|ttg\.async_copy_global_to_local)\b")
+_PTR_T = re.compile(r"tensor<((?:\d+x)+)!tt\.ptr<(\w+)>,\s*(#ttg\.slice<\{[^}]*\}>|#[\w.]+)>")
+_LOCREF = re.compile(r"loc\((#loc\d*)\)\s*$")
+_LOCDEF = re.compile(r"^(#loc\d*) = loc\((.*)\)\s*$", re.M)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in re.findall(r"-?\d+", text))
+
+
+def parse_encoding(text: str, defs: dict[str, str]) -> Layout | None:
+    """A :class:`Layout` from a TTGIR encoding (``#blocked1``, ``#ttg.slice<{...}>``, ...); None if not
+    a distributed layout this report reads."""
+    text = text.strip()
+    if text in defs:
+        text = defs[text]
+    m = re.match(r"#ttg\.blocked<\{(.*)\}>", text)
+    if m:
+        body = m.group(1)
+
+        def field_(name):
+            return _ints(re.search(rf"{name} = \[([^\]]*)\]", body).group(1))
+
+        return Layout(
+            "blocked", (field_("sizePerThread"), field_("threadsPerWarp"), field_("warpsPerCTA"), field_("order"))
+        )
+    m = re.match(r"#ttg\.slice<\{dim = (\d+), parent = (#[\w.]+)\}>", text)
+    if m:
+        parent = parse_encoding(m.group(2), defs)
+        return None if parent is None else Layout("slice", (int(m.group(1)), parent))
+    m = re.match(r"#ttg\.linear<\{(.*)\}>", text)
+    if m:
+        body = m.group(1)
+
+        def bases(name):
+            inner = re.search(rf"{name} = \[(.*?)\]\](?:,|$)|{name} = \[\]", body)
+            if inner is None or inner.group(1) is None:
+                return ()
+            return tuple(_ints(b) for b in re.findall(r"\[([^\[\]]*)\]", inner.group(1) + "]"))
+
+        return Layout("linear", (bases("register"), bases("lane"), bases("warp")))
+    return None
+
+
+def _resolve_loc(name: str, locs: dict[str, str], depth: int = 0) -> tuple[str, int] | None:
+    text = locs.get(name)
+    if text is None or depth > 20:
+        return None
+    m = re.match(r'"([^"]+)":(\d+):\d+', text)
+    if m:
+        return Path(m.group(1)).name + ":" + m.group(1), int(m.group(2))
+    m = re.match(r"callsite\((#loc\d*) at", text)
+    if m:
+        return _resolve_loc(m.group(1), locs, depth + 1)
+    m = re.match(r'"[^"]*"\((#loc\d*)\)', text)
+    if m:
+        return _resolve_loc(m.group(1), locs, depth + 1)
+    m = re.match(r"fused\[(#loc\d*)", text)
+    if m:
+        return _resolve_loc(m.group(1), locs, depth + 1)
+    return None
+
+
+def memory_ops(ttgir: str) -> list[dict]:
+    """Every global load/store of a tensor of pointers in a TTGIR module: ``{op, file, line, shape, dtype,
+    encoding}`` (``file`` the source path, ``encoding`` the layout's text)."""
+    defs = dict(_ENC_DEF.findall(ttgir))
+    locs = dict(_LOCDEF.findall(ttgir))
+    found = []
+    for line in ttgir.splitlines():
+        op = _MEM.search(line)
+        if not op:
+            continue
+        t = _PTR_T.search(line)
+        ref = _LOCREF.search(line)
+        if not t or not ref:
+            continue
+        where = _resolve_loc(ref.group(1), locs)
+        if where is None:
+            continue
+        enc = t.group(3)
+        found.append(
+            {
+                "op": op.group(1),
+                "file": where[0].split(":", 1)[1],
+                "line": where[1],
+                "shape": _ints(t.group(1)),
+                "dtype": t.group(2),
+                "encoding": defs.get(enc, enc),
+                "encoding_defs": {k: v for k, v in defs.items() if k in enc or k in defs.get(enc, "")},
+            }
+        )
+    return found
+
+
+def ptx_load_counts(ptx: str) -> dict[str, int]:
+    """Global memory instructions of a PTX module by width."""
+    counts = {
+        "ld_scalar": 0,
+        "ld_v2": 0,
+        "ld_v4": 0,
+        "cp_async_4": 0,
+        "cp_async_8": 0,
+        "cp_async_16": 0,
+        "st_scalar": 0,
+        "st_vec": 0,
+    }
+    for m in re.finditer(r"\bld\.global[\w.]*", ptx):
+        ins = m.group(0)
+        counts["ld_v4" if ".v4" in ins else "ld_v2" if ".v2" in ins else "ld_scalar"] += 1
+    for m in re.finditer(r"\bcp\.async\.(?:ca|cg)\.shared(?:::cta)?\.global[^;]*?,\s*(\d+)", ptx):
+        key = f"cp_async_{m.group(1)}"
+        counts[key] = counts.get(key, 0) + 1
+    for m in re.finditer(r"\bst\.global[\w.]*", ptx):
+        counts["st_vec" if (".v2" in m.group(0) or ".v4" in m.group(0)) else "st_scalar"] += 1
+    return counts
+
+
+# ------------------------------------------------------------------------------------------ sectors
+def access_cost(offsets, mask, layout: Layout, num_warps: int, elem_bytes: int) -> dict:
+    """One access (every warp of one program, one load/store) under ``layout``: ``sectors`` (32-byte
+    sectors summed over its warp instructions), ``lane_axis`` and ``contiguous_axis`` (the tile axis
+    along which neighbouring elements are ``elem_bytes`` apart, None for a gather)."""
+    import numpy as np
+
+    shape = tuple(offsets.shape)
+    coords, group, lane_axis = layout.mapping(shape, num_warps, elem_bytes)
+    flat = np.ravel_multi_index(tuple(np.moveaxis(coords, -1, 0)), shape)
+    off = offsets.reshape(-1)[flat]
+    on = mask.reshape(-1)[flat]
+    warp = np.broadcast_to(np.arange(num_warps)[:, None, None], flat.shape)
+    grp = np.broadcast_to(group[None, None, :], flat.shape)
+    key = (warp[on].astype(np.int64) * (int(group.max()) + 1) + grp[on]) * (1 << 40) + off[on] // SECTOR
+    sectors = int(np.unique(key).size)
+    return {"sectors": sectors, "lane_axis": lane_axis, "contiguous_axis": contiguous_axis(offsets, mask, elem_bytes)}
+
+
+def contiguous_axis(offsets, mask, elem_bytes: int):
+    """The tile axis along which most neighbouring (both unmasked) elements are one element apart."""
+    import numpy as np
+
+    best, best_frac = None, 0.0
+    for axis in range(offsets.ndim):
+        if offsets.shape[axis] < 2:
+            continue
+        d = np.diff(offsets, axis=axis)
+        both = np.logical_and(
+            np.take(mask, range(1, offsets.shape[axis]), axis=axis),
+            np.take(mask, range(0, offsets.shape[axis] - 1), axis=axis),
+        )
+        if not both.any():
+            continue
+        frac = float((d[both] == elem_bytes).mean())
+        if frac > best_frac:
+            best, best_frac = axis, frac
+    return best if best_frac >= 0.5 else None
+
+
+# ------------------------------------------------------------------------------------------ workers
+def _resolve(spec: str):
+    import importlib
+
+    module, attr = spec.split(":")
+    if attr.endswith("()"):
+        return getattr(importlib.import_module(module), attr[:-2])()
+    return getattr(importlib.import_module(module), attr)
+
+
+def _ptxas_report(ptx: str, arch: int) -> dict:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        proc = subprocess.run(
+            [ptxas, "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", str(src), "-o", str(Path(tmp) / "k.o")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    log = proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {log.strip()[:300]}")
+
+    def num(pattern):
+        m = re.search(pattern, log)
+        return int(m.group(1)) if m else 0
+
+    return {
+        "registers": num(r"Used (\d+) registers"),
+        "spill_bytes": num(r"(\d+) bytes spill stores"),
+        "spill_load_bytes": num(r"(\d+) bytes spill loads"),
+        "stack_bytes": num(r"(\d+) bytes stack frame"),
+    }
+
+
+def compile_one(case: Case, arch: str) -> dict:
+    """Compile ``case`` for ``arch`` (no GPU): ptxas figures, shared memory, TTGIR memory ops, PTX loads."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    fn = _resolve(case.compile_fn)
+    ce = dict(case.constexprs)
+    sig = dict(case.signature)
+    sig.update(dict.fromkeys(ce, "constexpr"))
+    t0 = time.perf_counter()
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=ce)
+    options = {"num_warps": case.num_warps, "num_stages": case.num_stages}
+    compiled = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch], 32), options=options)
+    compile_s = time.perf_counter() - t0
+    ptx = compiled.asm["ptx"]
+    result = {"compile_s": round(compile_s, 2), "shared_bytes": int(compiled.metadata.shared)}
+    result.update(_ptxas_report(ptx, ARCHS[arch]))
+    result["memory_ops"] = memory_ops(compiled.asm["ttgir"])
+    result["ptx_loads"] = ptx_load_counts(ptx)
+    result["triton"] = triton.__version__
+    return result
+
+
+def trace_one(case: Case, programs: int = SAMPLE_PROGRAMS) -> list[dict]:
+    """Run sample programs of ``case`` in the interpreter (needs ``TRITON_INTERPRET=1``): per program, the
+    accesses in execution order, ``{file, line, kind, tensor, offsets, mask, elem_bytes}``."""
+    import numpy as np
+    import torch
+    import triton.runtime.interpreter as interp
+
+    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[case.dtype]
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(shape, generator=gen).to(dt) for _, shape, _ in case.tensors]
+    bases = [(t.data_ptr(), t.numel() * t.element_size(), i) for i, t in enumerate(tensors)]
+    args = [tensors[v] if kind == "tensor" else v for kind, v in case.trace_args]
+    n = case.grid1
+    pids = sorted({round(i * (n - 1) / max(programs - 1, 1)) for i in range(min(programs, n))})
+    fn = _resolve(case.trace_fn)
+    kernel_files = {str(_ROOT / "plugins")}
+    per_program: list[list[dict]] = [[] for _ in pids]
+    state = {"i": 0}
+
+    def record(kind, ptrs, mask, elem_bytes):
+        addr = ptrs.data.astype(np.int64)
+        frame = sys._getframe(2)
+        while frame is not None and not any(frame.f_code.co_filename.startswith(k) for k in kernel_files):
+            frame = frame.f_back
+        if frame is None or addr.ndim == 0 or addr.size < 2:
+            return
+        first = int(addr.reshape(-1)[0])
+        tensor = next((i for base, size, i in bases if base <= first < base + size), None)
+        if tensor is None:  # masked lanes may point anywhere: use any in-range lane
+            inside = [(i, base) for base, size, i in bases if ((addr >= base) & (addr < base + size)).any()]
+            if not inside:
+                return
+            tensor = inside[0][0]
+        base = bases[tensor][0]
+        per_program[state["i"]].append(
+            {
+                "file": frame.f_code.co_filename,
+                "line": frame.f_lineno,
+                "kind": kind,
+                "tensor": tensor,
+                "offsets": addr - base,
+                "mask": np.broadcast_to(mask.data, addr.shape).astype(bool).copy(),
+                "elem_bytes": elem_bytes,
+            }
+        )
+
+    builder = interp.InterpreterBuilder
+    orig_load, orig_store, orig_idx = builder.create_masked_load, builder.create_masked_store, builder.set_grid_idx
+    orig_dim = builder.set_grid_dim
+
+    def load(self, ptrs, mask, other, *a):
+        record("load", ptrs, mask, 0)
+        return orig_load(self, ptrs, mask, other, *a)
+
+    def store(self, ptrs, value, mask, *a):
+        record("store", ptrs, mask, 0)
+        return orig_store(self, ptrs, value, mask, *a)
+
+    def set_idx(self, x, y, z):
+        state["i"] = x
+        return orig_idx(self, pids[x], y, z)
+
+    def set_dim(self, x, y, z):  # the programs run are a sample of the whole grid
+        return orig_dim(self, n, y, z)
+
+    builder.create_masked_load, builder.create_masked_store = load, store
+    builder.set_grid_idx, builder.set_grid_dim = set_idx, set_dim
+    try:
+        fn[(len(pids),)](*args, **dict(case.trace_constexprs))
+    finally:
+        builder.create_masked_load, builder.create_masked_store = orig_load, orig_store
+        builder.set_grid_idx, builder.set_grid_dim = orig_idx, orig_dim
+    for accesses in per_program:
+        for a in accesses:
+            a["elem_bytes"] = tensors[a["tensor"]].element_size()
+    return [{"pid": pid, "accesses": acc} for pid, acc in zip(pids, per_program, strict=True)]
+
+
+def _worker(argv: list[str]) -> int:
+    """``python -m attn_export.bench.kernels --worker compile|trace JOBS.json OUT``."""
+    import pickle
+
+    mode, jobs_path, out_path = argv
+    jobs = json.loads(Path(jobs_path).read_text())
+    results = {}
+    for job in jobs:
+        case = Case(**{k: _tuplify(v) for k, v in job["case"].items()})
+        try:
+            results[job["id"]] = compile_one(case, job["arch"]) if mode == "compile" else trace_one(case)
+        except Exception as e:  # one kernel that fails is a row, not the end of the report
+            text = str(e).strip().splitlines()
+            results[job["id"]] = {"error": f"{type(e).__name__}: {text[0][:300] if text else ''}"}
+        Path(out_path).write_bytes(pickle.dumps(results))
+    return 0
+
+
+def _tuplify(v):
+    if isinstance(v, list):
+        return tuple(_tuplify(x) for x in v)
+    return v
+
+
+# ------------------------------------------------------------------------------------------ report
+@dataclass
+class KernelRow:
+    kernel: str
+    op: str
+    role: str
+    label: str
+    dtype: str
+    arch: str
+    registers: int | None = None
+    spill_bytes: int | None = None
+    stack_bytes: int | None = None
+    shared_bytes: int | None = None
+    warp_along_contiguous: bool | None = None
+    vectorized_loads: bool | None = None
+    est_hbm_fraction: float | None = None
+    min_bytes: int | None = None
+    moved_bytes: int | None = None
+    compile_s: float | None = None
+    ptx_loads: dict = field(default_factory=dict)
+    accesses: list = field(default_factory=list)  # per source line: layout, sectors, contiguity
+    triton: str = ""
+    error: str = ""
+    cached: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ATTN_EXPORT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "attn-export"
+    )
+    return Path(root) / "kernel-report"
+
+
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    for rel in _SOURCES:
+        path = _ROOT / rel
+        h.update(rel.encode())
+        h.update(path.read_bytes() if path.exists() else b"")
+    return h.hexdigest()[:16]
+
+
+def _case_id(case: Case, arch: str, version: str, sources: str) -> str:
+    text = json.dumps([dataclasses.astuple(case), arch, version, sources], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def analyse(case: Case, arch: str, compiled: dict, traced: list[dict]) -> KernelRow:
+    """A :class:`KernelRow` from one compiled kernel and its traced programs."""
+    row = KernelRow(case.kernel, case.op, case.role, case.label, case.dtype, arch)
+    if "error" in compiled or (isinstance(traced, dict) and "error" in traced):
+        row.error = compiled.get("error") or traced.get("error")  # type: ignore[union-attr]
+        return row
+    for k in ("registers", "spill_bytes", "stack_bytes", "shared_bytes", "compile_s", "ptx_loads", "triton"):
+        setattr(row, k, compiled[k])
+    loads = compiled["ptx_loads"]
+    vec = loads.get("ld_v2", 0) + loads.get("ld_v4", 0) + loads.get("cp_async_8", 0) + loads.get("cp_async_16", 0)
+    row.vectorized_loads = vec > 0
+    by_line: dict[tuple[str, int], list[dict]] = {}
+    for op in compiled["memory_ops"]:
+        by_line.setdefault((op["file"], op["line"]), []).append(op)
+    numel = [_prod(shape) for _, shape, _ in case.tensors]
+    sectors = 0
+    sites: dict[tuple, dict] = {}
+    along = True
+    for program in traced:
+        for acc in program["accesses"]:
+            ops = [o for o in by_line.get((acc["file"], acc["line"]), []) if tuple(o["shape"]) == acc["offsets"].shape]
+            site = (Path(acc["file"]).name, acc["line"], acc["kind"])
+            if not ops:  # not in the compiled kernel as a tensor access (folded or scalar): count it coalesced
+                sectors += _ideal_sectors(acc)
+                sites.setdefault(
+                    site,
+                    {
+                        "site": f"{site[0]}:{site[1]}",
+                        "kind": acc["kind"],
+                        "layout": "unmatched",
+                        "sectors": 0,
+                        "ideal": 0,
+                    },
+                )
+                continue
+            layout = parse_encoding(ops[0]["encoding"], ops[0]["encoding_defs"])
+            if layout is None:
+                sectors += _ideal_sectors(acc)
+                continue
+            cost = access_cost(acc["offsets"], acc["mask"], layout, case.num_warps, acc["elem_bytes"])
+            sectors += cost["sectors"]
+            info = sites.setdefault(
+                site,
+                {
+                    "site": f"{site[0]}:{site[1]}",
+                    "kind": acc["kind"],
+                    "tensor": case.tensors[acc["tensor"]][0],
+                    "layout": ops[0]["encoding"],
+                    "sectors": 0,
+                    "ideal": 0,
+                    "along_contiguous": True,
+                },
+            )
+            info["sectors"] += cost["sectors"]
+            info["ideal"] += _ideal_sectors(acc)
+            if numel[acc["tensor"]] >= LARGE and acc["mask"].sum() > 1:
+                ok = cost["contiguous_axis"] is not None and cost["lane_axis"] == cost["contiguous_axis"]
+                info["along_contiguous"] = info["along_contiguous"] and ok
+                along = along and ok
+    per_program = sectors / max(len(traced), 1)
+    row.moved_bytes = int(per_program * case.grid1 * BATCH * SECTOR)
+    bytes_each = {"fp32": 4, "fp16": 2, "bf16": 2}[case.dtype]
+    row.min_bytes = sum(numel) * BATCH * bytes_each
+    row.est_hbm_fraction = round(row.min_bytes / row.moved_bytes, 4) if row.moved_bytes else None
+    row.warp_along_contiguous = along
+    row.accesses = sorted(sites.values(), key=lambda s: s["site"])
+    return row
+
+
+def _ideal_sectors(acc) -> int:
+    import numpy as np
+
+    return int(np.unique(acc["offsets"][acc["mask"]] // SECTOR).size)
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _run_workers(mode: str, jobs: list[dict], n_procs: int, env: dict, timeout_s: float) -> dict:
+    import pickle
+
+    if not jobs:
+        return {}
+    chunks = [jobs[i::n_procs] for i in range(n_procs) if jobs[i::n_procs]]
+    procs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, chunk in enumerate(chunks):
+            jp, op = Path(tmp) / f"{mode}{i}.json", Path(tmp) / f"{mode}{i}.pkl"
+            jp.write_text(json.dumps(chunk))
+            cmd = [sys.executable, "-m", "attn_export.bench.kernels", "--worker", mode, str(jp), str(op)]
+            procs.append((subprocess.Popen(cmd, env=env, cwd=str(_ROOT), stderr=subprocess.PIPE, text=True), op))
+        results: dict = {}
+        deadline = time.monotonic() + timeout_s
+        for proc, out in procs:
+            try:
+                _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+            if out.exists():
+                results.update(pickle.loads(out.read_bytes()))
+            if proc.returncode not in (0, None) and not out.exists():
+                tail = (err or "").strip().splitlines()[-1:] or [""]
+                raise RuntimeError(f"the {mode} worker failed: {tail[0][:300]}")
+    return results
+
+
+def _load_cached(path: Path):
+    import pickle
+
+    try:
+        return pickle.loads(path.read_bytes())
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError):
+        return None
+
+
+def _store_cached(path: Path, value) -> None:
+    import pickle
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(pickle.dumps(value))
+    os.replace(tmp, path)
+
+
+def report(
+    archs: Sequence[str] = ("sm_90", "sm_80"),
+    dtypes: Sequence[str] = DTYPES,
+    ops: Sequence[str] | None = None,
+    jobs: int | None = None,
+    use_cache: bool = True,
+    timeout_s: float = 1800.0,
+) -> list[KernelRow]:
+    """The kernel report's rows: every case of :func:`cases` compiled for each of ``archs``. Compiled
+    results and traces are cached separately (:func:`cache_dir`); a failure is a row with ``error``."""
+    import threading
+
+    import triton
+
+    version = triton.__version__
+    sources = _source_hash()
+    all_cases = cases(dtypes, ops)
+    cdir = cache_dir()
+
+    def cpath(case, arch):
+        return cdir / f"c-{_case_id(case, arch, version, sources)}.pkl"
+
+    def tpath(case):
+        return cdir / f"t-{hashlib.sha256((case.trace_key() + version + sources).encode()).hexdigest()[:24]}.pkl"
+
+    compiled: dict = {}
+    traced: dict = {}
+    compile_todo, trace_todo = [], {}
+    for case in all_cases:
+        for arch in archs:
+            hit = _load_cached(cpath(case, arch)) if use_cache else None
+            if hit is None:
+                compile_todo.append((case, arch))
+            else:
+                compiled[(case, arch)] = hit
+        hit = _load_cached(tpath(case)) if use_cache else None
+        if hit is None:
+            trace_todo[case.trace_key()] = case
+        else:
+            traced[case.trace_key()] = hit
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env["PYTHONPATH"] = str(_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    n = jobs or max(1, min(os.cpu_count() or 1, 8))
+    c_jobs = [{"id": str(i), "case": dataclasses.asdict(c), "arch": a} for i, (c, a) in enumerate(compile_todo)]
+    t_cases = list(trace_todo.values())
+    t_jobs = [{"id": str(i), "case": dataclasses.asdict(c), "arch": ""} for i, c in enumerate(t_cases)]
+    box: dict = {}
+
+    def run_trace():
+        try:
+            box["t"] = _run_workers("trace", t_jobs, 1, dict(env, TRITON_INTERPRET="1"), timeout_s)
+        except Exception as e:  # reported per row below
+            box["t_error"] = f"{type(e).__name__}: {e}"
+
+    thread = threading.Thread(target=run_trace)
+    thread.start()
+    try:
+        c_out = _run_workers("compile", c_jobs, n, env, timeout_s)
+    finally:
+        thread.join()
+    for i, (case, arch) in enumerate(compile_todo):
+        result = c_out.get(str(i), {"error": "not compiled (worker stopped)"})
+        compiled[(case, arch)] = result
+        if "error" not in result:
+            _store_cached(cpath(case, arch), result)
+    for i, case in enumerate(t_cases):
+        result = box.get("t", {}).get(str(i), {"error": box.get("t_error", "not traced (worker stopped)")})
+        traced[case.trace_key()] = result
+        if not (isinstance(result, dict) and "error" in result):
+            _store_cached(tpath(case), result)
+    rows = []
+    fresh = set(compile_todo)
+    for case in all_cases:
+        for arch in archs:
+            row = analyse(case, arch, compiled[(case, arch)], traced[case.trace_key()])
+            row.cached = (case, arch) not in fresh
+            rows.append(row)
+    return rows
+
+
+JSON_FIELDS = (
+    "kernel",
+    "op",
+    "role",
+    "label",
+    "dtype",
+    "arch",
+    "registers",
+    "spill_bytes",
+    "stack_bytes",
+    "shared_bytes",
+    "warp_along_contiguous",
+    "vectorized_loads",
+    "est_hbm_fraction",
+    "min_bytes",
+    "moved_bytes",
+    "compile_s",
+    "ptx_loads",
+    "triton",
+    "error",
+)
+
+
+def format_table(rows: Sequence[KernelRow]) -> str:
+    head = (
+        "kernel",
+        "role",
+        "shape",
+        "dtype",
+        "arch",
+        "regs",
+        "spill B",
+        "smem B",
+        "warp||contig",
+        "vec ld",
+        "est HBM",
+    )
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        if r.error:
+            lines.append(" | ".join((r.kernel, r.role, r.label, r.dtype, r.arch, "error: " + r.error[:80])))
+            continue
+        lines.append(
+            " | ".join(
+                (
+                    r.kernel,
+                    r.role,
+                    r.label,
+                    r.dtype,
+                    r.arch,
+                    str(r.registers),
+                    str(r.spill_bytes),
+                    str(r.shared_bytes),
+                    "yes" if r.warp_along_contiguous else "NO",
+                    "yes" if r.vectorized_loads else "no",
+                    f"{r.est_hbm_fraction:.2f}" if r.est_hbm_fraction is not None else "-",
+                )
+            )
+        )
+    return "\n".join("| " + line + " |" for line in lines)
+
+
+def format_accesses(rows: Sequence[KernelRow]) -> str:
+    """Per kernel and access site: the layout, sectors moved against the ideal, contiguity."""
+    out = []
+    for r in rows:
+        if r.error or r.arch != "sm_90":
+            continue
+        out.append(f"{r.kernel} {r.label} {r.dtype} {r.arch}")
+        for a in r.accesses:
+            eff = a["ideal"] / a["sectors"] if a.get("sectors") else 0.0
+            flag = "" if a.get("along_contiguous", True) else "  <- warp not along the contiguous axis"
+            out.append(
+                f"  {a['site']:<22} {a['kind']:<5} {a.get('tensor', ''):<7} sector efficiency {eff:5.2f}  "
+                f"{a['layout']}{flag}"
+            )
+    return "\n".join(out)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="attn-export kernels",
+        description="Compile every Triton kernel of the ops (and the TensorRT AOT entries) for sm_90/sm_80 on the "
+        "CPU at realistic shapes and report registers, spills, shared memory, layouts, vector loads and an "
+        "estimated fraction of HBM bandwidth (see docs/benchmarks.md, 'Kernel report').",
+    )
+    p.add_argument("--arch", action="append", choices=sorted(ARCHS), help="target (repeatable; default both)")
+    p.add_argument("--dtype", action="append", choices=DTYPES, help="dtype (repeatable; default all three)")
+    p.add_argument("--op", action="append", choices=("involution", "outlook", "dynamic_conv"), help="only these ops")
+    p.add_argument("--json", action="store_true", help="one JSON object per compiled kernel")
+    p.add_argument("--accesses", action="store_true", help="also list every access site's layout and efficiency")
+    p.add_argument("--jobs", type=int, default=None, help="compile processes (default: the CPU count, at most 8)")
+    p.add_argument("--no-cache", action="store_true", help="recompile everything (the cache is rewritten)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--worker"]:
+        return _worker(argv[1:])
+    args = parser().parse_args(argv)
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("attn-export kernels: error: Triton is not installed (pip install triton)", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    rows = report(args.arch or ("sm_90", "sm_80"), args.dtype or DTYPES, args.op, args.jobs, not args.no_cache)
+    elapsed = time.perf_counter() - t0
+    if args.json:
+        for r in rows:
+            print(json.dumps({k: getattr(r, k) for k in JSON_FIELDS}))
+    else:
+        print(format_table(rows))
+        if args.accesses:
+            print()
+            print(format_accesses(rows))
+    fresh = [r for r in rows if not r.cached]
+    compile_total = sum(r.compile_s or 0.0 for r in fresh)
+    print(
+        f"attn-export kernels: {len(rows)} kernels in {elapsed:.1f} s (triton {rows[0].triton if rows else '?'}; "
+        f"cache {cache_dir()}; {len(fresh)} compiled now, {compile_total:.0f} s of compilation)",
+        file=sys.stderr,
+    )
+    return 1 if any(r.error for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
