@@ -231,22 +231,25 @@ def build_trt_engine(args: argparse.Namespace, loaded, shape, batch, result) -> 
     from attn_export.export import ExportError, trt_build
 
     engine = result.path.with_suffix(".engine")
+    hw = result.dynamic_hw  # one profile over batch, height and width where the graph has them free
+    run_shape = (shape[0], hw[1], hw[1]) if hw else shape
     missing = trt_build.check_trt_environment()
     if missing:
         batch_arg = ":".join(map(str, batch))
         fp16 = " --fp16" if args.fp16 else " --bf16" if args.bf16 else ""
+        sides = f" --dynamic-hw {':'.join(map(str, hw))}" if hw else ""
         print(f"attn-export: {missing}", file=sys.stderr)
         print(
             f"The verified graph is at {result.path}. To build the engine on a machine with an NVIDIA GPU and "
             f"TensorRT >= 10.9 (AOT plugins, so the engine runs without Python):\n"
-            f"  attn-export {args.model} --trt --batch {batch_arg}{fp16}\n"
-            f"and run it with:\n  {trt_build.trtexec_run_command(engine, result.input_name, shape, batch[1])}",
+            f"  attn-export {args.model} --trt --batch {batch_arg}{sides}{fp16}\n"
+            f"and run it with:\n  {trt_build.trtexec_run_command(engine, result.input_name, run_shape, batch[1])}",
             file=sys.stderr,
         )
         if result.target == "ort":
             try:
                 cmd = trt_build.trtexec_command(
-                    result.path, engine, result.input_name, shape, batch, args.fp16, bf16=args.bf16
+                    result.path, engine, result.input_name, shape, batch, args.fp16, bf16=args.bf16, dynamic_hw=hw
                 )
                 print(f"This graph has no plugin nodes, so trtexec alone can build it:\n  {cmd}", file=sys.stderr)
             except ValueError as e:
@@ -263,6 +266,7 @@ def build_trt_engine(args: argparse.Namespace, loaded, shape, batch, result) -> 
                     batch,
                     False,
                     tensorrt_major=10,
+                    dynamic_hw=hw,
                 ),
                 file=sys.stderr,
             )
@@ -280,6 +284,7 @@ def build_trt_engine(args: argparse.Namespace, loaded, shape, batch, result) -> 
             bf16=args.bf16,
             progress=_progress,
             classes=classes,
+            dynamic_hw=hw,
             **kwargs,
         )
         from attn_export.runtime.trt_runner import TensorRTRunner
@@ -290,7 +295,16 @@ def build_trt_engine(args: argparse.Namespace, loaded, shape, batch, result) -> 
         half_tol = 5e-2 if args.bf16 else 1e-2 if args.fp16 else 0.0
         atol, rtol = max(args.atol, half_tol), max(args.rtol, half_tol)
         report = trt_build.verify_engine(
-            loaded.model, runner, result.input_name, shape, batches, result.output_names, atol, rtol, args.seed
+            loaded.model,
+            runner,
+            result.input_name,
+            shape,
+            batches,
+            result.output_names,
+            atol,
+            rtol,
+            args.seed,
+            dynamic_hw=hw,
         )
     except ExportError as e:
         print(f"attn-export: error: {e}", file=sys.stderr)

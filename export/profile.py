@@ -33,10 +33,18 @@ def check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     return dims
 
 
-def profile_shapes(input_shape: Sequence[int], batch: Sequence[int]) -> tuple[tuple[int, ...], ...]:
-    """The optimisation profile's (min, opt, max) input shapes: each batch size prepended to the shape."""
+def profile_shapes(
+    input_shape: Sequence[int], batch: Sequence[int], dynamic_hw: Sequence[int] | str | None = None
+) -> tuple[tuple[int, ...], ...]:
+    """The optimisation profile's (min, opt, max) input shapes, one profile over every dynamic axis: each
+    batch size prepended to the shape; with ``dynamic_hw`` (side lengths ``(min, opt, max)`` or
+    ``"MIN:OPT:MAX"``) the height and width of a (C, H, W) shape range over them too, both sides alike."""
     dims = check_input_shape(input_shape)
-    return tuple((b, *dims) for b in parse_batch(batch))
+    if dynamic_hw is None:
+        return tuple((b, *dims) for b in parse_batch(batch))
+    if len(dims) != 3:
+        raise ExportError(f"dynamic height and width need a (C, H, W) input shape, got {list(dims)}")
+    return tuple((b, dims[0], side, side) for b, side in zip(parse_batch(batch), parse_hw(dynamic_hw), strict=True))
 
 
 def parse_hw(hw: str | Sequence[int]) -> tuple[int, int, int]:

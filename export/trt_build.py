@@ -1,8 +1,10 @@
 """Build a TensorRT engine from an exported ONNX graph (``attn-export ... --trt``).
 
 :func:`build_engine` parses the graph with TensorRT's ONNX parser (the attn-export plugin nodes of a
-``--target trt`` graph go to the plugins of :mod:`attn_export.plugins.trt`), builds for a dynamic batch
-``MIN:OPT:MAX`` and writes, all atomically (a temporary file renamed into place):
+``--target trt`` graph go to the plugins of :mod:`attn_export.plugins.trt`), builds ONE optimisation
+profile over every dynamic axis (the batch ``MIN:OPT:MAX``, and with ``dynamic_hw`` the height and
+width over the side lengths ``MIN:OPT:MAX`` too) and writes, all atomically (a temporary file renamed
+into place):
 
 - ``<name>.engine``: the serialized engine;
 - ``<name>.timing.cache``: TensorRT's timing cache, loaded before the build when present and saved
@@ -32,7 +34,7 @@ from pathlib import Path
 
 from attn_export.export import precision_graph as pg
 from attn_export.export.errors import ExportError
-from attn_export.export.profile import check_input_shape, parse_batch, profile_shapes
+from attn_export.export.profile import check_input_shape, parse_batch, parse_hw, profile_shapes, verify_sizes
 from attn_export.export.trt_precision import convert_graph, graph_precision, low_graph_path_for, precision_plan
 from attn_export.files import write_bytes
 from attn_export.runtime.engine import ENGINE_FORMAT, write_engine_metadata
@@ -45,6 +47,20 @@ DEFAULT_WORKSPACE_GB = 4.0
 PLUGIN_CHOICES = ("auto", "aot", "jit")
 
 Progress = Callable[[str, str], None]
+
+
+#: The metadata keys :meth:`EngineBuildResult.to_dict` repeats.
+_SUMMARY = (
+    "precision",
+    "precision_detail",
+    "batch",
+    "dynamic_hw",
+    "profile",
+    "inputs",
+    "outputs",
+    "plugins",
+    "trtexec",
+)
 
 
 @dataclass
@@ -79,10 +95,7 @@ class EngineBuildResult:
             "timing_cache": str(self.timing_cache_path) if self.timing_cache_path else None,
             "size_bytes": self.size_bytes,
             "seconds": round(self.seconds, 3),
-            **{
-                k: self.metadata.get(k)
-                for k in ("precision", "precision_detail", "batch", "inputs", "outputs", "plugins", "trtexec")
-            },
+            **{k: self.metadata.get(k) for k in _SUMMARY},
         }
 
 
@@ -97,6 +110,15 @@ def timing_cache_path_for(engine_path: str | os.PathLike) -> Path:
 # ------------------------------------------------------------------------------------------ pure helpers
 def _dims(shape: Sequence[int]) -> str:
     return "x".join(str(int(d)) for d in shape)
+
+
+def profile_ranges(shapes: Sequence[Sequence[int]], axes: Sequence[str]) -> dict[str, dict[str, int]]:
+    """``{axis name: {"min", "opt", "max"}}`` of the named axes of a profile's (min, opt, max) shapes."""
+    out = {}
+    for i, name in enumerate(axes):
+        if isinstance(name, str):
+            out[name] = {"min": int(shapes[0][i]), "opt": int(shapes[1][i]), "max": int(shapes[2][i])}
+    return out
 
 
 def engine_metadata(
@@ -122,10 +144,15 @@ def engine_metadata(
     created: str | None = None,
     precision_detail: Mapping | None = None,
     trtexec: str | None = None,
+    dynamic_hw: Sequence[int] | str | None = None,
 ) -> dict:
     """The metadata JSON written beside an engine (pure: every value is an argument).
 
-    Shapes are lists with ``"batch"`` for the dynamic batch axis. ``precision`` is what the engine
+    Shapes are lists with ``"batch"`` for the dynamic batch axis, and with ``dynamic_hw`` (side lengths
+    min, opt, max) ``"height"`` and ``"width"`` for the input's spatial axes. ``profile`` is the one
+    optimisation profile the engine was built with: per dynamic axis ``{"min", "opt", "max"}``
+    (``batch``, ``height``, ``width``) and the input's min/opt/max shapes; ``dynamic_hw`` the side
+    lengths or None. ``precision`` is what the engine
     computes in (``fp32``, ``tf32``, ``fp16``, ``bf16``); ``precision_detail`` how (the TensorRT mechanism
     and the fp32 layers kept by the precision step). ``plugins.mode`` is ``"aot"`` (the
     plugin kernels are compiled into the engine: it runs without Python, e.g. under trtexec), ``"jit"``
@@ -136,6 +163,11 @@ def engine_metadata(
 
     batch = parse_batch(batch)
     in_dims = check_input_shape(input_shape)
+    hw = parse_hw(dynamic_hw) if dynamic_hw is not None else None
+    shapes = profile_shapes(in_dims, batch, hw)
+    in_axes: list[int | str] = ["batch", *in_dims]
+    if hw is not None:
+        in_axes[2:4] = ["height", "width"]
 
     def shape(dims: Sequence[int | str]) -> list:
         return [
@@ -147,12 +179,17 @@ def engine_metadata(
         "format": ENGINE_FORMAT,
         "engine": Path(engine_path).name,
         "onnx": Path(onnx_path).name if onnx_path else None,
-        "inputs": [{"name": input_name, "shape": ["batch", *in_dims], "dtype": input_dtype}],
+        "inputs": [{"name": input_name, "shape": in_axes, "dtype": input_dtype}],
         "outputs": [
             {"name": name, "shape": shape(dims), "dtype": dtype}
             for (name, dims), dtype in zip(outputs, out_dtypes, strict=True)
         ],
         "batch": {"min": batch[0], "opt": batch[1], "max": batch[2]},
+        "dynamic_hw": dict(zip(("min", "opt", "max"), hw, strict=True)) if hw else None,
+        "profile": {
+            **profile_ranges(shapes, in_axes),
+            "shapes": {input_name: {k: list(s) for k, s in zip(("min", "opt", "max"), shapes, strict=True)}},
+        },
         "precision": precision,
         "precision_detail": dict(precision_detail) if precision_detail else None,
         "plugins": {"mode": plugin_mode, "nodes": dict(plugins or {})},
@@ -245,10 +282,12 @@ def trtexec_command(
     layer_precisions: Sequence[str] = (),
     tf32: bool = False,
     strongly_typed: bool = False,
+    dynamic_hw: Sequence[int] | str | None = None,
 ) -> str:
     """The ``trtexec`` command line that builds the engine :func:`build_engine` builds.
 
-    Same optimisation profile (``--minShapes/--optShapes/--maxShapes``), precision, workspace and
+    Same optimisation profile (``--minShapes/--optShapes/--maxShapes`` over the batch, and with
+    ``dynamic_hw`` over the height and width too: :func:`profile_shapes`), precision, workspace and
     timing cache file. Plugins: trtexec loads plugins only from shared libraries
     (``--dynamicPlugins``, from ``plugin_libraries``); it cannot load the attn-export plugins, which are
     Python (``tensorrt.plugin``) definitions. So this command builds a graph without plugin nodes
@@ -267,7 +306,7 @@ def trtexec_command(
     adds ``--stronglyTyped`` on TensorRT 10 (a graph already in fp16/bf16, built as its types say).
     ``tensorrt_major`` defaults to the installed TensorRT's (10 where none is installed).
     """
-    shapes = profile_shapes(input_shape, batch)
+    shapes = profile_shapes(input_shape, batch, dynamic_hw)
     major = tensorrt_major if tensorrt_major is not None else _installed_tensorrt_major()
     cache = Path(timing_cache) if timing_cache else timing_cache_path_for(engine_path)
     argv = [
@@ -394,12 +433,16 @@ def build_engine(
     tf32: bool = False,
     bf16: bool = False,
     precision_samples: Sequence | None = None,
+    dynamic_hw: Sequence[int] | str | None = None,
 ) -> EngineBuildResult:
     """Build a TensorRT engine for ``onnx_path`` with a dynamic batch; return what was written.
 
     ``input_shape`` is the input's shape without the batch; ``batch`` the optimisation profile's
-    (MIN, OPT, MAX) batch sizes. ``fp16`` (``bf16``) builds in half precision with the fp32 regions the
-    precision step (:mod:`attn_export.export.precision_graph`) chooses: on TensorRT 10 the fp32 graph
+    (MIN, OPT, MAX) batch sizes. ``dynamic_hw`` (side lengths ``(min, opt, max)``, for a graph exported
+    with symbolic ``height`` and ``width``): the same one profile ranges over them as well
+    (:func:`profile_shapes`); the graph's input must have them dynamic.
+    ``fp16`` (``bf16``) builds in half precision with the fp32 regions the precision step
+    (:mod:`attn_export.export.precision_graph`) chooses: on TensorRT 10 the fp32 graph
     with ``BuilderFlag.FP16`` (``BF16``), ``OBEY_PRECISION_CONSTRAINTS`` and those layers pinned to
     fp32; on TensorRT 11 (strongly typed only) the converted graph, written beside the engine as
     ``<name>.fp16.onnx`` (``.bf16.onnx``), fp32 in and out. The fp16 range rule measures activations on
@@ -424,8 +467,9 @@ def build_engine(
     if plugins not in PLUGIN_CHOICES:
         raise ExportError(f"plugins: choose one of {', '.join(PLUGIN_CHOICES)}, got {plugins!r}")
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    shapes = profile_shapes(input_shape, batch)
+    shapes = profile_shapes(input_shape, batch, dynamic_hw)
     batch = parse_batch(batch)
+    hw = parse_hw(dynamic_hw) if dynamic_hw is not None else None
     if not onnx_path.is_file():
         raise ExportError(f"{onnx_path}: no such ONNX file")
     if engine_path.is_dir():
@@ -472,7 +516,7 @@ def build_engine(
     cache_path = Path(timing_cache) if timing_cache else timing_cache_path_for(engine_path)
     parse_path, plan, source = onnx_path, None, None
     if low:
-        plan, source = precision_plan(onnx_path, low, input_name, shapes[0][1:], precision_samples, say)
+        plan, source = precision_plan(onnx_path, low, input_name, shapes[1][1:], precision_samples, say)
         if trt11:
             parse_path = low_graph_path_for(engine_path, low)
             write_bytes(parse_path, convert_graph(source, plan).SerializeToString())
@@ -506,11 +550,16 @@ def build_engine(
     tensor = inputs[0]
     declared = tuple(tensor.shape)
     if len(declared) != len(shapes[0]) or any(
-        d >= 0 and d != s for d, s in zip(declared[1:], shapes[0][1:], strict=True)
+        d >= 0 and not lo <= d <= hi for d, lo, hi in zip(declared[1:], shapes[0][1:], shapes[2][1:], strict=True)
     ):
+        given = f"{list(shapes[0][1:])}" + (f" to {list(shapes[2][1:])}" if hw else "")
         raise ExportError(
-            f"input {input_name!r} is {list(declared)} in the graph (-1: dynamic), but the input shape given is "
-            f"{list(shapes[0][1:])}"
+            f"input {input_name!r} is {list(declared)} in the graph (-1: dynamic), but the input shape given is {given}"
+        )
+    if hw is not None and any(d >= 0 for d in declared[2:4]):
+        raise ExportError(
+            f"input {input_name!r} has a fixed height and width ({declared[2]}x{declared[3]}) in the graph; "
+            "re-export with --dynamic-hw for an engine over several sizes"
         )
     if declared[0] >= 0 and (batch[0] != declared[0] or batch[2] != declared[0]):
         raise ExportError(f"input {input_name!r} has a fixed batch of {declared[0]}; re-export with a dynamic batch")
@@ -552,6 +601,7 @@ def build_engine(
         layer_precisions=layer_args,
         tf32=tf32,
         strongly_typed=typed_graph and not trt11,
+        dynamic_hw=hw,
     )
 
     blob = cache_path.read_bytes() if cache_path.is_file() else b""
@@ -568,9 +618,10 @@ def build_engine(
         config.progress_monitor = monitor
     dev = torch.cuda.current_device()
     device_name = torch.cuda.get_device_name(dev)
+    sides = f", height and width {hw[0]}:{hw[1]}:{hw[2]}" if hw else ""
     say(
         "build",
-        f"{precision}, batch {batch[0]}:{batch[1]}:{batch[2]}, input {_dims(shapes[1][1:])}, workspace "
+        f"{precision}, batch {batch[0]}:{batch[1]}:{batch[2]}{sides}, input {_dims(shapes[1][1:])}, workspace "
         f"{workspace_gb:g} GiB on {device_name}" + ("" if monitor else " (no progress monitor in this TensorRT)"),
     )
     t_build = time.perf_counter()
@@ -593,7 +644,7 @@ def build_engine(
         engine_path=engine_path,
         onnx_path=onnx_path,
         input_name=input_name,
-        input_shape=shapes[0][1:],
+        input_shape=check_input_shape(input_shape),
         outputs=[(o.name, tuple(o.shape)) for o in outputs],
         output_dtypes=[_dtype_name(o.dtype) for o in outputs],
         input_dtype=input_dtype,
@@ -610,6 +661,7 @@ def build_engine(
         build_seconds=build_seconds,
         precision_detail=detail,
         trtexec=trtexec,
+        dynamic_hw=hw,
     )
     meta_path = write_engine_metadata(engine_path, meta)
     say(
@@ -632,12 +684,34 @@ def verify_engine(
     atol: float,
     rtol: float,
     seed: int | None = None,
+    dynamic_hw: Sequence[int] | str | None = None,
 ):
     """The engine's parity report: PyTorch and a built engine (any
-    :class:`~attn_export.runtime.runners.Runner`) compared by :func:`attn_export.export.compare.compare_runners`."""
+    :class:`~attn_export.runtime.runners.Runner`) compared by :func:`attn_export.export.compare.compare_runners`.
+
+    With ``dynamic_hw`` every batch runs at every size of :func:`attn_export.export.profile.verify_sizes`
+    (min, opt, max, an odd and a non-square one), one report row each."""
     from attn_export.export.compare import compare_runners
     from attn_export.runtime.runners import TorchRunner
 
     backend = f"TensorRT engine ({runner.describe()})"
     reference = TorchRunner(model, [input_name], list(output_names))
-    return compare_runners(reference, runner, backend, input_name, input_shape, batches, output_names, atol, rtol, seed)
+    cases = None
+    if dynamic_hw is not None:
+        channels = check_input_shape(input_shape)[0]
+        sizes = verify_sizes(parse_hw(dynamic_hw))
+        cases = [(int(b), {input_name: (channels, h, w)}) for h, w in sizes for b in batches]
+    return compare_runners(
+        reference,
+        runner,
+        backend,
+        input_name,
+        input_shape,
+        batches,
+        output_names,
+        atol,
+        rtol,
+        seed,
+        cases=cases,
+        sized=cases is not None,
+    )

@@ -107,6 +107,33 @@ def test_bad_input_shape_is_rejected():
     assert profile_shapes([3, 4, 5], (1, 2, 3)) == ((1, 3, 4, 5), (2, 3, 4, 5), (3, 3, 4, 5))
 
 
+def test_one_profile_over_batch_height_and_width():
+    """--dynamic-hw: the one profile ranges over the batch and both sides together."""
+    shapes = profile_shapes((3, 32, 48), (1, 4, 16), (96, 320, 641))
+    assert shapes == ((1, 3, 96, 96), (4, 3, 320, 320), (16, 3, 641, 641))
+    assert profile_shapes((3, 32, 48), (2, 2, 2), "160:320:640")[2] == (2, 3, 640, 640)
+    with pytest.raises(ExportError, match="MIN:OPT:MAX"):
+        profile_shapes((3, 32, 32), (1, 1, 1), (64, 32, 128))
+    with pytest.raises(ExportError, match=r"\(C, H, W\)"):
+        profile_shapes((8, 32), (1, 1, 1), (16, 32, 64))
+    ranges = tb.profile_ranges(shapes, ["batch", 3, "height", "width"])
+    assert ranges == {
+        "batch": {"min": 1, "opt": 4, "max": 16},
+        "height": {"min": 96, "opt": 320, "max": 641},
+        "width": {"min": 96, "opt": 320, "max": 641},
+    }
+
+
+def test_trtexec_command_with_dynamic_height_and_width():
+    argv = _argv(
+        tb.trtexec_command("m.onnx", "m.engine", "images", (3, 320, 320), (1, 8, 32), dynamic_hw=(128, 320, 640))
+    )
+    assert "--minShapes=images:1x3x128x128" in argv
+    assert "--optShapes=images:8x3x320x320" in argv
+    assert "--maxShapes=images:32x3x640x640" in argv
+    assert sum(a.startswith(("--minShapes", "--optShapes", "--maxShapes")) for a in argv) == 3
+
+
 # ------------------------------------------------------------------------------------------ environment
 def test_environment_check_names_tensorrt_where_it_is_absent(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` fails as if not installed
@@ -204,6 +231,20 @@ def test_engine_metadata_without_plugins_or_classes():
     assert meta["classes"] is None
     assert [o["shape"] for o in meta["outputs"]] == [["batch", 4, "dynamic"], ["batch"]]
     assert "created" in _metadata(created=None)
+
+
+def test_engine_metadata_records_the_profile_ranges():
+    meta = _metadata(dynamic_hw=(128, 320, 640), outputs=[("output", (-1, 10, -1, -1))])
+    assert meta["inputs"] == [{"name": "input", "shape": ["batch", 3, "height", "width"], "dtype": "float32"}]
+    assert meta["dynamic_hw"] == {"min": 128, "opt": 320, "max": 640}
+    profile = meta["profile"]
+    assert profile["batch"] == {"min": 1, "opt": 4, "max": 16}
+    assert profile["height"] == profile["width"] == {"min": 128, "opt": 320, "max": 640}
+    assert profile["shapes"] == {"input": {"min": [1, 3, 128, 128], "opt": [4, 3, 320, 320], "max": [16, 3, 640, 640]}}
+    static = _metadata()
+    assert static["dynamic_hw"] is None and "height" not in static["profile"]
+    assert static["profile"]["shapes"]["input"]["max"] == [16, 3, 32, 32]
+    json.dumps(meta)
 
 
 def test_built_metadata_round_trips(tmp_path):
@@ -548,3 +589,55 @@ def test_plugin_mode_and_preference_flag(stand_in, mixed_graph, tmp_path, plugin
     want = creation.PREFER_JIT_PYTHON_PLUGINS if plugins == "jit" else creation.PREFER_AOT_PYTHON_PLUGINS
     assert network.flags == 1 << int(want)
     assert result.plugin_mode == ("jit" if plugins == "jit" else "aot")
+
+
+# ------------------------------------------------------------------------------------------ dynamic height/width
+@pytest.fixture(scope="module")
+def hw_graph(tmp_path_factory):
+    """A ``--target trt`` graph (involution at stride 2, then ODConv) with symbolic batch, height, width."""
+    import onnx
+
+    from attn_export.blocks.involution import Involution2d
+    from attn_export.blocks.odconv import ODConv2d
+    from attn_export.export.torch_export import torch_onnx_export
+    from attn_export.plugins import onnx_translation_table
+
+    model = _randomize(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            Involution2d(8, kernel_size=3, stride=2, reduction=2, group_channels=4),
+            ODConv2d(8, 8, 3, padding=1, kernel_num=2, min_channel=4),
+        )
+    )
+    proto = torch_onnx_export(
+        model, (torch.randn(2, *INPUT_SHAPE),), onnx_translation_table("trt"), 18, dynamic_hw=True
+    )
+    path = tmp_path_factory.mktemp("hw") / "hw.onnx"
+    onnx.save(proto, path)
+    return path
+
+
+def test_build_one_profile_over_batch_height_and_width(stand_in, hw_graph, tmp_path):
+    """--trt with --dynamic-hw: ONE profile over batch, height and width reaches TensorRT, the printed
+    trtexec line says the same, and the metadata records the ranges."""
+    engine = tmp_path / "hw.engine"
+    result = tb.build_engine(hw_graph, engine, "input", INPUT_SHAPE, (1, 2, 4), dynamic_hw=(17, 32, 65))
+    ((network, config),) = trt_api.BUILDS
+    assert network.inputs[0].shape == (-1, 3, -1, -1)
+    assert len(config.profiles) == 1
+    assert config.profiles[0].shapes == {"input": ((1, 3, 17, 17), (2, 3, 32, 32), (4, 3, 65, 65))}
+    assert set(shlex.split(result.trtexec)[1:]) == _trtexec_of(
+        stand_in, network, config, engine, result.timing_cache_path
+    )
+    meta = read_engine_metadata(engine)
+    assert meta == result.metadata
+    assert meta["dynamic_hw"] == {"min": 17, "opt": 32, "max": 65}
+    assert meta["inputs"][0]["shape"] == ["batch", 3, "height", "width"]
+    assert meta["profile"]["height"] == meta["profile"]["width"] == {"min": 17, "opt": 32, "max": 65}
+    assert result.to_dict()["dynamic_hw"] == meta["dynamic_hw"]
+
+
+def test_dynamic_hw_needs_a_graph_with_free_height_and_width(stand_in, mixed_graph, tmp_path):
+    with pytest.raises(ExportError, match="fixed height and width"):
+        tb.build_engine(mixed_graph, tmp_path / "n.engine", "input", INPUT_SHAPE, (1, 2, 4), dynamic_hw=(16, 32, 64))
+    assert not trt_api.BUILDS and not (tmp_path / "n.engine").exists()
