@@ -7,8 +7,8 @@ runs on the app's event loop, started in the app's lifespan once the model is lo
 gracefully before the batcher closes; it answers from the same :class:`~attn_export.serve.service.Service`
 as ``/detect`` and ``/v2`` (the protocol of :mod:`attn_export.serve.v2_protocol`): the same model, the same
 detection pipeline, micro-batcher and bounds. Every ``ModelInfer`` goes through the service's admission door
-(:mod:`attn_export.serve.door`: requests, bytes and image pixels in flight); a message is at most
-``max_body_bytes``.
+(:mod:`attn_export.serve.door`: requests, bytes and image pixels in flight) before its message is read, in
+the same byte budget as HTTP (:func:`door_first`); a message is at most ``max_body_bytes``.
 
 RPCs: ``ServerLive``, ``ServerReady``, ``ServerMetadata``, ``ModelReady``, ``ModelMetadata``,
 ``ModelConfig`` (the ``/config`` answer as a ``ModelConfig`` message), ``RepositoryIndex`` and
@@ -26,6 +26,7 @@ metadata ``retry-after`` say how many seconds to wait), DEADLINE_EXCEEDED past `
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -43,6 +44,7 @@ from attn_export.detection.contract import (
 from attn_export.detection.contract import split_bytes as _split_bytes
 from attn_export.serve import v2_protocol as v2
 from attn_export.serve.auth import key_refused
+from attn_export.serve.door import UNSEEN_GRACE_S
 from attn_export.serve.v2_protocol import ProtocolError
 
 log = logging.getLogger("attn_export.serve")
@@ -300,9 +302,108 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+def door_first(svc, handler, max_message: int):
+    """``handler`` (ModelInfer's unary method handler) as a handler that goes through the service's door
+    *before* its message is received: the call is admitted (the API key first) with a reservation of
+    ``max_message`` bytes, its one message is then read (within ``body_timeout_s``), the reservation
+    becomes the message's size, and the unary behaviour runs with that ticket (``Door.passage`` takes it).
+    A call the door refuses is UNAVAILABLE with ``retry-after`` before a byte of its message is read, so
+    what gRPC buffers for calls the door has not seen is only HTTP/2's flow-control window."""
+    import grpc
+
+    from attn_export.serve.door import Busy, shed
+
+    door, settings, metrics = svc.door, svc.settings, svc.metrics
+    behaviour, parse = handler.unary_unary, handler.request_deserializer
+
+    async def refuse(context, code: str, message: str, metadata=()) -> None:
+        metrics.grpc_requests.labels("ModelInfer", code).inc()
+        await context.abort(getattr(grpc.StatusCode, code), message, trailing_metadata=metadata)
+
+    async def admit_then_read(requests, context):
+        given = dict(context.invocation_metadata() or ()).get("x-api-key")
+        refused = key_refused(settings.api_key, given, "x-api-key")
+        if refused is not None:  # before the door: a client without the key takes no room there
+            await refuse(context, "UNAUTHENTICATED", refused)
+        loop = asyncio.get_running_loop()
+        lost = asyncio.Event()
+        try:
+            ticket = await door.enter(
+                max_message, watched=False, on_reclaim=lambda: loop.call_soon_threadsafe(lost.set)
+            )
+        except Busy as e:
+            retry = str(e.retry_after)
+            shed(e, metrics)
+            await refuse(context, "UNAVAILABLE", _retry_text(e.message, retry), (("retry-after", retry),))
+        answered = False
+        try:
+            read = asyncio.ensure_future(requests.__anext__())
+            reclaimed = asyncio.ensure_future(lost.wait())
+            done, _ = await asyncio.wait(
+                {read, reclaimed}, timeout=settings.body_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            reclaimed.cancel()
+            if read not in done:
+                read.cancel()
+                if lost.is_set():
+                    retry = str(door.retry_after())
+                    message = (
+                        f"the request message did not arrive within {UNSEEN_GRACE_S:g} s while its room was needed; "
+                        f"retry after {retry} s"
+                    )
+                    await refuse(context, "UNAVAILABLE", message, (("retry-after", retry),))
+                message = f"the request message did not arrive within {settings.body_timeout_s:g} s"
+                await refuse(context, "DEADLINE_EXCEEDED", message)
+            try:
+                raw = read.result()
+            except StopAsyncIteration:
+                await refuse(context, "INVALID_ARGUMENT", "the call carried no ModelInferRequest message")
+            try:
+                ticket.settle(len(raw))
+            except Busy as e:
+                retry = str(e.retry_after)
+                shed(e, metrics)
+                await refuse(context, "UNAVAILABLE", _retry_text(e.message, retry), (("retry-after", retry),))
+            if parse is not None:
+                try:
+                    raw = parse(raw)
+                except Exception as e:  # whatever the parser says, it is about the client's message
+                    await refuse(context, "INVALID_ARGUMENT", f"the request is not a ModelInferRequest: {e}")
+            with door.pre_admitted(ticket):
+                response = await behaviour(raw, context)
+            answered = True
+            return response
+        finally:
+            door.leave(ticket, answered, svc.on_idle)
+
+    return grpc.stream_unary_rpc_method_handler(
+        admit_then_read, request_deserializer=None, response_serializer=handler.response_serializer
+    )
+
+
+def _door_interceptor(svc, max_message: int):
+    """A ``grpc.aio`` server interceptor that puts ``ModelInfer`` through the door before its message is read
+    (:func:`door_first`); the other RPCs carry no payload and pass as they are."""
+    import grpc
+
+    class DoorInterceptor(grpc.aio.ServerInterceptor):
+        async def intercept_service(self, continuation, details):
+            handler = await continuation(details)
+            if handler is None or handler.unary_unary is None or not details.method.endswith("/ModelInfer"):
+                return handler
+            return door_first(svc, handler, max_message)
+
+    return DoorInterceptor()
+
+
 async def start_grpc(svc):
     """A started ``grpc.aio`` server for ``svc`` on ``settings.host:settings.grpc_port`` (port 0: any free
-    port); ``svc.grpc_port`` is the port bound."""
+    port); ``svc.grpc_port`` is the port bound.
+
+    Memory: gRPC is inside the same byte budget as HTTP. ``ModelInfer`` goes through the door before its
+    message is received (:func:`door_first`); HTTP/2's BDP probing is off, so a call not yet read holds
+    at most the 64 KiB flow-control window of its stream (with it on, grpc grew each window to several MiB,
+    and 40 unread 19 MiB calls took 260 MB); a message is at most ``max_body_bytes``."""
     import grpc
 
     settings = svc.settings
@@ -311,8 +412,13 @@ async def start_grpc(svc):
         ("grpc.max_receive_message_length", settings.max_body_bytes),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),  # worker processes share the port
+        ("grpc.http2.bdp_probe", 0),  # unread streams keep the 64 KiB window (see above)
     ]
-    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=settings.max_connections)
+    server = grpc.aio.server(
+        options=options,
+        maximum_concurrent_rpcs=settings.max_connections,
+        interceptors=[_door_interceptor(svc, settings.max_body_bytes)],
+    )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     address = _address(settings.host, settings.grpc_port)
     try:

@@ -671,3 +671,148 @@ def test_clients_declaring_big_bodies_hold_no_one_hostage(budget_server, hostage
         stop.set()
         for t in threads:
             t.join(5)
+
+
+# ------------------------------------------------------------------------------------------ gRPC inside the budget
+GRPC_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+@pytest.fixture(scope="module")
+def grpc_budget(standin_onnx):
+    """A live server with gRPC, 4 MiB messages and an 8 MiB byte budget; its app and a channel to it."""
+    grpc = pytest.importorskip("grpc")
+    pytest.importorskip("tritonclient.grpc")
+    from attn_export.serve.app import create_app
+
+    settings = make_settings(
+        standin_onnx, warmup=False, grpc_port=0, max_body_bytes=4 * MiB, max_bytes_in_flight=8 * MiB, max_wait_ms=0.0
+    )
+    app = create_app(settings)
+    with LiveServer(app) as server:
+        server.app = app
+        port = app.state.service.grpc_port
+        options = [("grpc.max_send_message_length", 64 * MiB), ("grpc.max_receive_message_length", 64 * MiB)]
+        server.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
+        yield server
+        server.channel.close()
+
+
+def _infer_message(cls: int, pad: int) -> bytes:
+    """A ModelInferRequest of one image with one ``cls`` square, padded to about ``pad`` bytes by its ``id``."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    image = make_image((320, 320), [cell_square(cls, 1, 2)])
+    request = pb.ModelInferRequest(model_name="standin", id="x" * pad)
+    request.inputs.add(name="image", datatype="BYTES", shape=[1, 1])
+    request.raw_input_contents.append(len(image).to_bytes(4, "little") + image)
+    return request.SerializeToString()
+
+
+def _spy_passages(monkeypatch, door) -> list[tuple[int, int]]:
+    """(door.reading, door.bytes) each time a ModelInfer passes the door with its message parsed."""
+    seen: list[tuple[int, int]] = []
+    passage = door.passage
+
+    def spy(nbytes, on_idle=None):
+        seen.append((door.reading, door.bytes))
+        return passage(nbytes, on_idle)
+
+    monkeypatch.setattr(door, "passage", spy)
+    return seen
+
+
+def test_grpc_message_is_admitted_before_it_is_read(grpc_budget, monkeypatch):
+    """The door holds a gRPC call (its request place pending, its bytes reserved) before the message is
+    received and parsed, not after (40 unread 19 MiB messages took 1.9 GB that way)."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+
+    door = grpc_budget.app.state.service.door
+    seen = _spy_passages(monkeypatch, door)
+    call = grpc_budget.channel.unary_unary(GRPC_METHOD, response_deserializer=pb.ModelInferResponse.FromString)
+    data = _infer_message(2, 3 * MiB)
+    reply = call(data, timeout=30)
+    assert reply.raw_output_contents and len(reply.id) == 3 * MiB
+    (reading, held), *_ = seen
+    assert reading == 1 and held >= len(data)  # admitted, and charged, while its message was read
+    # a door full of real bytes refuses the next call before its message is read
+    seen.clear()
+    full = door.admit(door.max_bytes)
+    full.settle(door.max_bytes)
+    full.start()
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            call(data, timeout=30)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "retry after" in info.value.details()
+        assert dict(info.value.trailing_metadata())["retry-after"].isdigit()
+        assert seen == []  # never parsed
+    finally:
+        door.leave(full, answered=False)
+    assert (door.bytes, door.reading, door.requests) == (0, 0, 0)
+
+
+def test_grpc_calls_in_a_burst_stay_within_the_budget(grpc_budget, monkeypatch):
+    """24 concurrent 3 MiB messages against an 8 MiB budget: each is parsed only within it (the others
+    wait at the door, or are UNAVAILABLE there), and the right answers come back."""
+    import grpc
+    import numpy as np
+    from tritonclient.grpc import service_pb2 as pb
+
+    door = grpc_budget.app.state.service.door
+    seen = _spy_passages(monkeypatch, door)
+    call = grpc_budget.channel.unary_unary(GRPC_METHOD, response_deserializer=pb.ModelInferResponse.FromString)
+    rng = np.random.default_rng(7)
+    classes = [int(c) for c in rng.integers(0, 3, 24)]
+
+    def one(cls: int):
+        try:
+            reply = call(_infer_message(cls, 3 * MiB), timeout=60)
+        except grpc.RpcError as e:
+            return e.code().name
+        return int(np.frombuffer(reply.raw_output_contents[3], "<i4")[0])  # detection_classes
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(one, classes))
+    assert all(r == c or r == "UNAVAILABLE" for r, c in zip(results, classes, strict=True)), results
+    assert sum(r == c for r, c in zip(results, classes, strict=True)) >= 2
+    assert seen and all(reading >= 1 and held <= door.max_bytes for reading, held in seen)  # parsed inside it
+    assert (door.bytes, door.reading, door.requests) == (0, 0, 0)
+
+
+def test_grpc_calls_that_send_nothing_hold_no_one_hostage(grpc_budget):
+    """Two calls that open and never send their message (together the whole budget) lose their room to a
+    call that sends one, after the unseen grace (1 s): UNAVAILABLE for them, an answer for it."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+
+    release = threading.Event()
+
+    def never():
+        release.wait(30)
+        return
+        yield  # a generator that sends nothing
+
+    hostage = grpc_budget.channel.stream_unary(GRPC_METHOD, response_deserializer=pb.ModelInferResponse.FromString)
+    door = grpc_budget.app.state.service.door
+    held = [hostage.future(never(), timeout=30) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 10
+        while door.reading < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert door.reading == 2 and door.bytes == door.max_bytes
+        call = grpc_budget.channel.unary_unary(GRPC_METHOD, response_deserializer=pb.ModelInferResponse.FromString)
+        t0 = time.perf_counter()
+        reply = call(_infer_message(0, 1000), timeout=30)
+        assert time.perf_counter() - t0 < 5
+        assert int.from_bytes(reply.raw_output_contents[3][:4], "little") == 0  # class 0
+        with pytest.raises(grpc.RpcError) as info:
+            held[0].result(10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "did not arrive" in info.value.details()
+    finally:
+        release.set()
+        for f in held:
+            f.cancel()
+    deadline = time.monotonic() + 10
+    while door.reading and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert (door.bytes, door.reading, door.requests) == (0, 0, 0)
