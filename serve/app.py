@@ -47,7 +47,7 @@ from attn_export.serve.v2_http import oip_router
 log = logging.getLogger("attn_export.serve")
 
 
-def _add_error_handlers(app: FastAPI, svc: Service) -> None:
+def _add_error_handlers(app: FastAPI, svc: Service, route_table: list) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         return error_response(exc.status_code, exc.detail, headers=getattr(exc, "headers", None))
@@ -77,7 +77,7 @@ def _add_error_handlers(app: FastAPI, svc: Service) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         # the last guard: every parse of client data answers 4xx before this; reaching it is a bug
-        route = route_label(request.scope, svc.known_paths)
+        route = route_label(request.scope, svc.known_paths, route_table)
         svc.metrics.internal_errors.labels(route).inc()
         log.error("unexpected error on %s %s (route %s)", request.method, request.url.path, route, exc_info=exc)
         message = f"internal error: {type(exc).__name__}"
@@ -122,8 +122,9 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[Settings],
         redoc_url=None,
     )
     app.state.service = svc
-    add_limits(app, svc)
-    _add_error_handlers(app, svc)
+    route_table: list = []  # the routes, once they exist: the labels of what is answered before routing
+    add_limits(app, svc, route_table)
+    _add_error_handlers(app, svc, route_table)
     own = [detect_router(svc), health_router(svc), oip_router(svc)]  # /v2: the Open Inference Protocol
     for router in own:
         app.include_router(router)
@@ -132,6 +133,7 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[Settings],
     # the route labels of the request metrics (FastAPI keeps an included router's routes in the router)
     routes = [*app.routes, *(route for router in own for route in router.routes)]
     svc.known_paths = {r.path for r in routes if getattr(r, "path", None)}
+    route_table.extend(r for r in routes if getattr(r, "path", None) and hasattr(r, "matches"))
     return app
 
 

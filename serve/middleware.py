@@ -10,6 +10,7 @@ import time
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
+from starlette.routing import Match
 
 from attn_export.serve.auth import key_refused
 from attn_export.serve.door import SCOPE_DISCONNECTED, AdmissionMiddleware, scope_header
@@ -21,10 +22,20 @@ PROTECTED_PATHS = ("/detect",)
 PROTECTED_V2 = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer")
 
 
-def route_label(scope, known_paths) -> str:
+def route_label(scope, known_paths, routes=()) -> str:
     """The metrics label of a request: its route's template (``/v2/models/{model}/infer``), ``/static`` for
-    the files, ``other`` for a path no route of the app matched (so clients cannot mint labels)."""
-    label = getattr(scope.get("route"), "path", None) or "other"
+    the files, ``other`` for a path no route of the app matches (so clients cannot mint labels).
+
+    A request answered before routing (by the door: 503, 413, 408; or 401 for the API key) is labelled by
+    the first of ``routes`` its path matches."""
+    label = getattr(scope.get("route"), "path", None)
+    if label is None:
+        for route in routes:
+            if route.matches(scope)[0] != Match.NONE:
+                label = route.path
+                break
+    if label is None:
+        return "other"
     if label.startswith("/static"):
         return "/static"
     return label if label in known_paths else "other"
@@ -37,9 +48,10 @@ class LimitsMiddleware:
     not by the status it never received.
     """
 
-    def __init__(self, app, service: Service) -> None:
+    def __init__(self, app, service: Service, routes: list | None = None) -> None:
         self.app = app
         self.service = service
+        self.routes = routes if routes is not None else []  # the app's, filled in once they exist
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -64,7 +76,7 @@ class LimitsMiddleware:
                 await self.app(scope, receive, send_wrapper)
         finally:
             metrics.in_flight.dec()
-            label = route_label(scope, svc.known_paths)
+            label = route_label(scope, svc.known_paths, self.routes)
             if not scope.get(SCOPE_DISCONNECTED):
                 metrics.requests.labels(label, scope["method"], str(status_holder[0])).inc()
                 metrics.latency.labels(label).observe(time.perf_counter() - t0)
@@ -83,8 +95,11 @@ class LimitsMiddleware:
         return error_response(401, message)
 
 
-def add_limits(app: FastAPI, svc: Service) -> None:
-    """The door (innermost of the two: a request without its API key takes no place), then metrics and the key."""
+def add_limits(app: FastAPI, svc: Service, routes: list | None = None) -> None:
+    """The door (innermost of the two: a request without its API key takes no place), then metrics and the key.
+
+    ``routes``: the app's routes (a list the caller fills in once they exist), to label what is answered
+    before routing."""
     settings = svc.settings
     app.add_middleware(
         AdmissionMiddleware,
@@ -94,4 +109,4 @@ def add_limits(app: FastAPI, svc: Service) -> None:
         metrics=svc.metrics,
         on_idle=svc.on_idle,
     )
-    app.add_middleware(LimitsMiddleware, service=svc)
+    app.add_middleware(LimitsMiddleware, service=svc, routes=routes)

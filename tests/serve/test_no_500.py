@@ -151,6 +151,7 @@ def test_v2_traffic_is_counted_by_route_template(client, good):
     assert client.post(INFER, content=b"{").status_code == 400
     assert client.get(f"/v2/models/{NAME}/versions/1/ready").status_code == 200
     assert client.get("/v2/models/nope").status_code == 404
+    assert client.post(INFER, content=bytes(3 * 1024 * 1024)).status_code == 413  # by the door, before routing
     after = client.get("/metrics").text
     key = "attn_export_http_requests_total"
 
@@ -161,6 +162,7 @@ def test_v2_traffic_is_counted_by_route_template(client, good):
     assert grew('{method="POST",route="/v2/models/{model}/infer",status="400"}') == 1
     assert grew('{method="GET",route="/v2/models/{model}/versions/{version}/ready",status="200"}') == 1
     assert grew('{method="GET",route="/v2/models/{model}",status="404"}') == 1
+    assert grew('{method="POST",route="/v2/models/{model}/infer",status="413"}') == 1
     assert grew('{method="POST",route="other",status="200"}') == 0
     assert grew('{method="POST",route="other",status="400"}') == 0
 
