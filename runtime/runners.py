@@ -159,7 +159,14 @@ class PluginGraphRunner(Runner):
     def _cross_check(self, feeds: Mapping[str, np.ndarray]) -> None:
         one = {n: np.asarray(feeds[n])[:1] for n in self.input_names}
         ref = ReferenceRunner(self._model).infer(one)
-        got = self._run(one)
+        try:
+            got = self._run(one)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise RuntimeError(
+                f"cross-check: onnxruntime with the numpy plugin ops fails where onnx.reference runs: "
+                f"{type(e).__name__}: {first}"
+            ) from e
         atol, rtol = self._tol
         for name, r in ref.items():
             g = got[name]

@@ -1,8 +1,10 @@
 """``--target trt``: each dynamic-kernel op call is one TensorRT plugin node, the rest standard ONNX.
 
 Every block alone and the MixedNet go through the CLI (``attn-export CKPT --target trt --batch 1:3:8``)
-and are verified against PyTorch on ONNX's reference evaluator, whose plugin nodes run the numpy
-references. The graphs are then checked node by node against the op calls PyTorch makes: one plugin
+and are verified against PyTorch on onnxruntime, whose plugin nodes run the numpy references as
+onnxruntime-extensions Python ops, cross-checked on ONNX's reference evaluator (the same numpy code,
+every other node by ONNX's own reference implementation).
+The graphs are then checked node by node against the op calls PyTorch makes: one plugin
 node per call, in the plugin domain, with the TensorRT parser's attributes (``plugin_namespace``,
 ``plugin_version``, the op's own) set to the call's arguments; no ``Col2Im``; a dynamic batch.
 A deliberately wrong numpy reference must fail verification and name the first block to diverge.
@@ -30,7 +32,8 @@ from attn_export.export import export_onnx, load_model, save_checkpoint
 from attn_export.export.checkpoint import architectures
 from attn_export.export.onnx_export import TRT_VERIFY_MAX_BATCH, VERIFY_BACKENDS, _verify_batches
 from attn_export.plugins._trt_names import DOMAIN, NAMESPACE, PLUGINS, VERSION
-from attn_export.runtime.runners import ReferenceRunner
+from attn_export.plugins.reference import ORT_ATTRS, ORT_PYOP_DOMAIN, ort_plugin_graph
+from attn_export.runtime.runners import PluginGraphRunner, ReferenceRunner
 
 # arch -> (constructor kwargs, input shape without the batch), as in test_cli.py.
 CASES: dict[str, tuple[dict, tuple[int, ...]]] = {
@@ -195,6 +198,80 @@ def test_mixed_graph_runs_at_an_unverified_batch(exported, capsys):
     with torch.no_grad():
         ref = load_model(ckpt).model.eval()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_plugin_graph_on_onnxruntime_matches_the_reference_evaluator(exported, capsys):
+    """The onnxruntime runner and the reference evaluator on one plugin graph, batch 5 (not verified),
+    and both against torch eager."""
+    ckpt, path, _, _ = exported("MixedNet", capsys)
+    x = np.random.default_rng(2).standard_normal((5, *CASES["MixedNet"][1])).astype(np.float32)
+    runner = PluginGraphRunner(path, cross_check=False)
+    got = runner.infer({"input": x})["output"]
+    ref = ReferenceRunner(path).infer({"input": x})["output"]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        eager = load_model(ckpt).model.eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_plugin_nodes_become_python_ops_with_their_attributes(exported, capsys):
+    _, path, _, _ = exported("MixedNet", capsys)
+    model = onnx.load(str(path))
+    moved = ort_plugin_graph(model)
+    before = [n for n in model.graph.node if n.domain == DOMAIN]
+    after = [n for n in moved.graph.node if n.domain == ORT_PYOP_DOMAIN]
+    assert len(before) == len(after) == 3 and not [n for n in moved.graph.node if n.domain == DOMAIN]
+    for old, new in zip(before, after, strict=True):
+        assert (new.op_type, list(new.input), list(new.output)) == (old.op_type, list(old.input), list(old.output))
+        (attr,) = new.attribute
+        assert attr.name == ORT_ATTRS
+        want = {a.name: helper.get_attribute_value(a) for a in old.attribute}
+        want = {
+            k: v.decode() if isinstance(v, bytes) else list(v) if not isinstance(v, int) else v for k, v in want.items()
+        }
+        assert json.loads(attr.s.decode()) == want
+    assert [n.op_type for n in moved.graph.node] == [n.op_type for n in model.graph.node]
+    assert len(model.graph.node) == len(moved.graph.node)  # the caller's graph is left as it was
+    assert [n for n in model.graph.node if n.domain == DOMAIN] == before
+
+
+def test_cross_check_catches_a_wrong_plugin_translation(exported, capsys, monkeypatch):
+    """A plugin node run with other attributes on onnxruntime (here: no padding) is caught by the
+    reference evaluator on the first item of the first batch."""
+    _, path, _, _ = exported("MixedNet", capsys)
+    import attn_export.plugins.reference as reference
+
+    right = reference.ort_plugin_graph
+
+    def wrong(model):
+        out = right(model)
+        for node in out.graph.node:
+            if node.op_type == PLUGINS["dynamic_conv2d"]:
+                attrs = json.loads(node.attribute[0].s.decode())
+                node.attribute[0].s = json.dumps({**attrs, "padding": [0, 0]}).encode()
+        return out
+
+    x = np.random.default_rng(3).standard_normal((2, *CASES["MixedNet"][1])).astype(np.float32)
+    monkeypatch.setattr(reference, "ort_plugin_graph", wrong)
+    with pytest.raises(RuntimeError, match="cross-check"):
+        PluginGraphRunner(path).infer({"input": x})
+    monkeypatch.setattr(reference, "ort_plugin_graph", right)
+    ok = PluginGraphRunner(path)
+    got = ok.infer({"input": x})["output"]
+    assert set(ok.cross_checked) == {"output"} and ok.cross_checked["output"] < 1e-4
+    assert got.shape[0] == 2
+
+
+def test_cross_check_catches_values_that_differ(exported, capsys, monkeypatch):
+    _, path, _, _ = exported("MixedNet", capsys)
+    real = ReferenceRunner.infer
+    monkeypatch.setattr(
+        ReferenceRunner, "infer", lambda self, feeds: {k: v + 0.01 for k, v in real(self, feeds).items()}
+    )
+    x = np.random.default_rng(4).standard_normal((1, *CASES["MixedNet"][1])).astype(np.float32)
+    with pytest.raises(RuntimeError, match=r"differs by 1\.00e-02"):
+        PluginGraphRunner(path).infer({"input": x})
+    PluginGraphRunner(path, cross_check=False).infer({"input": x})  # no cross-check: nothing compared
 
 
 def test_export_onnx_api_target_trt(tmp_path):
