@@ -85,6 +85,8 @@ class ExportResult:
     dynamic_hw: tuple[int, int, int] | None = None
     #: why height and width stayed static although ``dynamic_hw`` was asked for (one line), else ""
     hw_refused: str = ""
+    #: the graph's height and width must be multiples of this (the model's largest stride, where it needs one)
+    hw_multiple: int = 1
     #: ``{"given": "train"|"eval", "exported": "eval", "note": ...}``
     mode: dict[str, str] = field(default_factory=dict)
 
@@ -98,7 +100,11 @@ class ExportResult:
             "target": self.target,
             "input": {"name": self.input_name, "shape": self._graph_shape(self.input_name, self.input_shape)},
             "inputs": [{"name": i["name"], "shape": self._graph_shape(i["name"], i["shape"][1:])} for i in self.inputs],
-            "dynamic_hw": dict(zip(("min", "opt", "max"), self.dynamic_hw, strict=True)) if self.dynamic_hw else None,
+            "dynamic_hw": (
+                {**dict(zip(("min", "opt", "max"), self.dynamic_hw, strict=True)), "multiple_of": self.hw_multiple}
+                if self.dynamic_hw
+                else None
+            ),
             "dynamic_hw_refused": self.hw_refused or None,
             "mode": self.mode,
             "outputs": self.output_names,
@@ -410,6 +416,53 @@ def _size_problem(model: nn.Module, args: tuple) -> str | None:
             h.remove()
 
 
+#: The multiples of a size tried when a model runs at some image sizes but not at others (strided
+#: feature pyramids concatenate maps that agree only at multiples of their largest stride).
+SIZE_MULTIPLES = (2, 4, 8, 16, 32, 64, 128)
+
+
+def _plan_sizes(
+    model: nn.Module, specs: Mapping[str, Sequence[int]], dynamic: Sequence[str], hw: tuple[int, int, int], batch: int
+) -> tuple[list[tuple[int, int]], int, str]:
+    """Where to verify a graph with symbolic height and width: ``(sizes, multiple, refused)``.
+
+    The model runs eagerly at :func:`verify_sizes`; where it fails at some sizes, the smallest multiple of
+    :data:`SIZE_MULTIPLES` at whose sizes it runs is the model's (``sizes`` then at multiples of it). A model
+    that runs at none of them but the size it was given (a fixed position embedding, a flatten into a fixed
+    ``Linear``) is refused: ``refused`` says why in one line, naming the module. A model that fails at part
+    of the range only gets an :class:`ExportError` naming the size.
+    """
+
+    def problems(sizes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], str]:
+        found = {}
+        for size in sizes:
+            why = _size_problem(model, _sample(_shapes_at(specs, dynamic, size), batch))
+            if why:
+                found[size] = why
+                break  # one failure is enough to reject these sizes
+        return found
+
+    sizes = verify_sizes(hw)
+    failed = problems(sizes)
+    if not failed:
+        return sizes, 1, ""
+    for multiple in SIZE_MULTIPLES:
+        try:
+            candidate = verify_sizes(hw, multiple)
+        except ExportError:
+            break  # the range holds fewer than two multiples of this (or of any larger) size
+        if not problems(candidate):
+            return candidate, multiple, ""
+    given = tuple(specs[dynamic[0]][1:])
+    others = [s for s in sizes if s != given]
+    if all(_size_problem(model, _sample(_shapes_at(specs, dynamic, s), batch)) for s in others):
+        return [], 1, next(iter(failed.values()))
+    (h, w), why = next(iter(failed.items()))
+    raise ExportError(
+        f"--dynamic-hw {':'.join(map(str, hw))}: the model fails at {h}x{w} ({why}); give a range of sizes it runs at"
+    )
+
+
 def export_onnx(
     model: nn.Module,
     output: str | os.PathLike,
@@ -590,25 +643,22 @@ def _export_onnx(
     sizes: list[tuple[int, int]] = []
     if hw and not dynamic:
         raise ExportError("--dynamic-hw: no image input (C, H, W) to make height and width dynamic")
+    trace_hw: tuple[int, int] = (0, 0)
     if hw:
-        sizes = verify_sizes(hw)
         with stage("sizes"):
-            trace_hw = (hw[1], hw[1])
-            problems = {s: _size_problem(model, _sample(_shapes_at(specs, dynamic, s), batches[0])) for s in sizes}
-        failed = {s: p for s, p in problems.items() if p}
-        if failed and len(failed) >= len([s for s in sizes if s != trace_hw]):
-            result.hw_refused = next(iter(failed.values()))
-        elif failed:
-            (h, w), why = next(iter(failed.items()))
-            raise ExportError(
-                f"--dynamic-hw {':'.join(map(str, hw))}: the model fails at {h}x{w} ({why}); give a range of sizes "
-                "it runs at"
+            sizes, result.hw_multiple, result.hw_refused = _plan_sizes(model, specs, dynamic, hw, batches[0])
+            trace_hw = sizes[1] if sizes else (0, 0)  # OPT (rounded to the model's multiple)
+        if result.hw_multiple > 1:
+            stage.say(
+                "sizes",
+                f"height and width must be multiples of {result.hw_multiple}: verified at "
+                f"{', '.join(f'{h}x{w}' for h, w in sizes)}",
             )
     table = onnx_translation_table(target)
     names = result.output_names + [f"block:{p}" for p in result.blocks]
     proto = None
     if hw and not result.hw_refused:
-        sample = _sample(_shapes_at(specs, dynamic, (hw[1], hw[1])), trace_batch)
+        sample = _sample(_shapes_at(specs, dynamic, trace_hw), trace_batch)
         with stage("export"), function_rewrites():
             try:
                 proto = _export_probe(model, result.blocks, sample, table, opset, list(specs), True)
@@ -641,9 +691,8 @@ def _export_onnx(
     if verify:
         with stage("verify"):
             if result.dynamic_hw:
-                opt = (hw[1], hw[1])
-                cases = [(b, _shapes_at(specs, dynamic, opt)) for b in batches]
-                cases += [(batches[0], _shapes_at(specs, dynamic, s)) for s in sizes if s != opt]
+                cases = [(b, _shapes_at(specs, dynamic, trace_hw)) for b in batches]
+                cases += [(batches[0], _shapes_at(specs, dynamic, s)) for s in sizes if s != trace_hw]
             else:
                 cases = [(b, dict(specs)) for b in batches]
             compared = {
@@ -694,7 +743,7 @@ def _export_onnx(
                 entry.key, entry.value = str(key), value if isinstance(value, str) else json.dumps(value)
         if result.dynamic_hw:
             entry = shipped.metadata_props.add()
-            entry.key, entry.value = "dynamic_hw", json.dumps(dict(zip(("min", "opt", "max"), hw, strict=True)))
+            entry.key, entry.value = "dynamic_hw", json.dumps(result.to_dict()["dynamic_hw"])
         result.size_bytes = write_bytes(output, shipped.SerializeToString())
     result.path = output
     return result
