@@ -261,3 +261,33 @@ def test_the_rect_benchmark_prints_its_figures(graphs, tmp_path, capsys):
     figures = json.loads(out.read_text())
     assert figures["rect"]["batches"] >= 1 and figures["square"]["images_per_s"] > 0
     assert set(figures) >= {"cpu", "square", "rect", "mixed group", "mixed pad"}
+
+
+def test_a_yolo_checkpoint_exports_with_its_head_stride_and_names_in_the_metadata(tmp_path, monkeypatch):
+    """The service's export of a checkpoint writes what the model says (``Detect`` attributes, ``names``)
+    into the graph's metadata through ``export_onnx(metadata=...)``; the service reads the head from it."""
+    from attn_export.detection.loader import LoadOptions, load, onnx_metadata
+    from attn_export.export import save_checkpoint
+    from attn_export.export.checkpoint import architectures
+
+    monkeypatch.setitem(architectures(), "YoloV5StandIn", YoloV5StandIn)
+    torch.manual_seed(8)
+    path = save_checkpoint(tmp_path / "yolo.pt", YoloV5StandIn(), "YoloV5StandIn", {}, (3, 64, 64))
+    served = load(LoadOptions(path, threads=1, cache_dir=tmp_path / "cache", max_batch=2))
+    props = onnx_metadata(served.path)
+    assert props["head"] == "yolov5" and json.loads(props["stride"]) == 16 and json.loads(props["input_size"]) == 64
+    assert json.loads(props["classes"]) == ["v5_0", "v5_1", "v5_2"] == served.class_names
+    assert served.head == "yolov5" and served.stride == 16 and served.input_size == 64
+    x = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
+    raw = YoloV5StandIn.forward(_reloaded(path), torch.from_numpy(x))[0].detach().numpy()
+    rows = served.infer(x)
+    for i in range(2):
+        boxes, best, _ = v5_decode(raw[i])
+        np.testing.assert_allclose(rows[i, :, :4], boxes, atol=1e-3)
+        np.testing.assert_allclose(rows[i, :, 4:].max(1), best, atol=1e-5)
+
+
+def _reloaded(path):
+    from attn_export.export import load_model
+
+    return load_model(path).model.eval()
