@@ -221,9 +221,9 @@ def render_markdown(d: dict) -> str:
         lines += _md_table(
             ("kind", "check", "batch", "size", "max abs", "max rel", "tolerance", "error", "result"), rows
         )
-        sizes = [s for s in _list(ver.get("sizes")) if isinstance(s, list)]
-        if len(sizes) > 1:
-            lines += ["", "Verified sizes (batch, height, width): " + "; ".join(", ".join(map(str, s)) for s in sizes)]
+        sizes = [s for s in _list(ver.get("sizes")) if isinstance(s, list) and len(s) == 3 and s[1] is not None]
+        if sizes:
+            lines += ["", "Verified sizes: " + "; ".join(f"batch {b} at {h}x{w}" for b, h, w in sizes)]
     else:
         lines.append("Not verified.")
     lines.append("")

@@ -160,7 +160,7 @@ def test_one_row_per_verified_size():
     md = render_markdown(data)
     for b, h in ((1, 32), (1, 48), (3, 64)):
         assert f"| output | {b} | {h}x{h} | {1e-6 * h:.2e} |" in md
-    assert "1, 48, 48" in md
+    assert "batch 1 at 48x48" in md
 
 
 @pytest.mark.parametrize(
