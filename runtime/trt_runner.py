@@ -105,7 +105,7 @@ class TensorRTRunner(Runner):
                     lo, _, hi = self.profile(name)
                     raise ValueError(
                         f"{self.name}: input {name!r} of shape {tuple(tensor.shape)} is outside the engine's profile "
-                        f"(min {lo}, max {hi}); rebuild with a wider --batch"
+                        f"(min {lo}, max {hi}); rebuild with a wider --batch (or --dynamic-hw for the height and width)"
                     )
                 self.context.set_tensor_address(name, tensor.data_ptr())
                 keep.append(tensor)

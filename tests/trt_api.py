@@ -83,7 +83,7 @@ def _enum(name: str, members: str, base: type[enum.Enum] = enum.Enum) -> type[en
 
 
 class IDimensionExpr:
-    """A dimension expression that is always a known int here."""
+    """A dimension expression that is a known int (TensorRT's constant expressions)."""
 
     def __init__(self, value: int) -> None:
         self.value = int(value)
@@ -94,12 +94,47 @@ class IDimensionExpr:
     def get_constant_value(self) -> int:
         return self.value
 
+    def evaluate(self, sizes: dict[str, int]) -> int:
+        """The value at run time: a constant is itself."""
+        return self.value
+
     def __repr__(self) -> str:
         return f"Expr({self.value})"
 
 
+class SymbolicDimExpr(IDimensionExpr):
+    """A dimension known only at run time (a dynamic axis of the profile, or an expression of one):
+    not a constant, as TensorRT's are not; :meth:`evaluate` gives its value for the run-time sizes
+    ``{name: int}`` (e.g. ``{"B": 2, "H": 13, "W": 10}``)."""
+
+    def __init__(self, fn, text: str) -> None:
+        self._fn, self.text = fn, text
+
+    @property
+    def value(self) -> int:
+        raise TypeError(f"{self.text} is not a constant: evaluate it with run-time sizes")
+
+    def is_constant(self) -> bool:
+        return False
+
+    def get_constant_value(self) -> int:
+        raise RuntimeError(f"{self.text} is not a constant")
+
+    def evaluate(self, sizes: dict[str, int]) -> int:
+        return int(self._fn(sizes))
+
+    def __repr__(self) -> str:
+        return f"Sym({self.text})"
+
+
+def symbol(name: str) -> SymbolicDimExpr:
+    """A dynamic dimension named ``name``."""
+    return SymbolicDimExpr(lambda sizes: sizes[name], name)
+
+
 class ExprBuilder:
-    """``IExprBuilder`` on ints; counts the operations it was asked for."""
+    """``IExprBuilder`` on ints, and on symbolic expressions (:class:`SymbolicDimExpr`) where an operand
+    is one; counts the operations it was asked for."""
 
     def __init__(self, trt) -> None:
         self.trt = trt
@@ -108,22 +143,27 @@ class ExprBuilder:
     def constant(self, value: int) -> IDimensionExpr:
         return IDimensionExpr(value)
 
+    def _fn(self, op):
+        D = self.trt.DimensionOperation
+        return {
+            D.SUM: lambda x, y: x + y,
+            D.SUB: lambda x, y: x - y,
+            D.PROD: lambda x, y: x * y,
+            D.FLOOR_DIV: lambda x, y: x // y,
+            D.CEIL_DIV: lambda x, y: -(-x // y),
+            D.MAX: max,
+            D.MIN: min,
+            D.EQUAL: lambda x, y: int(x == y),
+            D.LESS: lambda x, y: int(x < y),
+        }[op]
+
     def operation(self, op, a: IDimensionExpr, b: IDimensionExpr) -> IDimensionExpr:
         self.ops += 1
-        D = self.trt.DimensionOperation
-        x, y = a.value, b.value
-        table = {
-            D.SUM: lambda: x + y,
-            D.SUB: lambda: x - y,
-            D.PROD: lambda: x * y,
-            D.FLOOR_DIV: lambda: x // y,
-            D.CEIL_DIV: lambda: -(-x // y),
-            D.MAX: lambda: max(x, y),
-            D.MIN: lambda: min(x, y),
-            D.EQUAL: lambda: int(x == y),
-            D.LESS: lambda: int(x < y),
-        }
-        return IDimensionExpr(table[op]())
+        fn = self._fn(op)
+        if a.is_constant() and b.is_constant():
+            return IDimensionExpr(fn(a.value, b.value))
+        text = f"{op.name}({a!r}, {b!r})"
+        return SymbolicDimExpr(lambda sizes: fn(a.evaluate(sizes), b.evaluate(sizes)), text)
 
 
 class _Base:

@@ -821,6 +821,116 @@ def test_aot_launch_parameters_through_tensorrt_plugin(real_trtp, monkeypatch, k
     assert all(setter.items[i].dtype == trt.PluginArgDataType.INT32 for i in range(n_scalars))
 
 
+# ------------------------------------------------------------------------------------------ symbolic H and W
+#: Run-time (batch, height, width) of the symbolic tests: odd, non-square, not multiples of 2 or 3.
+RUNTIME_SIZES = ((1, 13, 10), (2, 7, 17), (3, 16, 11))
+OPS_BY_KIND = {"involution": OPS.involution2d, "dynamic_conv": OPS.dynamic_conv2d, "outlook": OPS.outlook_aggregate}
+
+
+def _at(case, b: int, h: int, w: int):
+    """``case`` at another batch, height and width (every case tuple starts ``B, _, _, H, W``)."""
+    return (b, *case[1:3], h, w, *case[5:])
+
+
+def _symbolic_dims(kind, case):
+    """The plugin's input dims as TensorRT gives them for a profile over B, H and W: an expression of the
+    run-time sizes wherever the dim depends on them (the second input's spatial dims are what upstream
+    layers compute from H and W), a constant elsewhere; and the dims of its ``TensorDesc`` (-1: dynamic)."""
+    shapes = [_plugin_attrs(kind, _at(case, *size))[1] for size in RUNTIME_SIZES]
+    exprs, dims = [], []
+    for i in range(len(shapes[0])):
+        row_e, row_d = [], []
+        for j, d in enumerate(shapes[0][i]):
+            if all(s[i][j] == d for s in shapes):
+                row_e.append(trt_api.IDimensionExpr(d))
+                row_d.append(d)
+                continue
+
+            def value(sizes, i=i, j=j):
+                return _plugin_attrs(kind, _at(case, sizes["B"], sizes["H"], sizes["W"]))[1][i][j]
+
+            row_e.append(trt_api.SymbolicDimExpr(value, f"in{i}[{j}]"))
+            row_d.append(-1)
+        exprs.append(row_e)
+        dims.append(tuple(row_d))
+    return exprs, dims
+
+
+@pytest.mark.parametrize(("kind", "case"), PLUGIN_CASES)
+def test_symbolic_height_and_width_through_tensorrt_plugin(real_trtp, monkeypatch, kind, case):
+    """A profile over batch, height and width: the output shape expressions, the AOT grid and the int32
+    scalars TensorRT gets are expressions that, evaluated at run-time sizes unlike any build-time one,
+    give the fake kernel's shape and the launch plan of those sizes; the blocks are the dynamic-size
+    ones (compiled once, for every size)."""
+    trt, trtp = real_trtp
+    trt_plugins.register_trt_plugins()
+    module, _, attrs = _plugin_attrs(kind, case)
+    plan = {inv_trt: inv_plan, dconv_trt: dconv_plan, outlook_trt: outlook_plan}[module]
+    compiled = []
+
+    def fake_aot_kernel(dtype, *args, **kwargs):
+        compiled.append(args)
+        return _trt_kit.AOTKernel(f"{kind}_aot", b"// ptx", 128, 1024, module.N_PARAMS)
+
+    monkeypatch.setattr(module, "aot_kernel", fake_aot_kernel)
+    plugin = _create(trt, trtp, module, attrs)
+    exprs, dims = _symbolic_dims(kind, case)
+    assert any(-1 in d[2:] for d in dims)  # H and W really are dynamic here
+    D = trt.DataType
+    plugin.get_output_data_types([D.FLOAT, D.FLOAT], [len(d) for d in dims])
+    (out_exprs,) = plugin.get_output_shapes(exprs, [], trt_api.ExprBuilder(trt))
+    out_dims = tuple(e.get_constant_value() if e.is_constant() else -1 for e in out_exprs)
+    plugin.set_tactic(0)
+    in_out = [trt_api.DynamicPluginTensorDesc(d, D.FLOAT, trt.TensorFormat.LINEAR) for d in (*dims, out_dims)]
+    launch, setter = trt_api.Holder(), trt_api.Holder()
+    plugin.get_launch_params(exprs, in_out, 2, launch, setter, trt_api.ExprBuilder(trt))
+    a0, b0 = dims
+    if module is inv_trt:
+        blocks = inv_plan.blocks(a0[1] // b0[1], None)
+    elif module is dconv_trt:
+        blocks = dconv_plan.blocks(b0[1] // attrs["groups"], b0[2], None)
+    else:
+        blocks = outlook_plan.blocks(a0[1] // b0[1], None)
+    assert compiled[0][-len(blocks) :] == blocks  # the blocks of a dynamic size: one kernel for every size
+    assert not launch.grid_x.expr.is_constant() and not out_exprs[2].is_constant()
+    n_scalars = len(plan.SCALARS)
+    for b, h, w in RUNTIME_SIZES:
+        sizes = {"B": b, "H": h, "W": w}
+        _, (xs, ws), _ = _plugin_attrs(kind, _at(case, b, h, w))
+        args = tuple(attrs.values())
+        assert tuple(e.evaluate(sizes) for e in out_exprs) == fake_shape(OPS_BY_KIND[kind], xs, ws, args=args)
+        if module is dconv_trt:
+            s, p, d, g = args
+            grid, scalars, _ = dconv_plan.launch_plan(xs, ws, s, p, d, g, ws[3:], *blocks, None)
+        else:
+            grid, scalars, _ = plan.launch_plan(xs, ws, *args, *blocks)
+        assert launch.grid_x.expr.evaluate(sizes) == grid, (b, h, w)
+        assert [setter.items[i].expr.evaluate(sizes) for i in range(n_scalars)] == list(scalars), (b, h, w)
+
+
+@pytest.mark.parametrize(("kind", "case"), PLUGIN_CASES[::2])
+def test_aot_entries_with_dynamic_size_blocks_at_odd_sizes(kind, case):
+    """The AOT entry compiled for a dynamic height and width (the largest blocks) is right at sizes that
+    fill no block: run as TensorRT launches it, with the grid and scalars of the run-time size."""
+    device = _device()
+    gen = torch.Generator().manual_seed(5)
+    module, (xs, ws), attrs, reference = _plugin_case(kind, _at(case, 2, 13, 10))
+    a, b = _rand(gen, xs, device), _rand(gen, ws, device)
+    expected = reference(a.double().cpu(), b.double().cpu())
+    args = tuple(attrs.values())
+    if module is inv_trt:
+        grid, scalars, constexprs = inv_plan.launch_plan(xs, ws, *args, *inv_plan.blocks(xs[1] // ws[1], None))
+    elif module is dconv_trt:
+        s, p, d, g = (tuple(int(v) for v in x) if isinstance(x, np.ndarray) else x for x in args)
+        blocks = dconv_plan.blocks(ws[1] // g, ws[2], None)
+        grid, scalars, constexprs = dconv_plan.launch_plan(xs, ws, s, p, d, g, ws[3:], *blocks, "ieee")
+    else:
+        grid, scalars, constexprs = outlook_plan.launch_plan(xs, ws, *args, *outlook_plan.blocks(xs[1] // ws[1], None))
+    out = torch.full(expected.shape, float("nan"), device=device)
+    module.aot_entry()[(grid,)](a, b, *scalars, out, **constexprs, num_warps=trt_plugins.NUM_WARPS)
+    torch.testing.assert_close(out.cpu().double(), expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize(("kind", "case"), PLUGIN_CASES[::2])
 def test_jit_impl_gets_the_attributes_through_tensorrt_plugin(real_trtp, monkeypatch, kind, case):
     trt, trtp = real_trtp
