@@ -412,8 +412,11 @@ def _blocks():
 
 @pytest.mark.parametrize("name", ["involution-s2", "odconv-s2", "outlook-s2", "gsop", "skconv-s2"])
 def test_blocks_with_symbolic_height_and_width(name):
-    """Each block (eval mode, random weights and BatchNorm statistics) exported once with a symbolic H
-    and W, on onnxruntime at odd and non-square sizes against the block itself in float64."""
+    """Each block (eval mode, random weights and BatchNorm statistics) exported once through the export
+    pipeline's ``torch_onnx_export(..., dynamic_hw=True)``, on onnxruntime at odd and non-square sizes
+    against the block itself in float64."""
+    from attn_export.export.torch_export import torch_onnx_export
+
     torch.manual_seed(0)
     block = _blocks()[name]().eval()
     for m in block.modules():
@@ -421,12 +424,20 @@ def test_blocks_with_symbolic_height_and_width(name):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 1.5)
     channels_last = name.startswith("outlook")
-    axes = (1, 2) if channels_last else True
 
     def make_inputs(b, h, w, seed):
         return (randn(b, h, w, 8, seed=seed) if channels_last else randn(b, 8, h, w, seed=seed),)
 
-    model = export(block, floats(make_inputs(*TRACED, seed=0)), onnx_translation_table(), (axes,))
+    if channels_last:  # the pipeline's dynamic_hw is for (B, C, H, W) images: name the axes here
+        model = export(block, floats(make_inputs(*TRACED, seed=0)), onnx_translation_table(), ((1, 2),))
+    else:
+        model = torch_onnx_export(block, floats(make_inputs(*TRACED, seed=0)), onnx_translation_table(), 18, True)
+        assert [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim] == [
+            "batch",
+            "",
+            "height",
+            "width",
+        ]
     check_symbolic(model, (1, 2) if channels_last else None)
     block.double()
     with torch.no_grad():
