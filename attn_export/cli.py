@@ -137,6 +137,16 @@ def _write_report(path: Path, data: dict) -> None:
         log.info("report page: %s", written)
 
 
+def _export_metadata(loaded, shape) -> dict:
+    """What the service reads from the graph: class names, and for a YOLO ``Detect`` its head and stride."""
+    from attn_export.detection.loader import export_metadata
+
+    try:
+        return export_metadata(loaded.model, loaded.meta, shape)
+    except Exception:  # a nicety: never the reason an export fails
+        return {"classes": loaded.meta.get("classes")}
+
+
 def run_export(args: argparse.Namespace) -> int:
     from attn_export.export import ExportError, export_onnx, load_model
     from attn_export.export.checkpoint import parse_inputs, parse_shape
@@ -185,7 +195,7 @@ def run_export(args: argparse.Namespace) -> int:
             rtol=args.rtol,
             seed=args.seed,
             progress=_progress,
-            metadata={"classes": loaded.meta.get("classes")},
+            metadata=_export_metadata(loaded, shape),
             dynamic_hw=hw,
             inputs=inputs,
         )

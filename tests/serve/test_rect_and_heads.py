@@ -124,6 +124,11 @@ def test_the_export_metadata_comes_from_the_upstream_attributes():
     assert describe_module(v8, {"classes": ["x"] * 5})["classes"] == ["x"] * 5  # the checkpoint's names first
     assert describe_module(ColourBoxes()) == {"stride": 32}
     assert export_metadata(v5, None, (3, 256, 256))["input_size"] == 256
+    from attn_export.cli import _export_metadata  # what `attn-export MODEL.pt` writes
+    from attn_export.export.checkpoint import LoadedModel
+
+    loaded = LoadedModel(v8, None, "pickle", "YoloV8StandIn", {})
+    assert _export_metadata(loaded, (3, 320, 320)) == {**describe_module(v8), "input_size": 320}
 
 
 # ------------------------------------------------------------------------------------------ batching
