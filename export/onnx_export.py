@@ -161,9 +161,18 @@ def _verify_batches(batch: tuple[int, int, int], input_shape: Sequence[int], tar
 
 def _runner_factory(target: str) -> Callable:
     """``ModelProto -> Runner`` for the target's verification backend."""
+    import importlib.util
+
     from attn_export.runtime.runners import OnnxRuntimeRunner, ReferenceRunner
 
-    if target == "trt" and TRT_VERIFY_RUNNER == "reference":
+    runner = TRT_VERIFY_RUNNER
+    if target == "trt" and runner != "reference" and importlib.util.find_spec("onnxruntime_extensions") is None:
+        log.warning(
+            "verify: onnxruntime-extensions is not installed, so the plugin graph runs on ONNX's reference "
+            "evaluator alone (slow); pip install onnxruntime-extensions"
+        )
+        runner = "reference"
+    if target == "trt" and runner == "reference":
         from attn_export.plugins import reference_ops
 
         ops = reference_ops()
