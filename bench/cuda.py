@@ -74,7 +74,7 @@ VARIANT_ORDER = (
     "torch.compile(official)",
     "ours, torch reference",
     "ours, Triton",
-    "ours, Triton row reuse (candidate)",
+    "ours, Triton tiles (TensorRT plugin)",
     "ours, CUDA op kernels",
     "ours, torch reference kernels",
     "torch eager",

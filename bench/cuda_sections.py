@@ -70,13 +70,14 @@ class OpCase:
 
 
 def op_cases() -> list[OpCase]:
-    """The op shapes the command times: involution B8 C256 56x56 k7 G16; dynamic conv B32 C256 28x28 k3;
-    outlook B32 C192 6 heads 28x28 k3, at stride 1 and at VOLO's stride 2."""
+    """The op shapes the command times, those of ``attn-export kernels`` (issue 18's realistic shapes):
+    involution B32 C256 56x56 k7 G16; dynamic conv B32 C256 28x28 k3; outlook B32 C384 12 heads 28x28 k3,
+    at stride 1 and at VOLO's stride 2."""
     return [
-        OpCase("involution", "involution B8 C256 56x56 k7 G16", 8, 256, 56, 56, 7, 1, 16),
+        OpCase("involution", "involution B32 C256 56x56 k7 G16", 32, 256, 56, 56, 7, 1, 16),
         OpCase("dynamic_conv", "dynamic_conv B32 C256 28x28 k3", 32, 256, 28, 28, 3, 1, 1, 256),
-        OpCase("outlook", "outlook B32 C192 m6 28x28 k3 s1", 32, 192, 28, 28, 3, 1, 6),
-        OpCase("outlook", "outlook B32 C192 m6 28x28 k3 s2 (VOLO)", 32, 192, 28, 28, 3, 2, 6),
+        OpCase("outlook", "outlook B32 C384 m12 28x28 k3 s1", 32, 384, 28, 28, 3, 1, 12),
+        OpCase("outlook", "outlook B32 C384 m12 28x28 k3 s2 (VOLO)", 32, 384, 28, 28, 3, 2, 12),
     ]
 
 
@@ -159,15 +160,15 @@ def official_op(case: OpCase) -> Callable:
 
 def ours_op(case: OpCase, triton: bool | str, tf32: bool) -> Callable:
     """Our plain-torch reference, or our Triton kernel (dynamic conv: the autotuned implicit GEMM;
-    involution with ``triton="rows"``: the row-reuse candidate)."""
+    involution: the op's default, and with ``triton="tiles"`` the tile kernel the TensorRT plugin runs)."""
     k, s, p = case.k, case.stride, case.k // 2
     if case.op == "involution":
         from attn_export.plugins.involution import op as inv
 
-        if triton == "rows":
-            from attn_export.plugins.involution.cuda_kernel import involution2d_cuda_rows
+        if triton == "tiles":
+            from attn_export.plugins.involution.cuda_kernel import involution2d_cuda_tiles
 
-            return lambda x, wt: involution2d_cuda_rows(x, wt, k, s, p, 1)
+            return lambda x, wt: involution2d_cuda_tiles(x, wt, k, s, p, 1)
 
         if triton:
             from attn_export.plugins.involution.cuda_kernel import involution2d_cuda
@@ -235,8 +236,8 @@ def run_ops(
                 variants.append(("ours, torch reference", ours_op(case, triton=False, tf32=tf32)))
                 if triton:
                     variants.append(("ours, Triton", ours_op(case, triton=True, tf32=tf32)))
-                if triton and case.op == "involution":  # a candidate kernel, timed beside the default one
-                    variants.append(("ours, Triton row reuse (candidate)", ours_op(case, triton="rows", tf32=tf32)))
+                if triton and case.op == "involution":  # the TensorRT plugin's kernel, beside the op's default
+                    variants.append(("ours, Triton tiles (TensorRT plugin)", ours_op(case, triton="tiles", tf32=tf32)))
             if not variants:
                 continue
             for variant, fn in variants:

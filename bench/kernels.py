@@ -148,6 +148,7 @@ def _involution_cases(dtype: str) -> list[Case]:
                 tuple(ce.items()),
                 tensors,
                 grid,
+                num_warps=ck.rows_warps(ce) if planner is ck.rows_plan else 4,
             )
         )
     # the TensorRT AOT entry: static shapes (the launcher's blocks) and dynamic ones (blocks(None, None))

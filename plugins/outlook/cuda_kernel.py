@@ -25,9 +25,10 @@ serve all of them), and walks the phase-major list of pixel blocks (each phase c
 the phases' rounding adds blocks. Per block it visits the valid taps ``t`` and their ``k*k``
 taps ``t2``, grouped by the source offset they read: per offset, the attention weights of every
 ``(t, t2)`` reading it are summed per pixel (once for all the block's channels), then one
-``BLOCK_C x BLOCK_P`` tile of v is read and multiplied in. At stride 1 that is ``(2k-1)^2`` reads and
+``BLOCK_P x BLOCK_C`` tile of v is read and multiplied in. At stride 1 that is ``(2k-1)^2`` reads and
 multiply-adds of v per output instead of ``k^4`` (25 against 81 for k=3). The v tile plus its halo is
-the program's whole footprint, so the re-reads of it at neighbouring offsets hit the cache.
+the program's whole footprint, so the re-reads of it at neighbouring offsets hit the cache. Tiles are
+``[BLOCK_P, BLOCK_C]``, pixels first, so a warp's lanes run along the pixels (v's contiguous axis).
 Accumulates in fp32; loads and stores in the input dtype.
 """
 
@@ -79,14 +80,14 @@ def _phase_block(
     qy = q // nx
     qx = q % nx
     hw = H * W
-    c_row = c_offs.to(tl.int64)[:, None] * hw
-    cm = c_mask[:, None]
+    c_col = c_offs.to(tl.int64)[None, :] * hw  # tiles are [BLOCK_P, BLOCK_C]: pixels first (the contiguous axis)
+    cm = c_mask[None, :]
 
     # Sum by source offset, not by tap pair: window row i = qy + d0 - ta reads v row
     # i*s + a2 - p = s*qy + u - p with u = s*(d0 - ta) + a2. Per offset (u, w) the attention weights of
     # every (tap, t2) that reads it are summed into one per-pixel coefficient (shared by the block's
     # channels), then v is read once: (2k-1)^2 reads of v per output at stride 1 instead of k^4.
-    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for u in range(STRIDE * (d0 - n_ta + 1), STRIDE * d0 + K):
         yy = STRIDE * qy + (u - PAD)
         y_ok = q_mask & (yy >= 0) & (yy < H)
@@ -109,13 +110,13 @@ def _phase_block(
                             t = (a0 + ta * STRIDE) * K + (b0 + tb * STRIDE)
                             wt = tl.load(a_base + n * (KK * KK) + (t * KK + a2 * K + b2), mask=ok, other=0.0)
                             coef += wt.to(tl.float32)
-            vv = tl.load(v_base + c_row + (yy * W + xx)[None, :], mask=cm & src_ok[None, :], other=0.0)
-            acc += vv.to(tl.float32) * coef[None, :]
+            vv = tl.load(v_base + c_col + (yy * W + xx)[:, None], mask=src_ok[:, None] & cm, other=0.0)
+            acc += vv.to(tl.float32) * coef[:, None]
 
     y = ry + STRIDE * qy
     x = rx + STRIDE * qx
-    dst = o_base + c_row + (y * W + x)[None, :]
-    tl.store(dst, acc.to(o_base.dtype.element_ty), mask=cm & q_mask[None, :])
+    dst = o_base + c_col + (y * W + x)[:, None]
+    tl.store(dst, acc.to(o_base.dtype.element_ty), mask=q_mask[:, None] & cm)
 
 
 @triton.jit

@@ -108,7 +108,7 @@ def test_the_command_end_to_end_with_its_device_and_timer_stood_in(monkeypatch, 
         "torch.compile(official)",
         "ours, torch reference",
         "ours, Triton",
-        "ours, Triton row reuse (candidate)",
+        "ours, Triton tiles (TensorRT plugin)",
     ]
     assert all(r["status"] == "ok" for r in data["rows"]) and data["env"]["device"] == "stand-in"
     assert "## ops" in table and "involution tiny" in table

@@ -28,7 +28,7 @@ def test_the_op_section_runs_every_variant_and_gates_it():
     for c in TINY:
         expected += [(c.label, v) for v in ("official eager", "ours, torch reference", "ours, Triton")]
         if c.op == "involution":
-            expected.append((c.label, "ours, Triton row reuse (candidate)"))
+            expected.append((c.label, "ours, Triton tiles (TensorRT plugin)"))
     assert [(r.name, r.variant) for r in rows] == expected
     assert all(r.status == "ok" for r in rows), [(r.name, r.variant, r.note) for r in rows]
     assert timer.calls == len(rows)
