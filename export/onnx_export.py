@@ -28,7 +28,7 @@ from torch import nn
 from attn_export.export.adapt import AdaptRecord, adapt, function_rewrites
 from attn_export.export.compare import VerifyReport, compare_runners
 from attn_export.export.errors import ExportError, SizeRefused, first_line
-from attn_export.export.profile import check_input_shape, parse_batch, parse_hw, verify_sizes
+from attn_export.export.profile import check_input_shape, parse_batch, parse_hw, rounded_hw, verify_sizes
 from attn_export.export.surgery import check_plugin_nodes, clean_graph
 from attn_export.export.torch_export import (
     INPUT_NAME,
@@ -442,30 +442,37 @@ def _plan_sizes(
     of the range only gets an :class:`ExportError` naming the size.
     """
 
-    def problems(sizes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], str]:
+    def problems(sizes: Sequence[tuple[int, int]], first: bool = False) -> dict[tuple[int, int], str]:
         found = {}
         for size in sizes:
             why = _size_problem(model, _sample(_shapes_at(specs, dynamic, size), batch))
             if why:
                 found[size] = why
-                break  # one failure is enough to reject these sizes
+                if first:
+                    break  # one failure is enough to reject these sizes
         return found
 
     sizes = verify_sizes(hw)
     failed = problems(sizes)
     if not failed:
         return sizes, 1, ""
+    # A feature pyramid concatenates maps that agree only at multiples of its largest stride. A multiple
+    # explains the failures when each failing size has a side inside the rounded range that is not a
+    # multiple of it (a model too small for its kernel at MIN is not explained by rounding MIN up).
     for multiple in SIZE_MULTIPLES:
         try:
+            lo, _, hi = rounded_hw(hw, multiple)
             candidate = verify_sizes(hw, multiple)
         except ExportError:
             break  # the range holds fewer than two multiples of this (or of any larger) size
-        if not problems(candidate):
+        explained = all(lo <= min(h, w) and max(h, w) <= hi and (h % multiple or w % multiple) for h, w in failed)
+        if explained and not problems(candidate, first=True):
             return candidate, multiple, ""
-    given = tuple(specs[dynamic[0]][1:])
-    others = [s for s in sizes if s != given]
-    if all(_size_problem(model, _sample(_shapes_at(specs, dynamic, s), batch)) for s in others):
-        return [], 1, next(iter(failed.values()))
+    lo, _, hi = parse_hw(hw)
+    if all(h != w for h, w in failed):  # every square size runs, the non-square one does not
+        return [], 1, f"the model needs square inputs (height == width): {next(iter(failed.values()))}"
+    if (lo, lo) in failed and (hi, hi) in failed:  # neither end of the range: a model of one size
+        return [], 1, failed[(lo, lo)]
     (h, w), why = next(iter(failed.items()))
     raise ExportError(
         f"--dynamic-hw {':'.join(map(str, hw))}: the model fails at {h}x{w} ({why}); give a range of sizes it runs at"
@@ -656,7 +663,8 @@ def _export_onnx(
     if hw:
         with stage("sizes"):
             sizes, result.hw_multiple, result.hw_refused = _plan_sizes(model, specs, dynamic, hw, batches[0])
-            trace_hw = sizes[1] if sizes else (0, 0)  # OPT (rounded to the model's multiple)
+            opt = rounded_hw(hw, result.hw_multiple)[1]
+            trace_hw = (opt, opt)
         if result.hw_multiple > 1:
             stage.say(
                 "sizes",

@@ -65,25 +65,30 @@ def parse_hw(hw: str | Sequence[int]) -> tuple[int, int, int]:
     return vals[0], vals[1], vals[2]
 
 
-def verify_sizes(hw: Sequence[int], multiple: int = 1) -> list[tuple[int, int]]:
-    """The (height, width) sizes a graph with dynamic height and width is verified at: MIN, OPT, MAX, an
-    odd size (both sides odd) and a non-square one, all within ``min..max``. OPT comes second.
-
-    With ``multiple`` > 1 (a model whose sides must be multiples of its stride) every side is one: MIN
-    rounded up, MAX down, OPT to the nearest, and an odd multiple of ``multiple`` in place of the odd size."""
+def rounded_hw(hw: Sequence[int], multiple: int = 1) -> tuple[int, int, int]:
+    """``(min, opt, max)`` in multiples of ``multiple``: MIN rounded up, MAX down, OPT to the nearest."""
     lo, opt, hi = parse_hw(hw)
     if multiple > 1:
         lo, hi = -(-lo // multiple) * multiple, hi // multiple * multiple
         if lo >= hi:
             raise ExportError(f"--dynamic-hw: {hw[0]}..{hw[2]} holds fewer than two multiples of {multiple}")
         opt = min(max(round(opt / multiple) * multiple, lo), hi)
-    sizes = [(opt, opt), (lo, lo), (hi, hi)]
+    return lo, opt, hi
+
+
+def verify_sizes(hw: Sequence[int], multiple: int = 1) -> list[tuple[int, int]]:
+    """The (height, width) sizes a graph with dynamic height and width is verified at: MIN, OPT, MAX, an
+    odd size (both sides odd) and a non-square one, all within ``min..max``.
+
+    With ``multiple`` > 1 (a model whose sides must be multiples of its stride) every side is one
+    (:func:`rounded_hw`), and an odd multiple of ``multiple`` stands in for the odd size."""
+    lo, opt, hi = rounded_hw(hw, multiple)
+    sizes = [(lo, lo), (opt, opt), (hi, hi)]
     candidates = [opt + multiple, opt - multiple, lo + multiple, hi - multiple, opt + 3 * multiple]
-    # "odd": an odd multiple of ``multiple`` (an odd size when it is 1), so a model that needs twice the
-    # multiple fails here
+    # an odd multiple of ``multiple`` (an odd size when it is 1): a model that needs twice the multiple
+    # fails there
     odd = next((v for v in candidates if lo <= v <= hi and (v // multiple) % 2), None)
     if odd is not None and not any((s[0] // multiple) % 2 for s in sizes):
         sizes.append((odd, odd))
     sizes.append((lo, opt) if lo != opt else (opt, hi))
-    sizes = list(dict.fromkeys(sizes))
-    return [sizes[1], sizes[0], *sizes[2:]] if len(sizes) > 1 else sizes
+    return list(dict.fromkeys(sizes))
