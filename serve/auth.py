@@ -17,6 +17,8 @@ def key_refused(
     the server has no key or the key matches."""
     if expected is None:
         return None
-    if given is not None and hmac.compare_digest(str(given).encode(), expected.get_secret_value().encode()):
+    # surrogatepass: any str compares (a lone surrogate is a wrong key, not a UnicodeEncodeError)
+    given_bytes = None if given is None else str(given).encode("utf-8", "surrogatepass")
+    if given_bytes is not None and hmac.compare_digest(given_bytes, expected.get_secret_value().encode()):
         return None
     return f"{'missing' if given is None else 'wrong'} API key: send it in {where}"

@@ -206,6 +206,18 @@ def test_the_last_guard_is_a_logged_500_counted_by_route(standin_onnx, good, cap
         assert "ZeroDivisionError" in caplog.text
 
 
+def test_api_key_check_takes_any_text():
+    """Found by test_fuzz_parsers: a lone surrogate as the key raised UnicodeEncodeError (not reachable over
+    HTTP, whose headers decode as Latin-1, nor gRPC's ASCII metadata; the check must still not raise)."""
+    from pydantic import SecretStr
+
+    from attn_export.serve.auth import key_refused
+
+    for given in ("\ud800", "s3cr\udc80t", "é", "s3cret\x00"):
+        assert key_refused(SecretStr("s3cret"), given).startswith("wrong API key")
+    assert key_refused(SecretStr("s3cret"), "s3cret") is None
+
+
 # ------------------------------------------------------------------------------------------ gRPC
 @pytest.fixture(scope="module")
 def grpc_server(standin_onnx):
