@@ -194,3 +194,80 @@ def test_a_runner_that_fails_names_the_batch():
         ExportError, match=r"cannot run the exported graph on a batch of 2 \(RuntimeError: engine lost\)"
     ):
         tb.verify_engine(model, StandInEngine(model, fail=True), "input", (3, 8, 8), [2], ["output"], 1e-5, 1e-5)
+
+
+class SizedEngine(Runner):
+    """Answers with ``model``'s outputs for any image size, counting the sizes it was given."""
+
+    name = "sized"
+
+    def __init__(self, model: nn.Module, names=("image", "mask"), offset: float = 0.0) -> None:
+        self.model, self.input_names, self.output_names = model, list(names), ["output"]
+        self.provider, self.offset, self.seen = "cpu", offset, []
+
+    def infer(self, feeds):
+        self.seen.append(tuple(feeds[self.input_names[0]].shape))
+        with torch.no_grad():
+            out = self.model(*(torch.from_numpy(feeds[n]) for n in self.input_names))
+        return {"output": out.numpy() + self.offset}
+
+
+class Gate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, image, mask):
+        return self.conv(image) * mask
+
+
+def test_compare_runners_cases_of_several_inputs_and_sizes():
+    """``cases``: each input's shape per run; ``sized``: one report row per (batch, height, width)."""
+    torch.manual_seed(1)
+    model = Gate().eval()
+    cases = [(b, {"image": (3, h, w), "mask": (1, h, w)}) for b, h, w in [(2, 8, 8), (1, 7, 13), (1, 16, 5)]]
+    engine = SizedEngine(model)
+    report = compare_runners(
+        TorchRunner(model, ["image", "mask"], ["output"]), engine, "sized", "image", (3, 8, 8), [], ["output"],
+        1e-6, 1e-6, seed=2, cases=cases, sized=True,
+    )  # fmt: skip
+    assert report.passed and engine.seen == [(2, 3, 8, 8), (1, 3, 7, 13), (1, 3, 16, 5)]
+    assert report.sizes == [[2, 8, 8], [1, 7, 13], [1, 16, 5]] and report.batches == [1, 2]
+    assert [(c.batch, c.height, c.width) for c in report.outputs] == [(2, 8, 8), (1, 7, 13), (1, 16, 5)]
+    assert " 7x13 " in report.table()
+    off = compare_runners(
+        TorchRunner(model, ["image", "mask"], ["output"]), SizedEngine(model, offset=1e-3), "sized", "image",
+        (3, 8, 8), [], ["output"], 1e-6, 1e-6, seed=2, cases=cases[1:2], sized=True,
+    )  # fmt: skip
+    assert not off.passed and off.outputs[0].max_abs == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_compare_runners_against_the_original_with_blocks_from_the_copy():
+    """``probe_reference``: the model that was exported (its outputs, then its blocks'); the outputs are
+    compared with ``reference`` (the user's model), the blocks with the copy, and the copy with the user's
+    model (``adapted``)."""
+    torch.manual_seed(2)
+    original = _net()
+    copy = _net()
+    with torch.no_grad():
+        copy[3].bias.add_(0.5)  # the copy's head differs, as after a wrong adaptation
+
+    class WithBlock(nn.Module):  # the copy, returning its conv's output after the model's, like Probe
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x), self.m[0](x)
+
+    engine = TorchRunner(WithBlock(copy), ["input"], ["output", "block"])  # the graph: exactly the copy
+    report = compare_runners(
+        TorchRunner(original, ["input"]), engine, "copy", "input", (3, 8, 8), [1, 2], ["output"], 1e-5, 1e-5,
+        seed=4, probe=engine, block_paths=["0"], probe_reference=TorchRunner(WithBlock(copy), ["input"]),
+        compared={"outputs": "graph vs original"},
+    )  # fmt: skip
+    assert not report.passed  # the graph (= the copy) against the original: caught
+    assert [c.passed for c in report.blocks] == [True, True]  # the block in the graph agrees with the copy
+    assert [c.passed for c in report.adapted] == [False, False]  # the copy against the original: differs
+    assert report.to_dict()["compared"] == {"outputs": "graph vs original"}
+    assert "outputs: graph vs original" in report.table()
