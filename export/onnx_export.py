@@ -754,13 +754,13 @@ def _export_onnx(
         stage.say("write", f"verification failed; the graph is kept at {kept} for inspection, not at {output}")
         return result
     with stage("write"):
-        for key, value in (metadata or {}).items():  # e.g. the checkpoint's class names, for the service
+        props = {str(k): v for k, v in (metadata or {}).items()}  # e.g. the checkpoint's class names
+        # what the graph accepts, as the export found it (a caller's own "dynamic_hw" entry is replaced)
+        props["dynamic_hw"] = result.to_dict()["dynamic_hw"]
+        for key, value in props.items():
             if value is not None:
                 entry = shipped.metadata_props.add()
-                entry.key, entry.value = str(key), value if isinstance(value, str) else json.dumps(value)
-        if result.dynamic_hw:
-            entry = shipped.metadata_props.add()
-            entry.key, entry.value = "dynamic_hw", json.dumps(result.to_dict()["dynamic_hw"])
+                entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
         result.size_bytes = write_bytes(output, shipped.SerializeToString())
     result.path = output
     return result
