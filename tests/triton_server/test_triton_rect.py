@@ -130,3 +130,46 @@ def test_rect_yolo_repository_answers_as_numpy_decodes(kind, tmp_path, pb):
     np.testing.assert_allclose(scores, ws, atol=2e-5)
     np.testing.assert_array_equal(cls, wc)
     np.testing.assert_allclose(boxes, wb, atol=0.02)
+
+
+def test_real_tritonserver_answers_for_a_rect_yolov8_repository(tmp_path):
+    """The Python-backend repository of a YOLOv8 graph with free height and width, on the real tritonserver
+    (skipped where it is not installed): its answers are the numpy decoding's."""
+    import shutil
+
+    from serve_helpers import free_port
+
+    from attn_export.triton_server.launcher import TritonNotFound, TritonServer, find_tritonserver
+
+    tritonclient_http = pytest.importorskip("tritonclient.http")
+    try:
+        install = find_tritonserver()
+    except TritonNotFound as e:
+        pytest.skip(str(e))
+    for path in install.cleanup:
+        shutil.rmtree(path, ignore_errors=True)
+    torch.manual_seed(4)
+    model = YoloV8StandIn()
+    graph = export_free_hw(model, tmp_path / "yolov8.onnx", metadata=export_metadata(model, None, (3, 320, 320)))
+    repo = write_repository(graph, tmp_path / "repo", backend="python", max_batch=4, threads=1).path
+    images = [_png(640, 360, 5), _png(250, 600, 6)]
+    conf = max(reference(graph, data, "yolov8", 16)[0] for data in images)
+    server = TritonServer(repo, free_port(), free_port(), free_port(), log_path=tmp_path / "triton.log", exit_timeout=2)
+    try:
+        server.start().wait_ready(90)
+        client = tritonclient_http.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=60)
+        try:
+            for data in images:
+                tensor = tritonclient_http.InferInput("image", [1, 1], "BYTES")
+                tensor.set_data_from_numpy(np.array([data], dtype=object).reshape(1, 1))
+                res = client.infer("yolov8", [tensor], parameters={"conf": conf, "iou": 1.0})
+                ((boxes, scores, cls),) = contract.unpack({n: res.as_numpy(n) for n in contract.OUTPUTS})
+                _, wb, ws, wc = reference(graph, data, "yolov8", 16, conf=conf)
+                assert len(scores) == len(ws) > 0
+                np.testing.assert_allclose(scores, ws, atol=2e-5)
+                np.testing.assert_array_equal(cls, wc)
+                np.testing.assert_allclose(boxes, wb, atol=0.02)
+        finally:
+            client.close()
+    finally:
+        server.stop(timeout=10)
