@@ -3,8 +3,11 @@
 ``overload`` (closed-loop clients at several levels, a 503 making a client wait its Retry-After, with
 ``/healthz`` and ``/readyz`` probed meanwhile), ``slow`` (uploads dripping a byte at a time and connections
 sending nothing, half a header, or the headers and 4 body bytes), ``memory`` (the server's RSS cold, warm,
-at its peak during bursts of full-HD requests, and after) and ``limits`` (20 images in a request, 16-bit
-PNGs, clients that leave). :func:`abuse_report` writes their markdown tables.
+at its peak during bursts of full-HD requests, and after), ``limits`` (20 images in a request, 16-bit
+PNGs, clients that leave), ``grpc_memory`` (the same 19 MiB bodies from 40 concurrent clients over the
+v2 HTTP binary extension and as gRPC ``ModelInfer`` messages: the server's RSS at its peak and 10 s after)
+and ``hostage`` (clients declaring 20 MiB bodies and sending nothing or a byte a second, against one
+normal client). :func:`abuse_report` writes their markdown tables.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from attn_export.bench.load_client import (
     sample_images,
 )
 
-SCENARIOS = ("overload", "slow", "memory", "limits")
+SCENARIOS = ("overload", "slow", "memory", "limits", "grpc_memory", "hostage")
 
 
 def hd_images(count: int = 16, seed: int = 11, size: tuple[int, int] = (1920, 1080)) -> list[bytes]:
@@ -366,6 +369,255 @@ def scenario_memory(url: str, pid: int, concurrency: int = 12, per_request: int 
     return out
 
 
+class RssSampler:
+    """The peak RSS of process ``pid`` while the block runs (sampled every 20 ms in a thread)."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid = pid
+        self.peak = _rss_mb(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            with contextlib.suppress(OSError):
+                self.peak = max(self.peak, _rss_mb(self.pid))
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def noise_png(target_bytes: int, seed: int = 3) -> bytes:
+    """A PNG of noise (it does not compress) of about ``target_bytes``: a big body that is a real image."""
+    from PIL import Image
+
+    side = int((target_bytes / 3) ** 0.5)
+    arr = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=0)
+    return buf.getvalue()
+
+
+def v2_binary_request(url: str, model: str, image: bytes) -> bytes:
+    """One ``POST /v2/models/<model>/infer`` with the image as a binary BYTES element (the binary tensor
+    extension: a JSON header, then the 4-byte length and the bytes), HTTP/1.1."""
+    import json
+
+    parts = urllib.parse.urlsplit(url)
+    element = len(image).to_bytes(4, "little") + image
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "BYTES",
+                    "shape": [1, 1],
+                    "parameters": {"binary_data_size": len(element)},
+                }
+            ]
+        }
+    ).encode()
+    head = (
+        f"POST {parts.path.rstrip('/')}/v2/models/{model}/infer HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
+        f"Content-Length: {len(header) + len(element)}\r\n\r\n"
+    ).encode()
+    return head + header + element
+
+
+def grpc_request(model: str, image: bytes) -> bytes:
+    """A serialized ``ModelInferRequest`` with the image as its one BYTES element (``raw_input_contents``)."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="image", datatype="BYTES", shape=[1, 1])
+    request.raw_input_contents.append(len(image).to_bytes(4, "little") + image)
+    return request.SerializeToString()
+
+
+def _grpc_burst(port: int, data: bytes, clients: int, timeout: float = 120.0) -> list[str]:
+    """``clients`` concurrent ``ModelInfer`` calls of ``data`` (serialized) on one channel; their status codes."""
+    import concurrent.futures
+
+    import grpc
+
+    options = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+
+        def one(_: int) -> str:
+            try:
+                call(data, timeout=timeout)
+            except grpc.RpcError as e:
+                return e.code().name
+            return "OK"
+
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            return list(pool.map(one, range(clients)))
+
+
+async def _http_burst(url: str, payload: bytes, clients: int, timeout: float = 120.0) -> list[str]:
+    async def one() -> str:
+        conn = Connection(url)
+        try:
+            status, _ = await asyncio.wait_for(conn.request(payload), timeout)
+            return str(status)
+        except Exception as e:  # a 503 sent while the body still arrives can reset the connection
+            return type(e).__name__
+        finally:
+            await conn.close()
+
+    return list(await asyncio.gather(*(one() for _ in range(clients))))
+
+
+def scenario_grpc_memory(url: str, pid: int, grpc_port: int, clients: int = 40, body_mib: float = 19.0,
+                         settle_s: float = 10.0, warm_requests: int = 200) -> dict:  # fmt: skip
+    """The server's RSS cold, warm (``warm_requests`` small requests over HTTP and 50 over gRPC), at its peak
+    while ``clients`` concurrent clients send one ``body_mib`` MiB image each (a PNG of noise) over the v2
+    HTTP binary extension, ``settle_s`` after, and the same for the same bodies as gRPC ``ModelInfer``."""
+    import httpx
+
+    model = httpx.get(f"{url}/readyz", timeout=10).json()["model"]
+    cold = _rss_mb(pid)
+    asyncio.run(closed_loop(url, sample_images(8), 8, warm_requests, 120.0, warmup=8, params={}))
+    small = grpc_request(model, sample_images(1)[0])
+    for _ in range(5):
+        _grpc_burst(grpc_port, small, 10)
+    time.sleep(2.0)
+    warm = _rss_mb(pid)
+    image = noise_png(int(body_mib * (1 << 20)) - 256)
+    out: dict = {"clients": clients, "body_bytes": len(image), "cold_mb": cold, "warm_mb": warm}
+    bursts = (
+        ("http", lambda: asyncio.run(_http_burst(url, v2_binary_request(url, model, image), clients))),
+        ("grpc", lambda: _grpc_burst(grpc_port, grpc_request(model, image), clients)),
+    )
+    for name, burst in bursts:
+        t0 = time.perf_counter()
+        with RssSampler(pid) as rss:
+            answers = burst()
+        took = time.perf_counter() - t0
+        time.sleep(settle_s)
+        after = _rss_mb(pid)
+        out[name] = {
+            "peak_mb": rss.peak,
+            "after_mb": after,
+            "after_over_warm": after / warm if warm else 0.0,
+            "answers": {a: answers.count(a) for a in sorted(set(answers))},
+            "seconds": took,
+        }
+    out["hwm_mb"] = _rss_mb(pid, "VmHWM")
+    print(f"  grpc_memory: {out}", file=sys.stderr)
+    return out
+
+
+async def _hostage(host: str, port: int, drip: bool, length: int, t_end: float, counts: dict) -> None:
+    """A client that declares ``length`` body bytes and sends nothing, or a byte a second; it reconnects when cut."""
+    head = f"POST /detect HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\nContent-Length: {length}\r\n\r\n"
+    while time.perf_counter() < t_end:
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            await asyncio.sleep(0.1)
+            continue
+        counts["connections"] += 1
+        try:
+            writer.write(head.encode())
+            while time.perf_counter() < t_end:
+                try:
+                    chunk = await asyncio.wait_for(reader.read(4096), max(0.01, min(1.0, t_end - time.perf_counter())))
+                except asyncio.TimeoutError:
+                    if drip:
+                        writer.write(b"x")
+                        await writer.drain()
+                    continue
+                if chunk.startswith(b"HTTP/1.1 "):
+                    status = chunk[9:12].decode()
+                    counts[status] = counts.get(status, 0) + 1
+                if not chunk:
+                    counts["cut"] += 1
+                    break
+        except ConnectionError:
+            counts["cut"] += 1
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+async def _hostage_level(url: str, hostages: int, seconds: float, payloads: list[bytes], length: int) -> dict:
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname, parts.port or 80
+    t_end = time.perf_counter() + seconds
+    counts: dict = {"connections": 0, "cut": 0}
+    held: list[float] = []
+    statuses: list[int] = []
+    took: list[float] = []
+
+    async def normal() -> None:  # one well-behaved client, once the hostages are in
+        await asyncio.sleep(min(1.0, seconds / 4))
+        conn = Connection(url)
+        i = 0
+        while time.perf_counter() < t_end - 0.5:
+            t = time.perf_counter()
+            try:
+                status, _ = await asyncio.wait_for(conn.request(payloads[i % len(payloads)]), 30)
+            except Exception:
+                status = 0
+                await conn.close()
+                conn = Connection(url)
+            statuses.append(status)
+            took.append(time.perf_counter() - t)
+            i += 1
+            await asyncio.sleep(0.2)
+        await conn.close()
+
+    async def gauge() -> None:  # what the door holds meanwhile
+        while time.perf_counter() < t_end:
+            with contextlib.suppress(Exception):
+                text = await asyncio.to_thread(fetch_metrics, url, 5)
+                held.append(metric(text, "attn_export_body_bytes_in_flight"))
+            await asyncio.sleep(0.5)
+
+    clients = [_hostage(host, port, k % 2 == 1, length, t_end, counts) for k in range(hostages)]
+    await asyncio.gather(*clients, normal(), gauge())
+    ok = [t for s, t in zip(statuses, took, strict=True) if s == 200]
+    return {
+        "hostages": hostages,
+        "declared_bytes": length,
+        "seconds": seconds,
+        "normal_sent": len(statuses),
+        "normal_ok": len(ok),
+        "normal_statuses": {str(k): statuses.count(k) for k in sorted(set(statuses))},
+        "normal_p50_ms": percentile_ms(ok, 50),
+        "normal_max_ms": percentile_ms(ok, 100),
+        "hostage_connections": counts["connections"],
+        "hostage_answers": {k: v for k, v in counts.items() if k not in ("connections",)},
+        "door_bytes_max_mb": max(held, default=0.0) / (1 << 20),
+    }
+
+
+def scenario_hostage(url: str, levels: list[int], seconds: float = 15.0, length: int | None = None) -> list[dict]:
+    """At each level, that many clients declare a ``length``-byte body (default 20 MiB, the default largest) and
+    send nothing (half of them) or a byte a second (the others), reconnecting when cut, while one normal
+    client sends a small image every 0.2 s; one row per level."""
+    length = length or 20 << 20  # the default max_body_bytes
+    payloads = image_requests(url, sample_images(4))
+    rows = []
+    for n in levels:
+        row = asyncio.run(_hostage_level(url, n, seconds, payloads, length))
+        print(f"  hostage {n}: {row}", file=sys.stderr)
+        rows.append(row)
+        time.sleep(1.0)
+    return rows
+
+
 def _grey16_png(arr8: np.ndarray) -> bytes:
     """The grey version of an 8-bit image as a 16-bit PNG (values x 257: the same picture)."""
     import struct
@@ -485,6 +737,36 @@ def abuse_report(results: dict) -> str:
             f"| {m['after_over_warm']:.2f} | {m['statuses']} | {m['burst_request_p50_s']:.1f} |",
             "",
         ]
+    if "grpc_memory" in results:
+        g = results["grpc_memory"]
+        lines += [
+            f"{g['clients']} concurrent clients, one {g['body_bytes'] / (1 << 20):.1f} MiB PNG each "
+            f"(cold {g['cold_mb']:.0f} MB, warm {g['warm_mb']:.0f} MB):\n",
+            "| protocol | peak MB | 10 s after MB | after / warm | answers | burst s |",
+            "|---|---:|---:|---:|---|---:|",
+        ]
+        for name, label in (("http", "v2 HTTP (binary extension)"), ("grpc", "gRPC ModelInfer")):
+            r = g[name]
+            answers = ", ".join(f"{k} x{v}" for k, v in r["answers"].items())
+            lines.append(
+                f"| {label} | {r['peak_mb']:.0f} | {r['after_mb']:.0f} | {r['after_over_warm']:.2f} | {answers} "
+                f"| {r['seconds']:.1f} |"
+            )
+        lines.append("")
+    if "hostage" in results:
+        lines += [
+            "| hostage clients | their connections | normal client: 200s / sent | its p50 / max ms "
+            "| door bytes max MiB | hostages answered |",
+            "|---:|---:|---|---|---:|---|",
+        ]
+        for r in results["hostage"]:
+            answers = ", ".join(f"{k} x{v}" for k, v in r["hostage_answers"].items() if v)
+            lines.append(
+                f"| {r['hostages']} | {r['hostage_connections']} | {r['normal_ok']} / {r['normal_sent']} "
+                f"| {r['normal_p50_ms']:.0f} / {r['normal_max_ms']:.0f} | {r['door_bytes_max_mb']:.1f} "
+                f"| {answers or '-'} |"
+            )
+        lines.append("")
     if "limits" in results:
         lim = results["limits"]
         lines.append(f"20 images: {lim['twenty_images']}\n")

@@ -42,6 +42,8 @@ import numpy as np
 from attn_export.bench.load_abuse import (
     SCENARIOS,
     abuse_report,
+    scenario_grpc_memory,
+    scenario_hostage,
     scenario_limits,
     scenario_memory,
     scenario_overload,
@@ -153,7 +155,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=8, help="distinct images sent in turn (default 8)")
     p.add_argument("--conf", type=float, help="the conf parameter of each request (default: the server's)")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
-    g = p.add_argument_group("abuse scenarios (--scenario abuse, or some of overload,slow,memory,limits)")
+    g = p.add_argument_group(
+        "abuse scenarios (--scenario abuse, or some of overload,slow,memory,limits,grpc_memory,hostage)"
+    )
     g.add_argument(
         "--scenario", default="throughput", help="throughput (default: the table above), abuse, or a comma list"
     )
@@ -164,13 +168,28 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--slow-seconds", type=float, default=40.0, help="how long the slow scenario watches (default 40)")
     g.add_argument("--bursts", type=int, default=3, help="memory scenario: bursts of 12 x 16 full-HD JPEGs (3)")
     g.add_argument("--burst-clients", type=int, default=12, help="memory scenario: concurrent requests (12)")
+    g.add_argument("--grpc-clients", type=int, default=40, help="grpc_memory: concurrent clients (default 40)")
+    g.add_argument("--grpc-body-mib", type=float, default=19.0, help="grpc_memory: MiB per request (default 19)")
+    g.add_argument("--grpc-port", type=int, help="grpc_memory with --url: the server's gRPC port")
+    g.add_argument("--hostage-levels", default="8,64", help="hostage: client counts (default 8,64)")
+    g.add_argument("--hostage-seconds", type=float, default=15.0, help="hostage: seconds per level (default 15)")
+    g.add_argument("--settle-seconds", type=float, default=10.0, help="memory scenarios: wait before 'after' (10)")
     g.add_argument("--pid", type=int, help="with --url: the server's process id (for its memory)")
     g.add_argument("--server-arg", action="append", default=[], help="an extra option of the server started")
     return p
 
 
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "CPU model unknown"
+
+
 def _machine() -> str:
-    return f"{os.cpu_count()} CPUs, load average {', '.join(f'{v:.1f}' for v in os.getloadavg())} at start"
+    loads = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return f"{_cpu_model()}, {os.cpu_count()} CPUs, load average {loads} at start"
 
 
 def _server_url(stack: contextlib.ExitStack, args: argparse.Namespace, settings, pids: list | None = None) -> str:
@@ -190,21 +209,40 @@ def _abuse(args: argparse.Namespace, settings) -> int:
     if unknown:
         raise SystemExit(f"loadtest: unknown scenario {unknown}; choose from throughput, abuse, {', '.join(SCENARIOS)}")
     results: dict = {"machine": _machine()}
+    t_start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         pids: list[int] = []
+        grpc_port = args.grpc_port
+        if "grpc_memory" in wanted and not args.url:
+            grpc_port = _free_port()
+            args.server_arg = [*args.server_arg, "--grpc-port", str(grpc_port)]
         url = _server_url(stack, args, settings, pids)
         if "limits" in wanted:
             results["limits"] = scenario_limits(url)
         if "memory" in wanted:
             if not pids:
                 raise SystemExit("loadtest: the memory scenario needs the server's --pid with --url")
-            results["memory"] = scenario_memory(url, pids[0], concurrency=args.burst_clients, bursts=args.bursts)
+            results["memory"] = scenario_memory(
+                url, pids[0], concurrency=args.burst_clients, bursts=args.bursts, settle_s=args.settle_seconds
+            )
+        if "grpc_memory" in wanted:
+            if not pids or not grpc_port:
+                raise SystemExit(
+                    "loadtest: the grpc_memory scenario needs the server's --pid and --grpc-port with --url"
+                )
+            results["grpc_memory"] = scenario_grpc_memory(
+                url, pids[0], grpc_port, args.grpc_clients, args.grpc_body_mib, args.settle_seconds
+            )
+        if "hostage" in wanted:
+            levels = [int(c) for c in args.hostage_levels.split(",") if c.strip()]
+            results["hostage"] = scenario_hostage(url, levels, args.hostage_seconds)
         if "overload" in wanted:
             levels = [int(c) for c in args.overload_levels.split(",") if c.strip()]
             results["overload"] = scenario_overload(url, levels, args.overload_seconds)
         if "slow" in wanted:
             results["slow"] = scenario_slow(url, args.slow_clients, args.idle_clients, args.slow_seconds)
-    print(f"model {settings.model} on {settings.backend}; {results['machine']}")
+    results["seconds"] = time.perf_counter() - t_start
+    print(f"model {settings.model} on {settings.backend}; {results['machine']}; {results['seconds']:.0f} s")
     print(abuse_report(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

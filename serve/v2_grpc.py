@@ -318,9 +318,10 @@ def door_first(svc, handler, max_message: int):
 
     async def refuse(context, code: str, message: str, metadata=()) -> None:
         metrics.grpc_requests.labels("ModelInfer", code).inc()
+        idle_later()
         await context.abort(getattr(grpc.StatusCode, code), message, trailing_metadata=metadata)
 
-    async def admit_then_read(requests, context):
+    async def admit_then_read(_requests, context):  # read with context.read() (see below)
         given = dict(context.invocation_metadata() or ()).get("x-api-key")
         refused = key_refused(settings.api_key, given, "x-api-key")
         if refused is not None:  # before the door: a client without the key takes no room there
@@ -337,7 +338,10 @@ def door_first(svc, handler, max_message: int):
             await refuse(context, "UNAVAILABLE", _retry_text(e.message, retry), (("retry-after", retry),))
         answered = False
         try:
-            read = asyncio.ensure_future(requests.__anext__())
+            # context.read(), not the request iterator: an iterator left after one message keeps that message
+            # alive after the call (40 x 19 MiB stayed in RSS)
+            deadline = loop.time() + settings.body_timeout_s
+            read = asyncio.ensure_future(context.read())
             reclaimed = asyncio.ensure_future(lost.wait())
             done, _ = await asyncio.wait(
                 {read, reclaimed}, timeout=settings.body_timeout_s, return_when=asyncio.FIRST_COMPLETED
@@ -354,10 +358,16 @@ def door_first(svc, handler, max_message: int):
                     await refuse(context, "UNAVAILABLE", message, (("retry-after", retry),))
                 message = f"the request message did not arrive within {settings.body_timeout_s:g} s"
                 await refuse(context, "DEADLINE_EXCEEDED", message)
-            try:
-                raw = read.result()
-            except StopAsyncIteration:
+            raw = read.result()
+            read = done = None  # the task held the message too
+            if raw is grpc.aio.EOF:
                 await refuse(context, "INVALID_ARGUMENT", "the call carried no ModelInferRequest message")
+            try:  # the end of the stream (a unary client half-closes with its message)
+                end = await asyncio.wait_for(context.read(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                end = None
+            if end is not grpc.aio.EOF:
+                await refuse(context, "INVALID_ARGUMENT", "ModelInfer takes one request message, then the stream's end")
             try:
                 ticket.settle(len(raw))
             except Busy as e:
@@ -369,12 +379,30 @@ def door_first(svc, handler, max_message: int):
                     raw = parse(raw)
                 except Exception as e:  # whatever the parser says, it is about the client's message
                     await refuse(context, "INVALID_ARGUMENT", f"the request is not a ModelInferRequest: {e}")
+            message = [raw]
+            del raw  # the behaviour holds the message alone: it can drop the bytes once parsed
             with door.pre_admitted(ticket):
-                response = await behaviour(raw, context)
+                response = await behaviour(message.pop(), context)
             answered = True
             return response
         finally:
             door.leave(ticket, answered, svc.on_idle)
+            idle_later()
+
+    trailing: list = [None]
+
+    def idle_later() -> None:
+        """Once no ModelInfer has ended for a second and a half and the door is empty, hand memory back again:
+        grpc frees a call's buffers after its handler returns (after the door's own on_idle ran)."""
+        if trailing[0] is not None:
+            trailing[0].cancel()
+
+        def fire() -> None:
+            trailing[0] = None
+            if door.requests == 0 and door.reading == 0:
+                svc.on_idle()
+
+        trailing[0] = asyncio.get_running_loop().call_later(1.5, fire)
 
     return grpc.stream_unary_rpc_method_handler(
         admit_then_read, request_deserializer=None, response_serializer=handler.response_serializer
