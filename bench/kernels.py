@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -294,6 +295,71 @@ def _conv_cases(dtype: str) -> list[Case]:
             )
         )
     return out
+
+
+# ------------------------------------------------------------------------------------------ calibration
+def _calibration_kernels():
+    """Two kernels whose figures are known: a coalesced copy (every warp access reads whole sectors: an
+    estimate near 1) and a column-order copy of a row-major matrix (each program walks a column with a 1-D
+    tile, so every lane of a load touches its own sector: about 1/8 of x's sectors used in fp32)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def copy_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < N), mask=offs < N)
+
+    @triton.jit
+    def column_copy_kernel(x_ptr, out_ptr, M, N, BLOCK: tl.constexpr):
+        col = tl.program_id(0)
+        rows = tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + rows * N + col, mask=rows < M)
+        tl.store(out_ptr + col * M + rows, v, mask=rows < M)
+
+    return copy_kernel, column_copy_kernel
+
+
+copy_kernel, column_copy_kernel = _calibration_kernels()
+
+
+def calibration_cases(dtype: str = "fp32") -> list[Case]:
+    """The two calibration kernels (:func:`_calibration_kernels`) on a 1024 x 256 matrix."""
+    m, n = 1024, 256
+    t = (("x", (m, n), "in"), ("out", (m, n), "out"))
+    args = (("tensor", 0), ("tensor", 1))
+    return [
+        Case(
+            "copy",
+            "calibration",
+            "calibration",
+            "1024x256",
+            dtype,
+            "attn_export.bench.kernels:copy_kernel",
+            _sig(("x_ptr", "out_ptr"), dtype, ("N",)),
+            (("BLOCK", 1024),),
+            "attn_export.bench.kernels:copy_kernel",
+            (*args, ("int", m * n)),
+            (("BLOCK", 1024),),
+            t,
+            m * n // 1024,
+        ),
+        Case(
+            "column_copy",
+            "calibration",
+            "calibration",
+            "1024x256",
+            dtype,
+            "attn_export.bench.kernels:column_copy_kernel",
+            _sig(("x_ptr", "out_ptr"), dtype, ("M", "N")),
+            (("BLOCK", 1024),),
+            "attn_export.bench.kernels:column_copy_kernel",
+            (*args, ("int", m), ("int", n)),
+            (("BLOCK", 1024),),
+            t,
+            n,
+        ),
+    ]
 
 
 def cases(dtypes: Sequence[str] = DTYPES, ops: Sequence[str] | None = None) -> list[Case]:
@@ -600,6 +666,24 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
     }
 
 
+def _jit_attrs(case: Case, fn) -> dict:
+    """What a JIT launch specialises (an op kernel's launcher, not the TensorRT AOT entries, which
+    :func:`attn_export.plugins._trt_kit.compile_aot` compiles without): pointers 16-byte aligned (torch
+    allocations are) and int arguments divisible by 16 when the realistic shape's value is."""
+    if case.role == "aot":
+        return {}
+    names = list(fn.arg_names)
+    values = dict(zip((n for n, _ in case.signature), (None,) * len(case.signature), strict=True))
+    ints = [v for kind, v in case.trace_args if kind == "int"]
+    int_names = [n for n, t in case.signature if t == "i32"]
+    values.update(dict(zip(int_names, ints, strict=False)))
+    attrs = {}
+    for name, typ in case.signature:
+        if typ.startswith("*") or (typ == "i32" and values.get(name) and values[name] % 16 == 0):
+            attrs[(names.index(name),)] = [["tt.divisibility", 16]]
+    return attrs
+
+
 def compile_one(case: Case, arch: str) -> dict:
     """Compile ``case`` for ``arch`` (no GPU): ptxas figures, shared memory, TTGIR memory ops, PTX loads."""
     import triton
@@ -610,7 +694,7 @@ def compile_one(case: Case, arch: str) -> dict:
     sig = dict(case.signature)
     sig.update(dict.fromkeys(ce, "constexpr"))
     t0 = time.perf_counter()
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=ce)
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=ce, attrs=_jit_attrs(case, fn))
     options = {"num_warps": case.num_warps, "num_stages": case.num_stages}
     compiled = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch], 32), options=options)
     compile_s = time.perf_counter() - t0
@@ -638,7 +722,7 @@ def trace_one(case: Case, programs: int = SAMPLE_PROGRAMS) -> list[dict]:
     n = case.grid1
     pids = sorted({round(i * (n - 1) / max(programs - 1, 1)) for i in range(min(programs, n))})
     fn = _resolve(case.trace_fn)
-    kernel_files = {str(_ROOT / "plugins")}
+    kernel_files = {str(_ROOT / "plugins"), inspect.getsourcefile(getattr(fn, "fn", fn)) or str(_ROOT / "plugins")}
     per_program: list[list[dict]] = [[] for _ in pids]
     state = {"i": 0}
 
@@ -911,16 +995,18 @@ def report(
     jobs: int | None = None,
     use_cache: bool = True,
     timeout_s: float = 1800.0,
+    only: Sequence[Case] | None = None,
 ) -> list[KernelRow]:
-    """The kernel report's rows: every case of :func:`cases` compiled for each of ``archs``. Compiled
-    results and traces are cached separately (:func:`cache_dir`); a failure is a row with ``error``."""
+    """The kernel report's rows: every case of :func:`cases` (or ``only`` these) compiled for each of
+    ``archs``. Compiled results and traces are cached separately (:func:`cache_dir`); a failure is a row
+    with ``error``."""
     import threading
 
     import triton
 
     version = triton.__version__
     sources = _source_hash()
-    all_cases = cases(dtypes, ops)
+    all_cases = list(only) if only is not None else cases(dtypes, ops)
     cdir = cache_dir()
 
     def cpath(case, arch):
