@@ -95,17 +95,17 @@ def request_params(given: Mapping[str, Any] | None, defaults: Params) -> Params:
     if "conf" in given:
         conf = _number("conf", given["conf"])
         if not 0 <= conf <= 1:
-            raise ContractError(f"parameter 'conf' must be in [0, 1], got {given['conf']!r}")
+            raise ContractError(f"parameter 'conf' must be in [0, 1], got {shown(given['conf'])}")
     if "iou" in given:
         iou = _number("iou", given["iou"])
         if not 0 <= iou <= 1:
-            raise ContractError(f"parameter 'iou' must be in [0, 1], got {given['iou']!r}")
+            raise ContractError(f"parameter 'iou' must be in [0, 1], got {shown(given['iou'])}")
     if "max_det" in given:
         value = _number("max_det", given["max_det"])
         if value != int(value) or not 1 <= value <= defaults.max_det:
             raise ContractError(
                 f"parameter 'max_det' must be a whole number from 1 to {defaults.max_det} (the model's output "
-                f"size), got {given['max_det']!r}"
+                f"size), got {shown(given['max_det'])}"
             )
         max_det = int(value)
     return Params(conf, iou, max_det)
