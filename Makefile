@@ -43,9 +43,13 @@ clean:
 
 # Export the shipped shapes detector (verified), write three sample images to out/samples/images/
 # for curl, and serve the graph on http://127.0.0.1:8000 (Ctrl-C stops it).
+# --dynamic-hw: free height and width, so the service letterboxes each image to the smallest rectangle of
+# whole strides (rect inference). On the 500 evaluation images its mAP is within 0.005 of the square's
+# (0.9020 vs 0.9013 mAP@0.5, 0.7317 vs 0.7310 mAP@0.5:0.95: attn-export evaluate out/shapes_detector.onnx
+# --backend onnxruntime --rect-vs-square), and 16:9 photos run about 1.8x faster (docs/serving.md).
 serve: $(STAMP)
 	mkdir -p out
-	$(VENV)/bin/attn-export models/shapes_detector.pt -o out/shapes_detector.onnx --batch 1:4:16
+	$(VENV)/bin/attn-export models/shapes_detector.pt -o out/shapes_detector.onnx --batch 1:4:16 --dynamic-hw 64:320:320
 	$(VENV)/bin/attn-export data --out out/samples --count 3 --seed 7
 	$(VENV)/bin/attn-export serve out/shapes_detector.onnx
 
