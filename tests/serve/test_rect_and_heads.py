@@ -296,3 +296,31 @@ def _reloaded(path):
     from attn_export.export import load_model
 
     return load_model(path).model.eval()
+
+
+def test_evaluate_detects_rect_in_shape_groups_and_keeps_the_image_order():
+    """``attn-export evaluate --rect``: images batched by their letterboxed shape, answers in the images' order,
+    boxes where the square letterbox puts them."""
+    from attn_export.shapes.evaluate import detect
+
+    model = ColourBoxes().eval()
+    shapes_seen = []
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        shapes_seen.append(x.shape)
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).numpy()
+
+    scenes = [(640, 360, [(0, (100, 60, 300, 200))]), (300, 500, [(1, (20, 300, 200, 480))]),
+              (700, 390, [(2, (400, 200, 690, 380))]), (500, 500, [(0, (10, 10, 90, 90))])]  # fmt: skip
+    images = [_colour_scene(w, h, rects) for w, h, rects in scenes]
+    rect = detect(predict, images, SIZE, batch=8, conf=0.5, stride=32)
+    assert sorted(s[2:] for s in shapes_seen) == [(192, 320), (320, 192), (320, 320)]
+    square = detect(predict, images, SIZE, batch=8, conf=0.5)
+    assert shapes_seen[-1] == (4, 3, SIZE, SIZE)
+    for (w, h, rects), r, q in zip(scenes, rect, square, strict=True):
+        ((cls, want),) = rects
+        assert list(r[2]) == list(q[2]) == [cls]
+        tol = max(w, h) / SIZE + 0.5
+        np.testing.assert_allclose(r[0][0], want, atol=tol)
+        np.testing.assert_allclose(q[0][0], want, atol=tol)
