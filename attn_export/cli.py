@@ -239,9 +239,13 @@ def build_trt_engine(args: argparse.Namespace, loaded, shape, batch, result) -> 
     (exit 3); the verified graph is already written.
     """
     from attn_export.export import ExportError, trt_build
+    from attn_export.export.profile import rounded_hw
 
     engine = result.path.with_suffix(".engine")
-    hw = result.dynamic_hw  # one profile over batch, height and width where the graph has them free
+    # one profile over batch, height and width where the graph has them free (in the multiples of the
+    # model's stride where it needs them: the range the export verified)
+    multiple = getattr(result, "hw_multiple", 1)
+    hw = rounded_hw(result.dynamic_hw, multiple) if result.dynamic_hw else None
     run_shape = (shape[0], hw[1], hw[1]) if hw else shape
     missing = trt_build.check_trt_environment()
     if missing:
@@ -295,6 +299,7 @@ def build_trt_engine(args: argparse.Namespace, loaded, shape, batch, result) -> 
             progress=_progress,
             classes=classes,
             dynamic_hw=hw,
+            hw_multiple=multiple,
             **kwargs,
         )
         from attn_export.runtime.trt_runner import TensorRTRunner
@@ -315,6 +320,7 @@ def build_trt_engine(args: argparse.Namespace, loaded, shape, batch, result) -> 
             rtol,
             args.seed,
             dynamic_hw=hw,
+            hw_multiple=multiple,
         )
     except ExportError as e:
         print(f"attn-export: error: {e}", file=sys.stderr)

@@ -145,6 +145,7 @@ def engine_metadata(
     precision_detail: Mapping | None = None,
     trtexec: str | None = None,
     dynamic_hw: Sequence[int] | str | None = None,
+    hw_multiple: int = 1,
 ) -> dict:
     """The metadata JSON written beside an engine (pure: every value is an argument).
 
@@ -152,7 +153,8 @@ def engine_metadata(
     min, opt, max) ``"height"`` and ``"width"`` for the input's spatial axes. ``profile`` is the one
     optimisation profile the engine was built with: per dynamic axis ``{"min", "opt", "max"}``
     (``batch``, ``height``, ``width``) and the input's min/opt/max shapes; ``dynamic_hw`` the side
-    lengths or None. ``precision`` is what the engine
+    lengths and ``multiple_of`` (``hw_multiple``: the sides a model needs in multiples of its stride), or
+    None. ``precision`` is what the engine
     computes in (``fp32``, ``tf32``, ``fp16``, ``bf16``); ``precision_detail`` how (the TensorRT mechanism
     and the fp32 layers kept by the precision step). ``plugins.mode`` is ``"aot"`` (the
     plugin kernels are compiled into the engine: it runs without Python, e.g. under trtexec), ``"jit"``
@@ -185,7 +187,7 @@ def engine_metadata(
             for (name, dims), dtype in zip(outputs, out_dtypes, strict=True)
         ],
         "batch": {"min": batch[0], "opt": batch[1], "max": batch[2]},
-        "dynamic_hw": dict(zip(("min", "opt", "max"), hw, strict=True)) if hw else None,
+        "dynamic_hw": {**dict(zip(("min", "opt", "max"), hw, strict=True)), "multiple_of": hw_multiple} if hw else None,
         "profile": {
             **profile_ranges(shapes, in_axes),
             "shapes": {input_name: {k: list(s) for k, s in zip(("min", "opt", "max"), shapes, strict=True)}},
@@ -434,13 +436,15 @@ def build_engine(
     bf16: bool = False,
     precision_samples: Sequence | None = None,
     dynamic_hw: Sequence[int] | str | None = None,
+    hw_multiple: int = 1,
 ) -> EngineBuildResult:
     """Build a TensorRT engine for ``onnx_path`` with a dynamic batch; return what was written.
 
     ``input_shape`` is the input's shape without the batch; ``batch`` the optimisation profile's
     (MIN, OPT, MAX) batch sizes. ``dynamic_hw`` (side lengths ``(min, opt, max)``, for a graph exported
     with symbolic ``height`` and ``width``): the same one profile ranges over them as well
-    (:func:`profile_shapes`); the graph's input must have them dynamic.
+    (:func:`profile_shapes`); the graph's input must have them dynamic. ``hw_multiple`` (the export's:
+    sides in multiples of the model's stride) is recorded in the metadata.
     ``fp16`` (``bf16``) builds in half precision with the fp32 regions the precision step
     (:mod:`attn_export.export.precision_graph`) chooses: on TensorRT 10 the fp32 graph
     with ``BuilderFlag.FP16`` (``BF16``), ``OBEY_PRECISION_CONSTRAINTS`` and those layers pinned to
@@ -662,6 +666,7 @@ def build_engine(
         precision_detail=detail,
         trtexec=trtexec,
         dynamic_hw=hw,
+        hw_multiple=hw_multiple,
     )
     meta_path = write_engine_metadata(engine_path, meta)
     say(
@@ -685,12 +690,13 @@ def verify_engine(
     rtol: float,
     seed: int | None = None,
     dynamic_hw: Sequence[int] | str | None = None,
+    hw_multiple: int = 1,
 ):
     """The engine's parity report: PyTorch and a built engine (any
     :class:`~attn_export.runtime.runners.Runner`) compared by :func:`attn_export.export.compare.compare_runners`.
 
     With ``dynamic_hw`` every batch runs at every size of :func:`attn_export.export.profile.verify_sizes`
-    (min, opt, max, an odd and a non-square one), one report row each."""
+    (min, opt, max, an odd and a non-square one; in multiples of ``hw_multiple``), one report row each."""
     from attn_export.export.compare import compare_runners
     from attn_export.runtime.runners import TorchRunner
 
@@ -699,7 +705,7 @@ def verify_engine(
     cases = None
     if dynamic_hw is not None:
         channels = check_input_shape(input_shape)[0]
-        sizes = verify_sizes(parse_hw(dynamic_hw))
+        sizes = verify_sizes(parse_hw(dynamic_hw), hw_multiple)
         cases = [(int(b), {input_name: (channels, h, w)}) for h, w in sizes for b in batches]
     return compare_runners(
         reference,

@@ -236,7 +236,8 @@ def test_engine_metadata_without_plugins_or_classes():
 def test_engine_metadata_records_the_profile_ranges():
     meta = _metadata(dynamic_hw=(128, 320, 640), outputs=[("output", (-1, 10, -1, -1))])
     assert meta["inputs"] == [{"name": "input", "shape": ["batch", 3, "height", "width"], "dtype": "float32"}]
-    assert meta["dynamic_hw"] == {"min": 128, "opt": 320, "max": 640}
+    assert meta["dynamic_hw"] == {"min": 128, "opt": 320, "max": 640, "multiple_of": 1}
+    assert _metadata(dynamic_hw=(128, 320, 640), hw_multiple=32)["dynamic_hw"]["multiple_of"] == 32
     profile = meta["profile"]
     assert profile["batch"] == {"min": 1, "opt": 4, "max": 16}
     assert profile["height"] == profile["width"] == {"min": 128, "opt": 320, "max": 640}
@@ -631,7 +632,7 @@ def test_build_one_profile_over_batch_height_and_width(stand_in, hw_graph, tmp_p
     )
     meta = read_engine_metadata(engine)
     assert meta == result.metadata
-    assert meta["dynamic_hw"] == {"min": 17, "opt": 32, "max": 65}
+    assert meta["dynamic_hw"] == {"min": 17, "opt": 32, "max": 65, "multiple_of": 1}
     assert meta["inputs"][0]["shape"] == ["batch", 3, "height", "width"]
     assert meta["profile"]["height"] == meta["profile"]["width"] == {"min": 17, "opt": 32, "max": 65}
     assert result.to_dict()["dynamic_hw"] == meta["dynamic_hw"]
@@ -641,3 +642,28 @@ def test_dynamic_hw_needs_a_graph_with_free_height_and_width(stand_in, mixed_gra
     with pytest.raises(ExportError, match="fixed height and width"):
         tb.build_engine(mixed_graph, tmp_path / "n.engine", "input", INPUT_SHAPE, (1, 2, 4), dynamic_hw=(16, 32, 64))
     assert not trt_api.BUILDS and not (tmp_path / "n.engine").exists()
+
+
+def test_engine_verification_runs_every_size():
+    """verify_engine with dynamic_hw: one row per (batch, height, width) of the verify sizes, in the
+    model's multiples where it has one (an onnxruntime runner on the plugin-free graph stands in for the
+    engine: the comparison is the same code)."""
+    from attn_export.blocks.involution import Involution2d
+    from attn_export.export.torch_export import torch_onnx_export
+    from attn_export.plugins import onnx_translation_table
+    from attn_export.runtime.runners import OnnxRuntimeRunner
+
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Involution2d(8, 3, 2, 2, 4)))
+    proto = torch_onnx_export(model, (torch.randn(2, *INPUT_SHAPE),), onnx_translation_table("ort"), 18, True)
+    runner = OnnxRuntimeRunner(proto.SerializeToString(), threads=1)
+    out = runner.output_names
+    report = tb.verify_engine(model, runner, "input", INPUT_SHAPE, [1, 3], out, 1e-4, 1e-3, 0, dynamic_hw=(17, 32, 47))
+    assert report.passed
+    sizes = {(h, w) for _, h, w in report.sizes}
+    assert {(17, 17), (32, 32), (47, 47)} <= sizes and any(h != w for h, w in sizes)
+    assert any(h % 2 for h, _ in sizes)  # an odd size
+    assert {b for b, _, _ in report.sizes} == {1, 3}
+    report = tb.verify_engine(
+        model, runner, "input", INPUT_SHAPE, [2], out, 1e-4, 1e-3, 0, dynamic_hw=(17, 32, 47), hw_multiple=8
+    )
+    assert report.passed and all(h % 8 == 0 and w % 8 == 0 for _, h, w in report.sizes)
