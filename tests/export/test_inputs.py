@@ -266,3 +266,12 @@ def test_wrong_adapter_is_caught_only_against_the_original(tmp_path, monkeypatch
     assert not any(c.passed for c in result.report.outputs)
     assert all(c.passed for c in result.report.blocks)
     assert result.report.first_divergent_block is None  # the probes alone could not have caught it
+
+
+def test_input_and_input_shape_together_refused(tmp_path, capsys):
+    path = tmp_path / "two.pt"
+    torch.save(ImageAndMask().eval(), path)
+    rc = main([str(path), "--trust-checkpoint", "--input", "image:3,8,8", "--input-shape", "3,8,8"])
+    _, err = capsys.readouterr()
+    assert rc == 2 and "attn-export: error: --input and --input-shape: give the shapes one way" in err
+    assert not list(tmp_path.glob("*.onnx"))
