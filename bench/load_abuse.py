@@ -756,7 +756,7 @@ def abuse_report(results: dict) -> str:
     if "hostage" in results:
         lines += [
             "| hostage clients | their connections | normal client: 200s / sent | its p50 / max ms "
-            "| door bytes max MiB | hostages answered |",
+            "| door reserved max MiB | hostages answered |",
             "|---:|---:|---|---|---:|---|",
         ]
         for r in results["hostage"]:
