@@ -91,11 +91,12 @@ class BatchResult:
 
 
 # --- the pieces (module-level so that tests can replace them) ------------------------------------------------
-def make_runner(path: Path, threads: int):
-    """The onnxruntime runner the service would use, on the CPU with ``threads`` intra-op threads."""
+def make_runner(path: Path, threads: int, session_config: dict[str, str] | None = None):
+    """The onnxruntime runner the service would use, on the CPU with ``threads`` intra-op threads
+    (``session_config``: extra session config entries, e.g. ``session.intra_op.allow_spinning=0``)."""
     from attn_export.runtime.runners import OnnxRuntimeRunner
 
-    return OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"], threads=threads)
+    return OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"], threads=threads, session_config=session_config)
 
 
 def _leaves(out) -> list[np.ndarray]:
@@ -211,6 +212,7 @@ def run(
     profile_runs: int = 2,
     seed: int = 0,
     name: str = "",
+    session_config: dict[str, str] | None = None,
 ) -> dict:
     """Export ``model``, gate each batch on parity, time the ones that pass, profile; return the results."""
     import torch
@@ -229,6 +231,7 @@ def run(
         "threads": threads,
         "target_ratio": TARGET_RATIO,
         "tolerance": {"atol": ATOL, "rtol": RTOL},
+        "session_config": dict(session_config or {}),
     }
     results = {b: BatchResult(b) for b in batches}
     with tempfile.TemporaryDirectory(prefix="attn-export-bench-model-") as tmp_name:
@@ -255,9 +258,13 @@ def run(
             "verification_passed": res.report.passed if res.report else None,
         }
         if not res.ok:
-            out["error"] = "the export's verification failed: " + "; ".join(res.report.problems or ["outputs differ"])
+            bad = [c for c in res.report.outputs if not c.passed]
+            failed = [f"{c.name} at batch {c.batch}: max abs {c.max_abs:.2e}" for c in bad if c.max_abs is not None]
+            block = res.report.first_divergent_block
+            where = [f"first divergent block {block}"] if block else []
+            out["error"] = "the export's verification failed: " + "; ".join(res.report.problems + failed + where)
             return out
-        runner = make_runner(res.path, threads)
+        runner = make_runner(res.path, threads, session_config) if session_config else make_runner(res.path, threads)
         pairs = {}
         feeds_by_batch = {}
         rng = np.random.default_rng(seed)
@@ -304,7 +311,8 @@ def _f(v: float | None, fmt: str) -> str:
 def render(out: dict, env: dict) -> str:
     lines = [
         f"attn-export bench {out['model']}: input {'x'.join(map(str, out['input_shape']))}, "
-        f"{out['threads']} thread(s) for both, {out.get('rounds', 0)} interleaved rounds, medians in ms per call",
+        f"{out['threads']} thread(s) for both, {out.get('rounds', 0)} interleaved rounds, medians in ms per call"
+        + "".join(f", ORT {k}={v}" for k, v in out.get("session_config", {}).items()),
         env["versions"],
         f"{env['machine']}; 1-min load average {env['load_average_1min']['start']} at start, "
         f"{env['load_average_1min']['end']} at end",
@@ -378,6 +386,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=300.0, help="seconds of timing rounds at most (default 300)")
     p.add_argument("--min-sample", type=float, default=0.05, help="seconds one sample spans at least (default 0.05)")
     p.add_argument("--top", type=int, default=8, help="heaviest op types to show per batch (0: no profiling)")
+    p.add_argument(
+        "--session-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an onnxruntime session config entry for the timed session (repeatable), "
+        "e.g. session.intra_op.allow_spinning=0",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
     p.add_argument("--json", action="store_true", help="write the results as JSON to stdout")
     return p
@@ -398,6 +414,11 @@ def main(argv: list[str]) -> int:
     except ExportError as e:
         print(f"attn-export bench: error: {e}", file=sys.stderr)
         return 2
+    bad = [c for c in args.session_config if "=" not in c]
+    if bad:
+        print(f"attn-export bench: error: --session-config expects KEY=VALUE, got {bad[0]!r}", file=sys.stderr)
+        return 2
+    config = dict(c.split("=", 1) for c in args.session_config)
     shape = args.input_shape or loaded.input_shape
     if not shape:
         print(
@@ -419,6 +440,7 @@ def main(argv: list[str]) -> int:
             top=args.top,
             seed=args.seed,
             name=args.model.name,
+            session_config=config,
         )
     env = {
         "versions": _versions(),

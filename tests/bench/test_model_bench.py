@@ -137,6 +137,8 @@ def test_bad_input_is_one_line(tmp_path, saved, capsys):
     assert "--trust-checkpoint" in capsys.readouterr().err
     assert cli_main(["bench", str(saved), "--trust-checkpoint"]) == 2  # a pickle carries no input shape
     assert "--input-shape" in capsys.readouterr().err
+    assert cli_main(["bench", str(saved), *ARGS, "--session-config", "no-equals-sign"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
     assert cli_main(["bench", str(tmp_path / "missing.pt")]) == 2
     assert "no such file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
