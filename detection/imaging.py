@@ -199,7 +199,9 @@ def decode(
     return decode_image(_open(data, max_pixels, max_side), size, keep_full, stride)
 
 
-def decode_image(img: Image.Image, size: int = 320, keep_full: bool = False, stride: int | None = None) -> Decoded:
+def decode_image(
+    img: Image.Image, size: int = 320, keep_full: bool = False, stride: int | None = None, min_side: int = 0
+) -> Decoded:
     """Decode an image opened by :func:`open_image` and letterbox it (``stride``: to the smallest rectangle
     of whole strides, for a graph with free height and width; else to the square)."""
     fmt = img.format or "?"
@@ -225,7 +227,7 @@ def decode_image(img: Image.Image, size: int = 320, keep_full: bool = False, str
     if full is None:
         img.close()  # the decoded pixels go now, not when the garbage collector gets to them
     del small
-    pixels, scale, pad = letterbox_u8(arr, size, stride)
+    pixels, scale, pad = letterbox_u8(arr, size, stride, min_side)
     return Decoded(pixels, width, height, fmt, scale, pad, arr.shape[:2], full)
 
 

@@ -109,6 +109,7 @@ class ServedModel:
     head: str = "contract"  # how the output reads (attn_export.detection.heads)
     stride: int = DEFAULT_STRIDE  # the network's largest stride
     rect: bool = False  # letterbox each image to its own rectangle of whole strides (free height and width)
+    min_side: int = 0  # the rect letterbox's shortest side: the export's dynamic_hw minimum
 
     @property
     def name(self) -> str:
@@ -424,6 +425,11 @@ def load(settings: ModelOptions, progress: Callable[[str, str], None] | None = N
         stride = int(meta.get("stride") or DEFAULT_STRIDE)
     except (TypeError, ValueError):
         stride = DEFAULT_STRIDE
+    hw = meta.get("dynamic_hw")
+    try:
+        min_side = int((json.loads(hw) if isinstance(hw, str) else hw or {}).get("min") or 0)
+    except (TypeError, ValueError, AttributeError):
+        min_side = 0
     served = ServedModel(
         runner=runner,
         backend=backend,
@@ -436,6 +442,7 @@ def load(settings: ModelOptions, progress: Callable[[str, str], None] | None = N
         notes=notes,
         stride=max(1, stride),
         rect=bool(free_hw if rect is None else rect),
+        min_side=max(0, min_side),
     )
     if served.rect and served.input_size % served.stride:
         raise ModelError(

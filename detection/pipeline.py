@@ -43,6 +43,7 @@ class Limits:
     max_pixels: int = 40_000_000
     max_side: int = 20_000
     stride: int | None = None  # set: the rectangular letterbox (a graph with free height and width)
+    min_side: int = 0  # the rect letterbox's shortest side (the graph's smallest verified size)
 
 
 def who(i: int, name: str | None, count: int) -> str | None:
@@ -96,7 +97,9 @@ def decode_all(
         for i, img in enumerate(opened):
             t = time.perf_counter()
             try:
-                decoded.append(decode_image(img, limits.size, keep_full=keep_full, stride=limits.stride))
+                decoded.append(
+                    decode_image(img, limits.size, keep_full=keep_full, stride=limits.stride, min_side=limits.min_side)
+                )
             except InputError as e:
                 raise _naming(e, i, names[i], count) from e
             opened[i] = None  # its pixels go with it

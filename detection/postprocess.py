@@ -29,16 +29,17 @@ def _taps(n_out: int, n_in: int, scale: float) -> tuple[np.ndarray, np.ndarray, 
     return i0, i1, (src - i0).astype(np.float32)
 
 
-def rect_shape(h: int, w: int, size: int, stride: int) -> tuple[int, int]:
+def rect_shape(h: int, w: int, size: int, stride: int, min_side: int = 0) -> tuple[int, int]:
     """The rectangular letterbox of an ``h x w`` image (Ultralytics' "rect" inference): the long side at
-    ``size``, each side the smallest multiple of ``stride`` that holds the resized image."""
+    ``size``, each side the smallest multiple of ``stride`` that holds the resized image, and ``min_side``
+    (the graph's smallest verified side) at least."""
     scale = min(size / h, size / w)
-    nh, nw = min(size, round(h * scale)), min(size, round(w * scale))
+    nh, nw = max(min_side, min(size, round(h * scale))), max(min_side, min(size, round(w * scale)))
     return -(-nh // stride) * stride, -(-nw // stride) * stride
 
 
 def letterbox_u8(
-    img: np.ndarray, size: int = 320, stride: int | None = None
+    img: np.ndarray, size: int = 320, stride: int | None = None, min_side: int = 0
 ) -> tuple[np.ndarray, float, tuple[int, int]]:
     """Resize ``img`` (H, W, 3) uint8 to fit ``size x size`` (bilinear) and pad with 114, centred.
 
@@ -53,7 +54,7 @@ def letterbox_u8(
     h, w = img.shape[:2]
     scale = min(size / h, size / w)
     nh, nw = min(size, round(h * scale)), min(size, round(w * scale))
-    out_h, out_w = rect_shape(h, w, size, stride) if stride else (size, size)
+    out_h, out_w = rect_shape(h, w, size, stride, min_side) if stride else (size, size)
     pad_x, pad_y = (out_w - nw) // 2, (out_h - nh) // 2
     out = np.full((3, out_h, out_w), PAD_VALUE, np.uint8)
     if (nh, nw) == (h, w):

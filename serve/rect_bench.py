@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     wide, wide_gt = scenes(args.seed, [hw for hw in WIDE for _ in range(args.count)])
     mixed, _ = scenes(args.seed + 1, [None] * args.mixed)
     run = {"max_batch": args.max_batch, "threads": args.cpu_threads, "repeat": args.repeat}
-    rect = Limits(size, stride=stride)
+    rect = Limits(size, stride=stride, min_side=model.min_side)
     cases = measure(model, wide, {"square": (Limits(size), "group"), "rect": (rect, "group")}, **run)
     for name in ("square", "rect"):
         m = coco_map(wide_gt, cases[name]["dets"])

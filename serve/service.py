@@ -170,7 +170,7 @@ class Service:
         )
         self.model = model = await anyio.to_thread.run_sync(self.loader, s)
         stride = model.stride if model.rect else None  # the rectangular letterbox where the graph allows it
-        limits = Limits(model.input_size, s.max_pixels, s.max_side, stride)
+        limits = Limits(model.input_size, s.max_pixels, s.max_side, stride, model.min_side if model.rect else 0)
         self.pipeline = Pipeline(limits, self.run_cpu_timed, self._infer)
         max_batch = s.max_batch or default_max_batch(model)
         max_batch = min(max_batch, model.max_batch or max_batch)

@@ -106,6 +106,7 @@ class _Decoding(_Base):
             int(params.get("max_pixels", 40_000_000)),
             int(params.get("max_side", 20_000)),
             stride,
+            int(params.get("min_side") or 0),
         )
 
     def _decode(self, request) -> list:

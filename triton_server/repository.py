@@ -96,6 +96,7 @@ class Network:
     head: str = "contract"  # how the output reads (attn_export.detection.heads)
     stride: int = DEFAULT_STRIDE
     size: int | None = None  # the letterbox size of a graph with free height and width
+    min_side: int = 0  # its smallest verified side (the export's dynamic_hw minimum)
 
     @property
     def rect(self) -> bool:
@@ -210,7 +211,16 @@ def onnx_network(path: Path, class_names: Sequence[str] | None = None, forced_he
         head=head,
         stride=_positive(props.get("stride")) or DEFAULT_STRIDE,
         size=_positive(props.get("input_size")),
+        min_side=_hw_min(props.get("dynamic_hw")),
     )
+
+
+def _hw_min(value) -> int:
+    try:
+        value = json.loads(value) if isinstance(value, str) else value
+        return _positive(value.get("min")) or 0
+    except (TypeError, ValueError, AttributeError):
+        return 0
 
 
 def _positive(value) -> int | None:
@@ -249,6 +259,7 @@ def engine_network(path: Path, class_names: Sequence[str] | None = None, forced_
         max_batch=int(meta["batch"]["max"]),
         plugin_mode=(meta.get("plugins") or {}).get("mode"),
         head=_head([None, *dims(out["shape"])], meta, forced_head, path),
+        min_side=_hw_min(meta.get("dynamic_hw")),
         stride=_positive(meta.get("stride")) or DEFAULT_STRIDE,
         size=_positive(meta.get("input_size")),
     )
@@ -339,7 +350,8 @@ def _io(name: str, datatype: str, dims: Sequence[int]) -> dict:
 
 def _reading(net: Network) -> dict:
     """How the Python steps read the network: its head, and the rect letterbox's stride where H and W are free."""
-    return {"head": net.head, **({"stride": net.stride} if net.rect else {})}
+    rect = {"stride": net.stride, "min_side": net.min_side} if net.rect else {}
+    return {"head": net.head, **rect}
 
 
 def _class_names(net: Network) -> list[str]:

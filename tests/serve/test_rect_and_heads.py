@@ -50,7 +50,11 @@ def graphs(tmp_path_factory):
         "v5": export_free_hw(v5, folder / "yolov5.onnx", metadata=export_metadata(v5, None, (3, SIZE, SIZE))),
         "v5_bare": export_free_hw(v5, folder / "yolov5_bare.onnx"),
         "v8_bare": export_free_hw(v8, folder / "yolov8_bare.onnx"),
-        "colour": export_free_hw(ColourBoxes(), folder / "colour.onnx", metadata={"classes": ["r", "g", "b"]}),
+        "colour": export_free_hw(
+            ColourBoxes(),
+            folder / "colour.onnx",
+            metadata={"classes": ["r", "g", "b"], "dynamic_hw": {"min": 64, "opt": 320, "max": 320}},
+        ),
     }
 
 
@@ -64,6 +68,9 @@ def test_rect_letterbox_is_the_smallest_stride_rectangle_around_the_square_conte
     nh, nw = round(h * s), round(w * s)
     want = (math.ceil(nh / 32) * 32, math.ceil(nw / 32) * 32)
     assert rect_shape(h, w, SIZE, 32) == want
+    floor = (max(want[0], 96), max(want[1], 96))  # a graph verified down to 90 px a side: 96 at least
+    assert rect_shape(h, w, SIZE, 32, 90) == floor
+    assert letterbox_u8(img, SIZE, 32, 90)[0].shape == (3, *floor)
     rect, r_scale, (rx, ry) = letterbox_u8(img, SIZE, 32)
     square, q_scale, (qx, qy) = letterbox_u8(img, SIZE)
     assert rect.shape == (3, *want) and max(want) == SIZE and r_scale == q_scale
@@ -181,11 +188,13 @@ def test_boxes_land_on_the_right_pixels_rect_and_square(graphs, rect):
         (360, 640, [(1, (20, 500, 200, 630)), (0, (200, 40, 340, 180))]),
         (1000, 300, [(2, (30, 30, 130, 270)), (1, (700, 100, 980, 220))]),
         (300, 300, [(0, (30, 30, 150, 150))]),
+        (1600, 200, [(1, (100, 40, 700, 160))]),  # 320 x 40: rect 320 x 64, the graph's smallest side
     ]
     settings = make_settings(graphs["colour"], rect=rect, max_batch=4)
     with client_for(settings) as client:
         service = client.app.state.service
         assert service.model.rect is rect and service.pipeline.limits.stride == (32 if rect else None)
+        assert service.pipeline.limits.min_side == (64 if rect else 0)
         for w, h, rects in scenes:
             r = client.post("/detect", files={"images": ("a.png", _png(_colour_scene(w, h, rects)), "image/png")})
             assert r.status_code == 200, r.text
