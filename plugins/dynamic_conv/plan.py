@@ -46,8 +46,10 @@ def _block(n: int | None, lo: int, hi: int) -> int:
 
 
 def blocks(cout_g: int | None, cin_g: int | None, howo: int | None) -> tuple[int, int, int]:
-    """``(BLOCK_CO, BLOCK_CI, BLOCK_P)`` (``tl.dot`` tiles >= 16); None (a dynamic size) takes the largest."""
-    return _block(cout_g, 16, 64), _block(cin_g, 16, 32), _block(howo, 16, 64)
+    """``(BLOCK_CO, BLOCK_CI, BLOCK_P)`` (``tl.dot`` tiles >= 16); None (a dynamic size) takes the largest.
+    Input channels go 16 at a time: with 32, fp32's IEEE products (FMA, not tensor cores) need 255
+    registers and spill (``attn-export kernels``)."""
+    return _block(cout_g, 16, 64), _block(cin_g, 16, 16), _block(howo, 16, 64)
 
 
 def dot_precision(dtype: str) -> str | None:

@@ -95,7 +95,7 @@ def _involution2d_fwd(
 
 
 #: Which kernel the op runs: "tiles" (``_involution2d_fwd``) or "rows" (``_involution2d_rows``).
-DEFAULT = "tiles"
+DEFAULT = "rows"
 #: The int32 arguments of each kernel, in order (the kernel report reads them).
 TILES_SCALARS = ("C", "H", "W", "Ho", "Wo", "G", "CG", "n_pblk", "n_cblk")
 ROWS_SCALARS = ("C", "H", "W", "Ho", "Wo", "G", "CG", "n_hblk", "n_cblk")
@@ -161,10 +161,11 @@ def _involution2d_rows(
     BLOCK_WIN: tl.constexpr,
     ROWS: tl.constexpr,
 ):
-    """``ROWS`` whole output rows of ``BLOCK_C`` channels of one (sample, group) per program. For each
-    output row and tap row ``a`` it loads the padded input row once (``BLOCK_WIN x BLOCK_C``, pixels
-    first) and takes the ``k`` column taps from it in registers (``tl.gather`` along the row), so x is read
-    k times per output row instead of k*k times; the per-pixel weights are shared by the channels. The
+    """Two whole output rows (``ROWS`` = 2) of ``BLOCK_C`` channels of one (sample, group) per program. It
+    loads each padded input row the pair needs once (``BLOCK_WIN x BLOCK_C``, pixels first), takes the
+    ``k`` column taps from it in registers (``tl.gather`` along the row) and uses them for both output
+    rows: x is read about ``(k + 1) / 2`` times per output row (k*k in the tile kernel); the per-pixel
+    weights are shared by the channels. The
     launcher gives it ``BLOCK_W // 32`` warps, so every lane owns its own pixels and the weight rows are
     read once (no warp holds a copy of another's)."""
     c_blk, h_blk, bg, b, g = program_tile(n_cblk, n_hblk, G)  # bg = sample * G + group
@@ -182,21 +183,39 @@ def _involution2d_rows(
     iw = tl.arange(0, BLOCK_WIN) - PAD  # column j of the padded row is input column j - PAD
     col_ok = (iw >= 0) & (iw < W)
 
-    for r in range(0, ROWS):
-        oh = h_blk * ROWS + r
-        if oh < Ho:
-            acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-            for a in range(K):
-                ih = oh * STRIDE + a * DIL - PAD
-                ok = col_ok & (iw * 0 + ih >= 0) & (iw * 0 + ih < H)  # (a vector: the interpreter wants one)
-                xrow = tl.load(x_base + ih * W + iw[:, None], mask=ok[:, None] & cm, other=0.0).to(tl.float32)
-                for bb in tl.static_range(K):
-                    idx = tl.where(ow_ok, ow * STRIDE + bb * DIL, 0)
-                    xv = tl.gather(xrow, tl.broadcast_to(idx[:, None], (BLOCK_W, BLOCK_C)), axis=0)
-                    w_row = w_base + (a * K + bb) * howo + oh * Wo
-                    wt = tl.load(w_row + ow, mask=ow_ok, other=0.0).to(tl.float32)
-                    acc += xv * wt[:, None]
-            tl.store(o_base + oh * Wo + ow[:, None], acc.to(out_ptr.dtype.element_ty), mask=ow_ok[:, None] & cm)
+    tl.static_assert(ROWS == 2, "the row-reuse kernel computes output rows in pairs")
+    oh0 = h_blk * 2
+    oh1 = oh0 + 1
+    acc0 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    # The pair reads input rows oh0*STRIDE - PAD + e, e = 0 .. STRIDE + (K-1)*DIL: each once. Row e is tap
+    # row e/DIL of output row oh0 and (e - STRIDE)/DIL of oh1 (where those are whole taps); numerators
+    # are kept non-negative (the same division on CUDA and in the interpreter).
+    for e in range(0, STRIDE + (K - 1) * DIL + 1):
+        ih = oh0 * STRIDE + e - PAD
+        ok = col_ok & (iw * 0 + ih >= 0) & (iw * 0 + ih < H)  # (a vector: the interpreter wants one)
+        xrow = tl.load(x_base + ih * W + iw[:, None], mask=ok[:, None] & cm, other=0.0).to(tl.float32)
+        a0 = e // DIL
+        use0 = (e % DIL == 0) & (a0 < K)
+        n1 = e - STRIDE + STRIDE * DIL * K  # >= 0
+        a1 = n1 // DIL - STRIDE * K
+        use1 = (e >= STRIDE) & (n1 % DIL == 0) & (a1 < K) & (oh1 < Ho)
+        for bb in tl.static_range(K):
+            idx = tl.where(ow_ok, ow * STRIDE + bb * DIL, 0)
+            xv = tl.gather(xrow, tl.broadcast_to(idx[:, None], (BLOCK_W, BLOCK_C)), axis=0)
+            if use0:
+                wt0 = tl.load(w_base + (a0 * K + bb) * howo + oh0 * Wo + ow, mask=ow_ok, other=0.0)
+                acc0 += xv * wt0.to(tl.float32)[:, None]
+            if use1:
+                wt1 = tl.load(w_base + (a1 * K + bb) * howo + oh1 * Wo + ow, mask=ow_ok, other=0.0)
+                acc1 += xv * wt1.to(tl.float32)[:, None]
+    out_ok = ow_ok[:, None] & cm
+    tl.store(
+        o_base + oh0 * Wo + ow[:, None], acc0.to(out_ptr.dtype.element_ty), mask=out_ok & (ow * 0 + oh0 < Ho)[:, None]
+    )
+    tl.store(
+        o_base + oh1 * Wo + ow[:, None], acc1.to(out_ptr.dtype.element_ty), mask=out_ok & (ow * 0 + oh1 < Ho)[:, None]
+    )
 
 
 def rows_fit(x_shape, padding: int) -> bool:

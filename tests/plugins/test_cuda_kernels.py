@@ -39,7 +39,11 @@ from attn_export.plugins.dynamic_conv.cuda_kernel import (
     dynamic_conv2d_cuda_fixed,
 )
 from attn_export.plugins.involution import op as inv_op
-from attn_export.plugins.involution.cuda_kernel import involution2d_cuda, involution2d_cuda_rows
+from attn_export.plugins.involution.cuda_kernel import (
+    involution2d_cuda,
+    involution2d_cuda_rows,
+    involution2d_cuda_tiles,
+)
 from attn_export.plugins.outlook import op as outlook_op
 from attn_export.plugins.outlook.cuda_kernel import outlook_aggregate_cuda
 
@@ -154,25 +158,31 @@ def _involution_inputs(seed, b, c, g, h, w, k, s, p, d):
     return _randn(gen, b, c, h, w), _randn(gen, b, g, k * k, ho, wo)
 
 
+#: The op's kernel (the row-reuse one) and the tile kernel the TensorRT plugin compiles ahead of time.
+INVOLUTION_KERNELS = {"op": involution2d_cuda, "tiles": involution2d_cuda_tiles}
+
+
 @needs_device
+@pytest.mark.parametrize("kernel", INVOLUTION_KERNELS)
 @pytest.mark.parametrize("case", INVOLUTION_CASES, ids=lambda c: "B{}C{}G{}_{}x{}_k{}s{}p{}d{}".format(*c))
-def test_involution2d_fp32(case):
+def test_involution2d_fp32(case, kernel):
     k, s, p, d = case[5:]
     x, weight = _involution_inputs(1, *case)
     expected = inv_op.reference(x, weight, k, s, p, d)
-    out = involution2d_cuda(x.float().to(DEVICE), weight.float().to(DEVICE), k, s, p, d)
+    out = INVOLUTION_KERNELS[kernel](x.float().to(DEVICE), weight.float().to(DEVICE), k, s, p, d)
     _check(out, expected, torch.float32)
 
 
 @needs_device
+@pytest.mark.parametrize("kernel", INVOLUTION_KERNELS)
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("case", [(2, 8, 2, 7, 9, 3, 1, 1, 1), (1, 6, 3, 9, 7, 3, 2, 1, 1)], ids=["s1", "s2"])
-def test_involution2d_half(case, dtype):
+def test_involution2d_half(case, dtype, kernel):
     k, s, p, d = case[5:]
     x, weight = _involution_inputs(2, *case)
     x, weight = x.to(dtype), weight.to(dtype)  # the reference sees the same rounded inputs
     expected = inv_op.reference(x.double(), weight.double(), k, s, p, d)
-    _check(involution2d_cuda(x.to(DEVICE), weight.to(DEVICE), k, s, p, d), expected, dtype)
+    _check(INVOLUTION_KERNELS[kernel](x.to(DEVICE), weight.to(DEVICE), k, s, p, d), expected, dtype)
 
 
 @needs_device

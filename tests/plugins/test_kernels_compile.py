@@ -46,11 +46,12 @@ _SCRIPT = textwrap.dedent(
     out["involution/bf16/k7"] = build(
         _involution2d_fwd, ("x_ptr", "w_ptr", "out_ptr"),
         ("C", "H", "W", "Ho", "Wo", "G", "CG", "n_pblk", "n_cblk"), "bf16",
-        {"STRIDE": 1, "PAD": 3, "DIL": 1, "K": 7, "BLOCK_C": 16, "BLOCK_P": 128})
+        {"STRIDE": 1, "PAD": 3, "DIL": 1, "K": 7, "BLOCK_C": 16, "BLOCK_P": 128, "SAME": True})
     out["involution-rows/bf16/k7"] = build(
         _involution2d_rows, ("x_ptr", "w_ptr", "out_ptr"),
         ("C", "H", "W", "Ho", "Wo", "G", "CG", "n_hblk", "n_cblk"), "bf16",
-        {"STRIDE": 1, "PAD": 3, "DIL": 1, "K": 7, "BLOCK_C": 16, "BLOCK_W": 64, "BLOCK_WIN": 64, "ROWS": 2})
+        {"STRIDE": 1, "PAD": 3, "DIL": 1, "K": 7, "BLOCK_C": 16, "BLOCK_W": 64, "BLOCK_WIN": 64, "ROWS": 2},
+        warps=2)
     conv_ints = ("CIN", "H", "W", "COUT", "HO", "WO", "GROUPS", "CIN_G", "COUT_G")
     geom = dict(SH=2, SW=1, PH=1, PW=1, DH=1, DW=2, KH=3, KW=3)
     for dt in ("fp32", "fp16", "bf16"):
