@@ -343,10 +343,15 @@ def door_first(svc, handler, max_message: int):
             deadline = loop.time() + settings.body_timeout_s
             read = asyncio.ensure_future(context.read())
             reclaimed = asyncio.ensure_future(lost.wait())
-            done, _ = await asyncio.wait(
-                {read, reclaimed}, timeout=settings.body_timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
-            reclaimed.cancel()
+            try:
+                done, _ = await asyncio.wait(
+                    {read, reclaimed}, timeout=settings.body_timeout_s, return_when=asyncio.FIRST_COMPLETED
+                )
+            except asyncio.CancelledError:  # the call ended (the client left): no task left behind
+                read.cancel()
+                raise
+            finally:
+                reclaimed.cancel()
             if read not in done:
                 read.cancel()
                 if lost.is_set():
