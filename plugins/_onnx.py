@@ -3,7 +3,7 @@
 The lowerings are traced by the torch.onnx (dynamo) exporter: they receive symbolic values and plain
 Python attributes, so Python loops over taps unroll into the graph. A value's ``shape`` holds ints for
 its static dimensions and ``onnx_ir.SymbolicDim`` for the dynamic ones (the batch, and the height and
-width of a ``--dynamic-hw`` export). :func:`dims` turns the dynamic ones into :class:`Dim` values,
+width of a ``--dynamic-hw`` export). :func:`spatial` turns dynamic heights and widths into :class:`Dim` values,
 which compute their arithmetic in the graph (``Shape`` and scalar int64 ops) while static sizes stay
 Python ints, so a static export is the same graph as before and a dynamic one bakes no size into a
 constant. :func:`vec` builds the 1-D int64 inputs (``Pad`` pads, ``Slice`` starts, ``Reshape`` shapes)
@@ -142,15 +142,15 @@ def is_static(*sizes: Size) -> bool:
     return all(isinstance(s, int) for s in sizes)
 
 
-def dims(x) -> tuple[Size, ...]:
-    """The shape of ``x``: ints for its static dimensions, :class:`Dim` (a ``Shape`` slice) for the others."""
+def spatial(x) -> tuple[Size, Size]:
+    """The height and width (last two axes) of ``x``: ints where static, :class:`Dim` (a ``Shape`` slice)
+    where symbolic. Only these get a ``Shape`` node: a static export computes nothing at run time."""
+    rank = len(x.shape)
     out: list[Size] = []
-    for axis, d in enumerate(x.shape):
-        if isinstance(d, int):
-            out.append(d)
-        else:
-            out.append(Dim(op.Shape(x, start=axis, end=axis + 1)))
-    return tuple(out)
+    for axis in (rank - 2, rank - 1):
+        d = x.shape[axis]
+        out.append(d if isinstance(d, int) else Dim(op.Shape(x, start=axis, end=axis + 1)))
+    return out[0], out[1]
 
 
 def static_dim(x, axis: int, what: str) -> int:

@@ -63,7 +63,7 @@ from __future__ import annotations
 from onnx import TensorProto, helper
 from onnxscript import opset18 as op
 
-from attn_export.plugins._onnx import Size, dims, ints, pad_hw, static_dim, tap, vec
+from attn_export.plugins._onnx import Size, ints, pad_hw, spatial, static_dim, tap, vec
 from attn_export.plugins._taps import out_size
 
 #: Element types onnxruntime's CPU ``Conv`` implements; others take :func:`im2col_matmul`.
@@ -102,7 +102,7 @@ def conv_body(elem_type: int, cin: int, h: Size, w: Size, weight_shape, ho: Size
 def im2col_matmul(x, weight, stride, padding, dilation, groups: int):
     """Any dtype: im2col by strided Slices and a Concat, then one batched MatMul of each sample's
     kernel with its own columns, ``(B, g, Cout/g, Cin/g*k*k) @ (B, g, Cin/g*k*k, Ho*Wo)``."""
-    _, _, h, w = dims(x)
+    h, w = spatial(x)
     cin = static_dim(x, 1, "dynamic_conv2d: the input channel count")
     cout, kh, kw = (static_dim(weight, i, "dynamic_conv2d: the kernel shape") for i in (1, 3, 4))
     ho = out_size(h, kh, stride[0], padding[0], dilation[0])

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from onnxscript import opset18 as op
 
-from attn_export.plugins._onnx import Size, cdiv, dims, ints, maximum, same, static_dim, vec
+from attn_export.plugins._onnx import Size, cdiv, ints, maximum, same, spatial, static_dim, vec
 from attn_export.plugins._taps import out_size
 
 
@@ -66,7 +66,7 @@ def wide_grid(size_h: Size, size_w: Size, ho: Size, wo: Size, k: int, s: int, p:
 
 def phase_planes(x, groups: int, hq: Size, wq: Size, s: int, p: int):
     """(B, C, H, W) -> (B, groups, s*s, C/groups, hq*wq): zero-padded, phase-split, flattened."""
-    _, _, h, w = dims(x)
+    h, w = spatial(x)
     c = static_dim(x, 1, "the channel count")
     cg = c // groups
     xp = op.Pad(x, vec([0, 0, p, p, 0, 0, hq * s - h - p, wq * s - w - p]))
@@ -103,7 +103,7 @@ def crop(acc, c: int, ho: Size, wo: Size, wq: Size):
 
 
 def portable(x, weight, kernel_size: int, stride: int = 1, padding: int = 0, dilation: int = 1):
-    _, _, h, w = dims(x)
+    h, w = spatial(x)
     c = static_dim(x, 1, "involution2d: the channel count")
     groups = static_dim(weight, 1, "involution2d: the group count")
     k, s, p, d = kernel_size, stride, padding, dilation

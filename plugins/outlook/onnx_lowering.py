@@ -50,7 +50,7 @@ import numpy as np
 import onnx
 from onnxscript import opset18 as op
 
-from attn_export.plugins._onnx import dims, ints, is_static, maximum, minimum, pad_hw, same, static_dim, tap, vec
+from attn_export.plugins._onnx import ints, is_static, maximum, minimum, pad_hw, same, spatial, static_dim, tap, vec
 from attn_export.plugins._taps import out_size
 from attn_export.plugins.involution.onnx_lowering import aggregate, crop, phase_planes, split_taps
 
@@ -123,7 +123,7 @@ def unfold_matmul_fold(v, attn, kernel_size: int, padding: int, stride: int):
     with its ``pads``/``output_padding`` attributes. Those are attributes, fixed in the graph, so with
     a dynamic height and width the ConvTranspose writes the whole ``(h-1)s+k`` canvas and a Pad (of the
     uncovered end, computed in the graph) and a Slice cut ``[p, p+H)`` out of it: the same numbers."""
-    _, _, hh, ww = dims(v)
+    hh, ww = spatial(v)
     c = static_dim(v, 1, "outlook_aggregate: the channel count")
     heads = static_dim(attn, 1, "outlook_aggregate: the head count")
     k, p, s = kernel_size, padding, stride
@@ -150,7 +150,7 @@ def unfold_matmul_fold(v, attn, kernel_size: int, padding: int, stride: int):
 
 def per_pixel_kernel(v, attn, kernel_size: int, padding: int, stride: int):
     """The per-pixel ``(2k-1)^2`` kernel form (any stride; used for ``stride == 1``)."""
-    _, _, hh, ww = dims(v)
+    hh, ww = spatial(v)
     c = static_dim(v, 1, "outlook_aggregate: the channel count")
     heads = static_dim(attn, 1, "outlook_aggregate: the head count")
     k, p, s = kernel_size, padding, stride

@@ -110,6 +110,9 @@ def check_graph(model, groups: int | None = None) -> None:
     ops = {n.op_type for n in nodes}
     assert "Col2Im" not in ops
     assert "Loop" not in ops
+    # height and width are static here: every size is a constant, nothing is computed from Shape at run
+    # time (the symbolic-size path of plugins/_onnx.py stays out of static graphs)
+    assert "Shape" not in ops
     for node in nodes:
         if node.op_type in ("Conv", "ConvTranspose"):
             group = next((a.i for a in node.attribute if a.name == "group"), 1)
