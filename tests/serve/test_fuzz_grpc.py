@@ -135,6 +135,9 @@ def test_mutated_model_infer_requests_never_reach_the_last_guard(server, channel
     images = [make_image((96, 64), [cell_square(1, 0, 1)], fmt=fmt) for fmt in ("PNG", "JPEG", "BMP")]
     seen: dict[str, int] = {}
     before = rss_mb()
+    # the unmutated request is answered (the fuzzer starts from requests that work)
+    answer = pb.ModelInferResponse.FromString(call(_valid(images[0], True, {}).SerializeToString(), timeout=30))
+    assert answer.model_name == "standin" and struct.unpack("<i", answer.raw_output_contents[0][:4])[0] >= 1
 
     @given(
         image=st.sampled_from(images),
@@ -162,7 +165,7 @@ def test_mutated_model_infer_requests_never_reach_the_last_guard(server, channel
         seen[code] = seen.get(code, 0) + 1
 
     run_for(budget(SECONDS), check)
-    assert seen.get("OK", 0) >= 1 and seen.get("INVALID_ARGUMENT", 0) >= 1, seen
+    assert seen.get("INVALID_ARGUMENT", 0) >= 1, seen
     text = svc.metrics.render().decode()
     assert "attn_export_internal_errors_total{" not in text, text  # no label was ever counted
     assert 'code="INTERNAL"' not in text
