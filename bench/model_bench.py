@@ -105,8 +105,10 @@ def _leaves(out) -> list[np.ndarray]:
     return [t.detach().float().cpu().numpy() for t in torch.utils._pytree.tree_leaves(out)]
 
 
-def parity(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> tuple[float, bool]:
-    """``(max abs error, every element within ATOL + RTOL |ref|)``; inf and False on a shape or count mismatch."""
+def parity(
+    got: Sequence[np.ndarray], ref: Sequence[np.ndarray], atol: float = ATOL, rtol: float = RTOL
+) -> tuple[float, bool]:
+    """``(max abs error, every element within atol + rtol |ref|)``; inf and False on a shape or count mismatch."""
     if len(got) != len(ref):
         return math.inf, False
     worst, ok = 0.0, True
@@ -116,7 +118,7 @@ def parity(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> tuple[float,
         err = np.abs(g.astype(np.float64) - r.astype(np.float64))
         if err.size:
             worst = max(worst, float(np.nan_to_num(err, nan=np.inf).max()))
-        ok = ok and bool(np.all(err <= ATOL + RTOL * np.abs(r.astype(np.float64))))
+        ok = ok and bool(np.all(err <= atol + rtol * np.abs(r.astype(np.float64))))
     return worst, ok
 
 
@@ -213,6 +215,8 @@ def run(
     seed: int = 0,
     name: str = "",
     session_config: dict[str, str] | None = None,
+    atol: float = ATOL,
+    rtol: float = RTOL,
 ) -> dict:
     """Export ``model``, gate each batch on parity, time the ones that pass, profile; return the results."""
     import torch
@@ -230,7 +234,7 @@ def run(
         "input_shape": list(input_shape),
         "threads": threads,
         "target_ratio": TARGET_RATIO,
-        "tolerance": {"atol": ATOL, "rtol": RTOL},
+        "tolerance": {"atol": atol, "rtol": rtol},
         "session_config": dict(session_config or {}),
     }
     results = {b: BatchResult(b) for b in batches}
@@ -245,6 +249,8 @@ def run(
                 input_shape,
                 batch=(batches[0], batches[len(batches) // 2], batches[-1]),
                 seed=seed,
+                atol=atol,
+                rtol=rtol,
                 progress=lambda stage, msg: None,
             )
         except ExportError as e:
@@ -279,10 +285,10 @@ def run(
             except Exception as e:
                 results[b].refused = f"onnxruntime fails: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 continue
-            err, ok = parity(got, ref)
+            err, ok = parity(got, ref, atol, rtol)
             results[b].parity_max_abs = err
             if not ok:
-                results[b].refused = f"wrong output: max abs error {err:.2e} > {ATOL} + {RTOL}|ref|; not timed"
+                results[b].refused = f"wrong output: max abs error {err:.2e} > {atol} + {rtol}|ref|; not timed"
                 _say(f"batch {b}: {results[b].refused}")
                 continue
 
@@ -394,6 +400,8 @@ def parser() -> argparse.ArgumentParser:
         help="an onnxruntime session config entry for the timed session (repeatable), "
         "e.g. session.intra_op.allow_spinning=0",
     )
+    p.add_argument("--atol", type=float, default=ATOL, help=f"parity: absolute tolerance (default {ATOL})")
+    p.add_argument("--rtol", type=float, default=RTOL, help=f"parity: relative tolerance (default {RTOL})")
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
     p.add_argument("--json", action="store_true", help="write the results as JSON to stdout")
     return p
@@ -441,6 +449,8 @@ def main(argv: list[str]) -> int:
             seed=args.seed,
             name=args.model.name,
             session_config=config,
+            atol=args.atol,
+            rtol=args.rtol,
         )
     env = {
         "versions": _versions(),

@@ -178,3 +178,13 @@ def test_calibrated_norms_reproduce_the_batch_statistics():
     # running_var is the unbiased variance: a relative difference of n / (n - 1) inside the sqrt
     assert torch.allclose(got, h, atol=2e-2, rtol=2e-2)
     assert not torch.allclose(got, torch.zeros_like(got))
+
+
+def test_the_gate_uses_the_tolerance_asked_for(saved, monkeypatch, capsys):
+    real = model_bench.make_runner
+    monkeypatch.setattr(model_bench, "make_runner", lambda path, threads: Shifted(real(path, threads), {2}, 5e-3))
+    rc = cli_main(["bench", str(saved), *ARGS, "--batch", "2", "--top", "0", "--atol", "1e-2", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["tolerance"]["atol"] == 1e-2
+    (r,) = out["batches"]
+    assert r["status"] == "ok" and r["parity_max_abs"] == pytest.approx(5e-3, rel=1e-3) and r["samples"] == 2
