@@ -46,7 +46,7 @@ clean:
 # --dynamic-hw: free height and width, so the service letterboxes each image to the smallest rectangle of
 # whole strides (rect inference). On the 500 evaluation images its mAP is within 0.005 of the square's
 # (0.9020 vs 0.9013 mAP@0.5, 0.7317 vs 0.7310 mAP@0.5:0.95: attn-export evaluate out/shapes_detector.onnx
-# --backend onnxruntime --rect-vs-square), and 16:9 photos run about 1.8x faster (docs/serving.md).
+# --backend onnxruntime --rect-vs-square), and 16:9 photos run 1.5-1.8x faster (docs/serving.md).
 serve: $(STAMP)
 	mkdir -p out
 	$(VENV)/bin/attn-export models/shapes_detector.pt -o out/shapes_detector.onnx --batch 1:4:16 --dynamic-hw 64:320:320
