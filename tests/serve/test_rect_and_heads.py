@@ -333,3 +333,15 @@ def test_evaluate_detects_rect_in_shape_groups_and_keeps_the_image_order():
         tol = max(w, h) / SIZE + 0.5
         np.testing.assert_allclose(r[0][0], want, atol=tol)
         np.testing.assert_allclose(q[0][0], want, atol=tol)
+
+
+def test_serve_options_reach_the_settings(graphs):
+    from attn_export.serve.cli import parser, settings_from_args
+
+    args = ["--head", "yolov8", "--no-rect", "--batch-shapes", "pad"]
+    s = settings_from_args(parser().parse_args([str(graphs["v8_bare"]), *args]))
+    assert (s.head, s.rect, s.batch_shapes) == ("yolov8", False, "pad")
+    s = settings_from_args(parser().parse_args([str(graphs["v8_bare"])]))
+    assert (s.head, s.rect, s.batch_shapes) == (None, None, "group")
+    with pytest.raises(SystemExit):
+        parser().parse_args([str(graphs["v8_bare"]), "--head", "yolov7"])
