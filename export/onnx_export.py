@@ -310,25 +310,44 @@ def _dict_keys(model: nn.Module, param: str) -> list[str] | None:
     return None
 
 
-def _wrapper_hint(keys: Sequence[str], specs: Mapping[str, Sequence[int]]) -> str:
-    """The wrapper to write around a model whose forward takes a dict: a module whose forward takes tensors."""
-    names = [k for k in keys if k.isidentifier()] or ["image"]
+def _wrapper_hint(keys: Sequence[str], specs: Mapping[str, Sequence[int]], kind: str = "dict") -> str:
+    """The wrapper to write around a model whose forward takes a dict (or a list, ``kind="list"``): a
+    module whose forward takes tensors and builds it."""
+    names = [k for k in keys if k.isidentifier()] or (["image"] if kind == "dict" else ["x0", "x1"])
     shapes = list(specs.values())
     dims = [",".join(map(str, shapes[i])) if i < len(shapes) else "C,H,W" for i in range(len(names))]
     args = ", ".join(names)
-    built = ", ".join(f"{k!r}: {k}" for k in names)
+    built = "{" + ", ".join(f"{k!r}: {k}" for k in names) + "}" if kind == "dict" else f"[{args}]"
     pairs = list(zip(names, dims, strict=True))
     return (
-        "write a wrapper whose forward takes tensors and builds the dict, and export it instead:\n"
+        f"write a wrapper whose forward takes tensors and builds the {kind}, and export it instead:\n"
         "    class Wrapped(torch.nn.Module):\n"
         "        def __init__(self, model):\n"
         "            super().__init__()\n"
         "            self.model = model\n\n"
         f"        def forward(self, {args}):\n"
-        f"            return self.model({{{built}}})\n"
+        f"            return self.model({built})\n"
         f"then export Wrapped(model) with inputs={{{', '.join(f'{k!r}: ({d})' for k, d in pairs)}}} "
         f"(CLI: save it, then {' '.join(f'--input {k}:{d}' for k, d in pairs)})"
     )
+
+
+def _container_annotation(model: nn.Module, param: str) -> str:
+    """``"dict"`` or ``"list"`` where ``forward`` annotates ``param`` as a mapping or a sequence, else ``""``."""
+    try:
+        annotation = inspect.signature(model.forward).parameters[param].annotation
+    except (TypeError, ValueError, KeyError):
+        return ""
+    if annotation is inspect.Parameter.empty:
+        return ""
+    text = annotation if isinstance(annotation, str) else repr(annotation)
+    head = re.split(r"[\[|]", text.replace("typing.", "").replace("collections.abc.", ""), maxsplit=1)[0].strip()
+    head = head.removeprefix("<class '").removesuffix("'>")
+    if head in ("dict", "Dict", "Mapping", "MutableMapping", "OrderedDict"):
+        return "dict"
+    if head in ("list", "List", "tuple", "Tuple", "Sequence"):
+        return "list"
+    return ""
 
 
 def _check_forward(model: nn.Module, specs: Mapping[str, Sequence[int]]) -> None:
@@ -338,7 +357,13 @@ def _check_forward(model: nn.Module, specs: Mapping[str, Sequence[int]]) -> None
     if found is None:
         return
     required, varargs = found
-    if len(required) == 1 and len(specs) >= 1:
+    if len(required) == 1:
+        kind = _container_annotation(model, required[0])
+        if kind:
+            raise ExportError(
+                f"run: {type(model).__name__}.forward takes a {kind} as '{required[0]}' (its annotation); the "
+                f"export takes tensors only. {_wrapper_hint([], specs, kind)}"
+            )
         keys = _dict_keys(model, required[0])
         if keys is not None:
             what = f" (it reads {', '.join(map(repr, keys))})" if keys else ""

@@ -275,3 +275,19 @@ def test_input_and_input_shape_together_refused(tmp_path, capsys):
     _, err = capsys.readouterr()
     assert rc == 2 and "attn-export: error: --input and --input-shape: give the shapes one way" in err
     assert not list(tmp_path.glob("*.onnx"))
+
+
+class ListForward(nn.Module):
+    """Takes a list of feature maps, as FPN necks do."""
+
+    def forward(self, feats: list[torch.Tensor]):
+        return feats[0] + feats[1]
+
+
+def test_list_forward_shows_the_wrapper(tmp_path):
+    with pytest.raises(ExportError) as info:
+        export_onnx(ListForward(), tmp_path / "l.onnx", (3, 8, 8))
+    msg = str(info.value)
+    assert msg.startswith("run: ListForward.forward takes a list as 'feats' (its annotation)")
+    assert "def forward(self, x0, x1):" in msg and "return self.model([x0, x1])" in msg
+    assert list(tmp_path.iterdir()) == []
