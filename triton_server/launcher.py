@@ -73,6 +73,7 @@ class Installation:
     env: dict[str, str] = field(default_factory=dict)
     args: list[str] = field(default_factory=list)
     cleanup: list[Path] = field(default_factory=list)
+    cwd: Path | None = None  # the working directory to start it in
 
 
 def site_dirs() -> list[str]:
@@ -195,6 +196,11 @@ def find_tritonserver(work_dir: Path | None = None) -> Installation:
         env={"LD_LIBRARY_PATH": ld, **python_env(extra)},
         args=[f"--backend-directory={backends}"],
         cleanup=cleanup,
+        # The stub's embedded Python finds this environment (through PATH) and imports numpy, in
+        # triton_python_backend_utils, before model.py can put the numpy < 2 folder first; its sys.path
+        # starts with '' (the working directory), so the server starts in that folder. Every path on its
+        # command line is absolute.
+        cwd=extra,
     )
 
 
@@ -317,6 +323,7 @@ class TritonServer:
             self.process = subprocess.Popen(
                 argv + self.extra_args,
                 env=env,
+                cwd=self.install.cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=self._log or None,
                 stderr=subprocess.STDOUT if self._log else None,
