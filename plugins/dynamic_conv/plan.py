@@ -47,9 +47,9 @@ def _block(n: int | None, lo: int, hi: int) -> int:
 
 def blocks(cout_g: int | None, cin_g: int | None, howo: int | None) -> tuple[int, int, int]:
     """``(BLOCK_CO, BLOCK_CI, BLOCK_P)`` (``tl.dot`` tiles >= 16); None (a dynamic size) takes the largest.
-    Input channels go 16 at a time: with 32, fp32's IEEE products (FMA, not tensor cores) need 255
-    registers and spill (``attn-export kernels``)."""
-    return _block(cout_g, 16, 64), _block(cin_g, 16, 16), _block(howo, 16, 64)
+    Tiles of 64 x 16 x 32 at most: with 32 input channels or 64 pixels, fp32's IEEE products (FMA, not
+    tensor cores) need 255 registers and spill (``attn-export kernels``: 168 registers, no spill, now)."""
+    return _block(cout_g, 16, 64), _block(cin_g, 16, 16), _block(howo, 16, 32)
 
 
 def dot_precision(dtype: str) -> str | None:

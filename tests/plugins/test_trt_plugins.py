@@ -314,7 +314,7 @@ def test_outlook_launch_plan_is_the_cuda_kernels_launchers(monkeypatch, case):
 
 def test_dynamic_sizes_take_the_largest_blocks():
     assert inv_plan.blocks(None, None) == (32, 128)
-    assert dconv_plan.blocks(None, None, None) == (64, 16, 64)
+    assert dconv_plan.blocks(None, None, None) == (64, 16, 32)
     assert outlook_plan.blocks(None, None) == (32, 64)
 
 
