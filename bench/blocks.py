@@ -34,8 +34,6 @@ import copy
 import json
 import logging
 import math
-import os
-import platform
 import re
 import statistics
 import sys
@@ -48,6 +46,11 @@ from pathlib import Path
 
 import numpy as np
 
+from attn_export.bench.machine import busy_warning
+from attn_export.bench.machine import fmt_load as _fmt_load
+from attn_export.bench.machine import load as _load
+from attn_export.bench.machine import machine as _machine
+from attn_export.bench.machine import versions as _versions
 from attn_export.bench.specs import BLOCKS, Spec, official_and_ours, specs
 
 #: Targets: ours on onnxruntime at most this fraction of the official eager time, per block ...
@@ -350,60 +353,8 @@ def render(table: dict[str, dict[str, Variant]], summary: dict, env: dict, spec_
     return "\n".join(lines)
 
 
-def busy_warning(load: dict, threads: int) -> str:
-    """A warning when other processes kept the cores busy during the run ('' when they did not).
-
-    The load average at the end includes this run's own ``threads``; at the start, only others'."""
-    cpus = os.cpu_count() or 1
-    start, end = load.get("start"), load.get("end")
-    others = max(start or 0.0, (end or 0.0) - threads)
-    if others <= 1.0:
-        return ""
-    worst = max(v for v in (start, end) if v is not None)
-    return (
-        f"the 1-min load average reached {worst} on {cpus} CPU(s) during this run: other processes shared "
-        "the cores, which slows PyTorch eager (OpenMP threads wait for each other) far more than "
-        "onnxruntime, so the ratios to eager are flattering; compare the fastest samples, or rerun on an "
-        "idle machine"
-    )
-
-
 def _met(flag: bool | None, missing: str = "n/a") -> str:
     return missing if flag is None else ("met" if flag else "NOT met")
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {os.cpu_count()} logical CPU(s), {platform.system()} {platform.machine()}"
-
-
-def _load() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-def _fmt_load(load: dict) -> str:
-    return f"{load['start']} at start, {load['end']} at end"
-
-
-def _versions() -> str:
-    import onnx
-    import onnxruntime
-    import torch
-
-    from attn_export import __version__
-
-    return (
-        f"attn-export {__version__} | torch {torch.__version__} | onnx {onnx.__version__} | "
-        f"onnxruntime {onnxruntime.__version__} | python {platform.python_version()}"
-    )
 
 
 def parser() -> argparse.ArgumentParser:

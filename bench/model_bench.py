@@ -408,7 +408,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from attn_export.bench.blocks import _load, _machine, _versions, busy_warning
+    from attn_export.bench.machine import busy_warning, load, machine, versions
     from attn_export.export.checkpoint import load_model
     from attn_export.export.errors import ExportError
 
@@ -434,7 +434,7 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    load_start = _load()
+    load_start = load()
     with contextlib.redirect_stdout(sys.stderr):  # nothing but the results on stdout
         out = run(
             loaded.model,
@@ -453,9 +453,9 @@ def main(argv: list[str]) -> int:
             rtol=args.rtol,
         )
     env = {
-        "versions": _versions(),
-        "machine": _machine(),
-        "load_average_1min": {"start": load_start, "end": _load()},
+        "versions": versions(),
+        "machine": machine(),
+        "load_average_1min": {"start": load_start, "end": load()},
     }
     env["busy"] = busy_warning(env["load_average_1min"], args.threads)
     if args.json:
