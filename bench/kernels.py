@@ -70,8 +70,9 @@ _SOURCES = (
     "plugins/dynamic_conv/plan.py",
     "plugins/dynamic_conv/trt_plugin.py",
     "plugins/_trt_kit.py",
-    "bench/kernels.py",
 )
+#: Bumped when what the workers record changes (the cache keys on it, not on this file's text).
+CACHE_VERSION = 2
 
 
 # ------------------------------------------------------------------------------------------ cases
@@ -628,13 +629,28 @@ def contiguous_axis(offsets, mask, elem_bytes: int):
 
 
 # ------------------------------------------------------------------------------------------ workers
-def _resolve(spec: str):
-    import importlib
+def _kernel_modules() -> dict:
+    """The modules whose kernels the report compiles, by name (imported here, statically: the
+    architecture checks follow them)."""
+    from attn_export.plugins.dynamic_conv import cuda_kernel as conv_ck
+    from attn_export.plugins.dynamic_conv import trt_plugin as conv_trt
+    from attn_export.plugins.involution import cuda_kernel as inv_ck
+    from attn_export.plugins.involution import trt_plugin as inv_trt
+    from attn_export.plugins.outlook import cuda_kernel as out_ck
+    from attn_export.plugins.outlook import trt_plugin as out_trt
 
+    modules = (conv_ck, conv_trt, inv_ck, inv_trt, out_ck, out_trt, sys.modules[__name__])
+    found = {m.__name__: m for m in modules}
+    found["attn_export.bench.kernels"] = sys.modules[__name__]
+    return found
+
+
+def _resolve(spec: str):
+    """``"module:attr"`` (``"module:attr()"``: its result) among :func:`_kernel_modules`."""
     module, attr = spec.split(":")
     if attr.endswith("()"):
-        return getattr(importlib.import_module(module), attr[:-2])()
-    return getattr(importlib.import_module(module), attr)
+        return getattr(_kernel_modules()[module], attr[:-2])()
+    return getattr(_kernel_modules()[module], attr)
 
 
 def _ptxas_report(ptx: str, arch: int) -> dict:
@@ -846,7 +862,7 @@ def cache_dir() -> Path:
 
 
 def _source_hash() -> str:
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"v{CACHE_VERSION}".encode())
     for rel in _SOURCES:
         path = _ROOT / rel
         h.update(rel.encode())
@@ -871,18 +887,20 @@ def analyse(case: Case, arch: str, compiled: dict, traced: list[dict]) -> Kernel
     vec = loads.get("ld_v2", 0) + loads.get("ld_v4", 0) + loads.get("cp_async_8", 0) + loads.get("cp_async_16", 0)
     row.vectorized_loads = vec > 0
     by_line: dict[tuple[str, int], list[dict]] = {}
-    for op in compiled["memory_ops"]:
-        by_line.setdefault((op["file"], op["line"]), []).append(op)
+    for op in compiled["memory_ops"]:  # by file (its folder and name: a cached compile may name another checkout)
+        by_line.setdefault((_short(op["file"]), op["line"]), []).append(op)
     numel = [_prod(shape) for _, shape, _ in case.tensors]
     sectors = 0
     sites: dict[tuple, dict] = {}
     along = True
+    unmatched: set[str] = set()
     for program in traced:
         for acc in program["accesses"]:
-            ops = [o for o in by_line.get((acc["file"], acc["line"]), []) if tuple(o["shape"]) == acc["offsets"].shape]
+            ops = by_line.get((_short(acc["file"]), acc["line"]), [])
+            ops = [o for o in ops if tuple(o["shape"]) == acc["offsets"].shape]
             site = (Path(acc["file"]).name, acc["line"], acc["kind"])
-            if not ops:  # not in the compiled kernel as a tensor access (folded or scalar): count it coalesced
-                sectors += _ideal_sectors(acc)
+            if not ops:  # not found in the compiled kernel: the row says so (an error, not a guess)
+                unmatched.add(f"{Path(acc['file']).name}:{acc['line']}")
                 sites.setdefault(
                     site,
                     {
@@ -896,7 +914,7 @@ def analyse(case: Case, arch: str, compiled: dict, traced: list[dict]) -> Kernel
                 continue
             layout = parse_encoding(ops[0]["encoding"], ops[0]["encoding_defs"])
             if layout is None:
-                sectors += _ideal_sectors(acc)
+                unmatched.add(f"{Path(acc['file']).name}:{acc['line']} (layout {ops[0]['encoding'][:40]})")
                 continue
             cost = access_cost(acc["offsets"], acc["mask"], layout, case.num_warps, acc["elem_bytes"])
             sectors += cost["sectors"]
@@ -925,7 +943,14 @@ def analyse(case: Case, arch: str, compiled: dict, traced: list[dict]) -> Kernel
     row.est_hbm_fraction = round(row.min_bytes / row.moved_bytes, 4) if row.moved_bytes else None
     row.warp_along_contiguous = along
     row.accesses = sorted(sites.values(), key=lambda s: s["site"])
+    if unmatched:
+        row.error = f"accesses not found among the compiled loads/stores: {', '.join(sorted(unmatched))}"
     return row
+
+
+def _short(path: str) -> str:
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}"
 
 
 def _ideal_sectors(acc) -> int:
