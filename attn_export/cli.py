@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from attn_export._version import __version__
@@ -169,8 +170,11 @@ def run_export(args: argparse.Namespace) -> int:
         output = args.output or args.model.with_suffix(".onnx")
         log.info(_versions())
         stage = "load"
-        with _timed("load") as done:
+        with _timed("load") as done, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             loaded = load_model(args.model, trust_checkpoint=args.trust_checkpoint)
+            for w in caught:  # torch.load's notes (unpickling, changed sources): with -v only
+                log.debug("warning: %s: %s", w.category.__name__, w.message)
             shape = parse_shape(args.input_shape) if args.input_shape else loaded.input_shape
             if inputs:
                 shape = next(iter(inputs.values()))

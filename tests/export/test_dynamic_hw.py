@@ -312,3 +312,25 @@ def test_cli_dynamic_hw(tmp_path, capsys):
     assert main([str(path), "--trust-checkpoint", "--input-shape", "3,32,32", "--dynamic-hw", "48:32:16"]) == 2
     _, err = capsys.readouterr()
     assert "attn-export: error: --dynamic-hw: expected MIN:OPT:MAX" in err
+
+
+def test_plugin_graph_with_free_size(tmp_path):
+    """Target trt: the plugin graph is verified at every size too (the plugin nodes by their numpy references)."""
+    from attn_export.blocks import Involution2d, ODConv2d
+
+    model = randomize_(
+        nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), Involution2d(16, 3, group_channels=8), ODConv2d(16, 16, 3, padding=1)),
+        5,
+    ).eval()
+    result = export_onnx(model, tmp_path / "p.onnx", (3, 16, 16), batch=(1, 2, 2), target="trt", dynamic_hw=(8, 16, 24))
+    assert result.ok and result.dynamic_hw == (8, 16, 24)
+    assert result.plugins == {"AttnExportInvolution2d": 1, "AttnExportDynamicConv2d": 1}
+    assert [tuple(s) for s in result.report.sizes] == [
+        (1, 16, 16),
+        (2, 16, 16),
+        (1, 8, 8),
+        (1, 24, 24),
+        (1, 17, 17),
+        (1, 8, 16),
+    ]
+    assert all(c.passed for c in result.report.blocks) and len(result.report.blocks) == 2 * 6
