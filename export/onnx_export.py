@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -478,13 +479,13 @@ def _export_onnx(
         sample = sample_inputs(shapes_at(specs, dynamic, trace_hw), trace_batch)
         with stage("export"), function_rewrites():
             try:
-                proto = _export_probe(model, result.blocks, sample, table, opset, list(specs), True)
+                proto = _export_probe(model, result.blocks, sample, table, opset, list(specs), True, batch[1])
             except SizeRefused as e:
                 result.hw_refused = str(e)
     if proto is None:
         sample = sample_inputs(specs, trace_batch)
         with stage("export"), function_rewrites():
-            proto = _export_probe(model, result.blocks, sample, table, opset, list(specs), False)
+            proto = _export_probe(model, result.blocks, sample, table, opset, list(specs), False, batch[1])
     if hw and result.hw_refused:
         h, w = specs[dynamic[0]][1:]
         stage.say("export", f"height and width stay static at {h}x{w}: {result.hw_refused}")
@@ -566,14 +567,21 @@ def _export_onnx(
     return result
 
 
-def _export_probe(model, blocks, sample, table, opset, input_names, dynamic_hw):
-    """The torch export of ``model`` wrapped in a :class:`Probe` of ``blocks``: the ONNX ``ModelProto``."""
+def _export_probe(model, blocks, sample, table, opset, input_names, dynamic_hw, asked_batch):
+    """The torch export of ``model`` wrapped in a :class:`Probe` of ``blocks``: the ONNX ``ModelProto``.
+
+    A failure quoting shapes at the traced batch where the user asked for another (OPT 1 is traced at 2)
+    says why that batch appears."""
     probe = Probe(model, blocks)
     try:
         return torch_onnx_export(probe, sample, table, opset, dynamic_hw=dynamic_hw, input_names=input_names)
     except SizeRefused:
         raise
     except Exception as e:
-        raise ExportError(export_failure(e, model, sample if len(sample) > 1 else sample[0], table, opset)) from e
+        msg = export_failure(e, model, sample if len(sample) > 1 else sample[0], table, opset)
+        traced = sample[0].shape[0]
+        if traced != asked_batch and re.search(rf"[(\[]{traced}, ", msg):
+            msg += f" (shapes at the traced batch of {traced}: torch.export fixes sizes of 1, so OPT 1 is traced at 2)"
+        raise ExportError(msg) from e
     finally:
         probe.remove()
