@@ -72,7 +72,7 @@ _SOURCES = (
     "plugins/_trt_kit.py",
 )
 #: Bumped when what the workers record changes (the cache keys on it, not on this file's text).
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 # ------------------------------------------------------------------------------------------ cases
@@ -256,20 +256,25 @@ def _conv_cases(dtype: str) -> list[Case]:
     conv_ints = ("CIN", "H", "W", "COUT", "HO", "WO", "GROUPS", "CIN_G", "COUT_G")
     grid = b * (-(-h * w // bm)) * (-(-cout // bn))
     trace_ce = dict(ce, UPCAST=dtype == "bf16", DOT_PRECISION="ieee" if dtype != "fp16" else None)
+    # fp16/bf16 with channels in multiples of 32: the launcher's channels-last kernel (x and weight
+    # transposed first: channels innermost)
+    cl = dtype != "fp32" and cin % ck.CL_CHANNELS_MULTIPLE == 0
+    fn = "_dynamic_conv2d_igemm_cl" if cl else "_dynamic_conv2d_igemm"
+    gemm_tensors = (("x", (b, h, w, cin), "in"), ("weight", (b, cout, k, k, cin), "in"), tensors[2]) if cl else tensors
     out = [
         Case(
-            "dynamic_conv2d_igemm",
+            "dynamic_conv2d_igemm_cl" if cl else "dynamic_conv2d_igemm",
             "dynamic_conv",
             "op",
             label,
             dtype,
-            f"{ck.__name__}:_dynamic_conv2d_igemm",
+            f"{ck.__name__}:{fn}",
             _sig(ptrs, dtype, conv_ints),
             tuple(ce.items()),
-            f"{ck.__name__}:_dynamic_conv2d_igemm",
+            f"{ck.__name__}:{fn}",
             args + tuple(("int", v) for v in ints),
             tuple(trace_ce.items()),
-            tensors,
+            gemm_tensors,
             grid,
             warps,
             stages,
@@ -580,8 +585,8 @@ def ptx_load_counts(ptx: str) -> dict[str, int]:
     for m in re.finditer(r"\bld\.global[\w.]*", ptx):
         ins = m.group(0)
         counts["ld_v4" if ".v4" in ins else "ld_v2" if ".v2" in ins else "ld_scalar"] += 1
-    for m in re.finditer(r"\bcp\.async\.(?:ca|cg)\.shared(?:::cta)?\.global[^;]*?,\s*(\d+)", ptx):
-        key = f"cp_async_{m.group(1)}"
+    for m in re.finditer(r"\bcp\.async\.(?:ca|cg)\.shared(?:::cta)?\.global[^;]*?\],\s*(0x[0-9a-fA-F]+|\d+)", ptx):
+        key = f"cp_async_{int(m.group(1), 0)}"
         counts[key] = counts.get(key, 0) + 1
     for m in re.finditer(r"\bst\.global[\w.]*", ptx):
         counts["st_vec" if (".v2" in m.group(0) or ".v4" in m.group(0)) else "st_scalar"] += 1

@@ -248,7 +248,82 @@ def _dynamic_conv2d_igemm(
     tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _dynamic_conv2d_igemm_cl(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    CIN,
+    H,
+    W,
+    COUT,
+    HO,
+    WO,
+    GROUPS,
+    CIN_G,
+    COUT_G,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """The implicit GEMM on channels-last operands: x (B, H, W, Cin), weight (B, Cout, kH, kW, Cin/groups).
+    K walks ``k = tap * CIN_G + ci`` with ``BLOCK_K`` dividing ``CIN_G``, so a K tile is one tap and
+    ``BLOCK_K`` consecutive channels: contiguous in x and in the weight, with one mask per pixel. The
+    compiler can then copy x tiles asynchronously (``cp.async``), as it does the weights."""
+    howo = HO * WO
+    n_m = tl.cdiv(howo, BLOCK_M)
+    n_n = tl.cdiv(COUT_G, BLOCK_N)
+    tile_n, tile_m, _, b, g = program_tile(n_n, n_m, GROUPS)
+
+    KHW: tl.constexpr = KH * KW
+    ktot = CIN_G * KHW
+    m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, BLOCK_K)
+    m_mask = m < howo
+    n_mask = n < COUT_G
+    ih0 = (m // WO) * SH - PH
+    iw0 = (m % WO) * SW - PW
+
+    x_base = x_ptr + b * H * W * CIN + g * CIN_G
+    w_base = w_ptr + (b * COUT + g * COUT_G) * ktot
+    o_base = out_ptr + (b * COUT + g * COUT_G) * howo
+    w_cols = n.to(tl.int64)[None, :] * ktot
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, ktot, BLOCK_K):
+        tap = k0 // CIN_G  # one tap per K tile (BLOCK_K divides CIN_G)
+        ci0 = k0 - tap * CIN_G
+        ih = ih0 + (tap // KW) * DH
+        iw = iw0 + (tap % KW) * DW
+        pix_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        pix = (ih * W + iw).to(tl.int64) * CIN + ci0
+        a = tl.load(x_base + pix[:, None] + kk[None, :], mask=pix_ok[:, None], other=0.0)
+        wt = tl.load(w_base + w_cols + (k0 + kk)[:, None], mask=n_mask[None, :], other=0.0)
+        if UPCAST:  # the interpreter's tl.dot mishandles bf16: fp32 products there
+            a = a.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(a, wt, acc, input_precision=DOT_PRECISION)
+
+    dst = o_base + n.to(tl.int64)[None, :] * howo + m[:, None]
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+#: The channels-last GEMM runs where every tile shape's BLOCK_K divides the channels of a group.
+CL_CHANNELS_MULTIPLE = 32
+
 _igemm_kernel = None
+_igemm_cl_kernel = None
 
 
 def _igemm():
@@ -261,6 +336,18 @@ def _igemm():
             prune_configs_by={"early_config_prune": _prune},
         )(_dynamic_conv2d_igemm)
     return _igemm_kernel
+
+
+def _igemm_cl():
+    """The autotuned channels-last kernel, built on first use."""
+    global _igemm_cl_kernel
+    if _igemm_cl_kernel is None:
+        _igemm_cl_kernel = triton.autotune(
+            configs=_igemm_configs(),
+            key=["CIN_G", "COUT_G", "HO", "WO", "KH", "KW", "SH", "SW", "DOT_PRECISION"],
+            prune_configs_by={"early_config_prune": _prune},
+        )(_dynamic_conv2d_igemm_cl)
+    return _igemm_cl_kernel
 
 
 def tf32_allowed() -> bool:
@@ -301,7 +388,14 @@ def dynamic_conv2d_cuda(
     def grid(meta):
         return (b * groups * triton.cdiv(ho * wo, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]),)
 
-    _igemm()[grid](
+    kernel = _igemm()
+    if x.dtype != torch.float32 and cin_g % CL_CHANNELS_MULTIPLE == 0:
+        # fp16/bf16: channels-last operands, so the x tiles are contiguous and copied asynchronously (one
+        # transposing pass over x and the weight first)
+        kernel = _igemm_cl()
+        x = x.permute(0, 2, 3, 1).contiguous()
+        weight = weight.permute(0, 1, 3, 4, 2).contiguous()
+    kernel[grid](
         x,
         weight,
         out,

@@ -157,8 +157,8 @@ def test_no_kernel_spills(sm90_report):
 OPEN = {
     ("warps", "outlook"): "attention weights are gathered per pixel (rows of k^4 values, 324 B apart in fp32), "
     "and at stride 2 a phase's pixels are 2 apart: no tile axis of either is contiguous",
-    ("warps", "dynamic_conv"): "the implicit GEMM gathers x along K = (channel, tap): lanes across channels, "
-    "H*W apart (item 4: a channels-last input would make K contiguous)",
+    ("warps", "dynamic_conv"): "fp32's implicit GEMM and the TensorRT fixed-tile kernel gather x along K = "
+    "(channel, tap) on NCHW: lanes across channels, H*W apart (fp16/bf16 run channels-last: contiguous)",
     ("hbm", "outlook"): "v is re-read at (2k-1)^2 shifted offsets and the attention weights cost a sector "
     "per element: about 0.1 of HBM by this model",
 }
@@ -248,3 +248,15 @@ def test_cli_json_has_the_issues_fields():
             "vectorized_loads", "est_hbm_fraction", "role"}  # fmt: skip
     assert rows and all(need <= set(r) for r in rows)
     assert {r["arch"] for r in rows} == {"sm_90"} and {r["dtype"] for r in rows} == {"fp16"}
+
+
+@pytest.mark.slow
+def test_the_half_precision_implicit_gemm_pipelines_its_input(sm90_report):
+    """Issue 18 item 4: in fp16/bf16 the x tiles are copied asynchronously (16-byte cp.async), lanes along the
+    channels, which channels-last makes contiguous."""
+    rows = [r for r in sm90_report if r.kernel == "dynamic_conv2d_igemm_cl"]
+    assert {r.dtype for r in rows} == {"fp16", "bf16"}
+    for r in rows:
+        assert r.ptx_loads.get("cp_async_16", 0) > 0 and r.vectorized_loads, (r.dtype, r.ptx_loads)
+        x_sites = [a for a in r.accesses if a.get("tensor") == "x"]
+        assert x_sites and all(a["along_contiguous"] for a in x_sites), x_sites

@@ -287,6 +287,29 @@ def test_dynamic_conv2d_matches_per_sample_convolutions(case):
 
 
 @needs_device
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize(
+    "case",
+    [
+        (2, 32, 20, 1, 7, 9, 3, 3, (1, 1), (1, 1), (1, 1)),
+        (1, 64, 8, 2, 9, 7, 3, 3, (2, 1), (1, 2), (1, 2)),
+        (3, 32, 17, 1, 5, 6, 1, 1, (1, 1), (0, 0), (1, 1)),
+    ],
+    ids=["k3", "g2_s21_d12", "k1"],
+)
+def test_dynamic_conv2d_channels_last_half(case, dtype):
+    """fp16/bf16 with channels of a group in multiples of 32 take the channels-last implicit GEMM."""
+    from attn_export.plugins.dynamic_conv.cuda_kernel import CL_CHANNELS_MULTIPLE
+
+    assert (case[1] // case[3]) % CL_CHANNELS_MULTIPLE == 0
+    s, p, d, groups = case[8], case[9], case[10], case[3]
+    x, weight = _dconv_inputs(21, *case[:8])
+    x, weight = x.to(dtype), weight.to(dtype)
+    expected = dconv_op.reference(x.double(), weight.double(), s, p, d, groups)
+    _check(dynamic_conv2d_cuda(x.to(DEVICE), weight.to(DEVICE), s, p, d, groups), expected, dtype)
+
+
+@needs_device
 def test_dynamic_conv2d_tf32():
     """TF32 products (10-bit mantissa inputs, fp32 accumulation): close to fp32 at TF32's tolerance."""
     x, weight = _dconv_inputs(15, 2, 16, 8, 1, 7, 9, 3, 3)
