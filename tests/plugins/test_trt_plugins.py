@@ -257,7 +257,7 @@ def test_involution_launch_plan_is_the_cuda_kernels_launchers(monkeypatch, case)
         monkeypatch,
         "attn_export.plugins.involution.cuda_kernel",
         "_involution2d_fwd",
-        lambda m: m.involution2d_cuda(x, w, *attrs),
+        lambda m: m.involution2d_cuda_tiles(x, w, *attrs),  # the tile kernel: the plugin's (the op runs rows)
     )
     block_c, block_p = inv_plan.blocks(xs[1] // ws[1], ws[3] * ws[4])
     plan_grid, scalars, constexprs = inv_plan.launch_plan(xs, ws, *attrs, block_c, block_p)
