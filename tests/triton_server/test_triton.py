@@ -428,7 +428,7 @@ def _req(data=None, **tensor):
         ("wrong input name", 400, "unexpected inference input"),
         ("wrong datatype", 400, "BYTES"),
         ("wrong shape", 400, "shape"),
-        ("shape and data disagree", 400, "holds 2"),
+        ("shape and data disagree", 400, "elements, 'data' holds"),
         ("batch too large", 400, "max_batch_size"),
         ("text, not an image", 415, "not an image"),
         ("conf out of range", 400, "conf"),
