@@ -124,8 +124,15 @@ def parity(
 
 def profile_ops(path: Path, runner, feeds: dict[str, np.ndarray], runs: int, tmp: Path, top: int) -> list[dict]:
     """The ``top`` heaviest op types of ``runs`` profiled calls (after one unprofiled-equivalent warm-up call):
-    ``{op_type, ms_per_call, share, nodes}``, heaviest first. The session copies ``runner``'s options."""
+    ``{op_type, ms_per_call, share, nodes, in_graph}``, heaviest first. The session copies ``runner``'s options.
+
+    ``in_graph`` is False for the op types onnxruntime makes itself while optimising the session (its fused
+    ``FusedConv``/``FusedGemm``, the ``ReorderInput``/``ReorderOutput`` of its NCHWc layout, ...): which
+    appear depends on the CPU's instruction set."""
+    import onnx
     import onnxruntime as ort
+
+    graph_ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
 
     opts = runner.session.get_session_options()
     opts.enable_profiling = True
@@ -154,6 +161,7 @@ def profile_ops(path: Path, runner, feeds: dict[str, np.ndarray], runs: int, tmp
             "ms_per_call": us / runs_seen / 1e3,
             "share": us / all_us,
             "nodes": len(nodes[op]),
+            "in_graph": op in graph_ops,
         }
         for op, us in sorted(total.items(), key=lambda kv: -kv[1])
     ]
@@ -353,6 +361,7 @@ def render(out: dict, env: dict) -> str:
             for o in r["heaviest_ops"]:
                 lines.append(
                     f"  {o['op_type']:<24} {o['ms_per_call']:9.2f} ms {100 * o['share']:5.1f}%  {o['nodes']} node(s)"
+                    + ("" if o.get("in_graph", True) else "  (made by onnxruntime's optimiser)")
                 )
     return "\n".join(lines)
 
