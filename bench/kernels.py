@@ -390,9 +390,12 @@ class KernelRow:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("ATTN_EXPORT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "attn-export"
-    )
+    """``$ATTN_EXPORT_KERNEL_CACHE_DIR``, else ``~/.cache/attn-export/kernel-report`` (``$XDG_CACHE_HOME``
+    honoured). Not ``ATTN_EXPORT_CACHE_DIR``: that is the service's export cache (its settings)."""
+    own = os.environ.get("ATTN_EXPORT_KERNEL_CACHE_DIR")
+    if own:
+        return Path(own)
+    root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "attn-export")
     return Path(root) / "kernel-report"
 
 

@@ -71,6 +71,7 @@ def test_torch_backend_serves_a_checkpoint(standin_checkpoint):
 
 
 def test_checkpoint_on_onnxruntime_is_exported_once_to_a_cache(tmp_path, standin_checkpoint, monkeypatch):
+    monkeypatch.delenv("ATTN_EXPORT_CACHE_DIR", raising=False)  # set in the Docker images: beside the checkpoint here
     ckpt = tmp_path / "det.pt"
     shutil.copy(standin_checkpoint, ckpt)
     served = load(make_settings(ckpt))
