@@ -280,6 +280,7 @@ def _training_modules(model: nn.Module) -> list[str]:
     return [p or "<model>" for p, m in model.named_modules() if m.training and isinstance(m, modes)]
 
 
+@_warnings_to_debug()  # a contextmanager is also a decorator: every call records its own warnings
 def export_onnx(
     model: nn.Module,
     output: str | os.PathLike,
@@ -327,43 +328,6 @@ def export_onnx(
     when the model itself is a foreign block, the replacement is only in the result's graph.
     Problems raise :class:`ExportError` with a one-line message that names the stage.
     """
-    with _warnings_to_debug():
-        return _export_onnx(
-            model,
-            output,
-            input_shape,
-            batch,
-            opset,
-            target,
-            verify,
-            atol,
-            rtol,
-            seed,
-            progress,
-            metadata,
-            copy_model,
-            dynamic_hw,
-            inputs,
-        )
-
-
-def _export_onnx(
-    model,
-    output,
-    input_shape,
-    batch,
-    opset,
-    target,
-    verify,
-    atol,
-    rtol,
-    seed,
-    progress,
-    metadata,
-    copy_model,
-    dynamic_hw,
-    inputs,
-) -> ExportResult:
     from attn_export.plugins import TARGETS, onnx_translation_table
 
     if target not in TARGETS:
