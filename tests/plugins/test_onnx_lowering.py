@@ -8,16 +8,11 @@ graphs must hold no ``Col2Im`` and nothing that depends on the batch the exporte
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
-
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
+from onnx_helpers import quiet_export, session
 from torch import nn
 
 from attn_export.plugins import onnx_translation_table
@@ -60,32 +55,8 @@ class Outlook(nn.Module):
 
 def export(module: nn.Module, args: tuple, table: dict | None = None):
     """The ONNX model of ``module(*args)`` with a dynamic batch on every input."""
-    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            batch = torch.export.Dim("batch", min=1)
-            prog = torch.onnx.export(
-                module,
-                args,
-                dynamo=True,
-                dynamic_shapes=tuple({0: batch} for _ in args),
-                custom_translation_table=table or onnx_translation_table("ort"),
-                opset_version=18,
-                optimize=True,
-            )
-    finally:
-        quiet.setLevel(level)
-    return prog.model_proto
-
-
-def session(model):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    batch = torch.export.Dim("batch", min=1)
+    return quiet_export(module, args, tuple({0: batch} for _ in args), table or onnx_translation_table("ort"), True)
 
 
 def randn(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:

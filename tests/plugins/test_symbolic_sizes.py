@@ -18,18 +18,13 @@ spatial dims are the exporter's own expressions of H and W, as in a real model.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
-
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
 from onnx.reference import ReferenceEvaluator
+from onnx_helpers import quiet_export, session
 from torch import nn
 
 from attn_export.plugins import onnx_translation_table, reference_ops
@@ -62,31 +57,7 @@ def export(module: nn.Module, args: tuple, table: dict, spatial=None, optimize: 
         return {0: batch, h: height, w: width}
 
     dynamic = tuple(axes(a, sp) for a, sp in zip(args, spatial, strict=True))
-    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            prog = torch.onnx.export(
-                module,
-                args,
-                dynamo=True,
-                dynamic_shapes=dynamic,
-                custom_translation_table=table,
-                opset_version=18,
-                optimize=optimize,
-            )
-    finally:
-        quiet.setLevel(level)
-    return prog.model_proto
-
-
-def session(model):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return quiet_export(module, args, dynamic, table, optimize)
 
 
 def randn(*shape: int, seed: int) -> torch.Tensor:
