@@ -1,25 +1,30 @@
 """Triton forward kernels for ``attn_export::dynamic_conv2d``.
 
-Both compute a per-sample grouped convolution, ``out[b] = conv2d(x[b], weight[b], stride, padding,
+They compute a per-sample grouped convolution, ``out[b] = conv2d(x[b], weight[b], stride, padding,
 dilation, groups)`` with x (B, Cin, H, W) and weight (B, Cout, Cin/groups, kH, kW), as an implicit GEMM
 on tensor cores (``tl.dot``, fp32 accumulator): for each sample and group, with M = output pixels,
 N = output channels and K = input channels x taps::
 
-    out[p, co] = sum_k X[p, k] * Wt[k, co],   X[p, (ci, r, s)] = x[ci, oh*sh + r*dh - ph, ow*sw + s*dw - pw]
+    out[co, p] = sum_k Wt[co, k] * X[k, p],   X[(ci, r, s), p] = x[ci, oh*sh + r*dh - ph, ow*sw + s*dw - pw]
 
-(zero outside the image; X is never materialised: each K step gathers its tile straight from x).
+(zero outside the image; X is never materialised: each K step gathers its tile straight from x). Every
+global load and store runs a warp's lanes along the contiguous axis of its tensor (``attn-export kernels
+--accesses``).
 
-- :func:`dynamic_conv2d_cuda` (``_dynamic_conv2d_igemm``): the kernel to run. ``@triton.autotune``
-  over a handful of tile shapes keyed on the problem's shape and dtype; the K loop walks
-  ``k = ci*kH*kW + tap`` in the weight's own order, so a weight tile is a contiguous read per output
-  channel; fp32 inputs use TF32 tensor-core products when torch allows them
-  (``torch.backends.cuda.matmul.allow_tf32``) or when asked (``allow_tf32=True``), IEEE fp32 otherwise;
-  fp16 and bf16 load as they are. Under ``TRITON_INTERPRET=1`` one small tile shape is tried, so the
-  CPU tests stay fast.
+- :func:`dynamic_conv2d_cuda`: the kernel to run, ``@triton.autotune`` over a handful of tile shapes keyed
+  on the problem's shape and dtype. Where a group's input channels are a multiple of
+  :data:`CL_CHANNELS_MULTIPLE` (any dtype) it runs ``_dynamic_conv2d_igemm_cl`` on channels-last operands
+  (x and the weight transposed by torch first): a K tile is one tap and ``BLOCK_K`` consecutive channels,
+  contiguous in both, so the compiler copies x with 16-byte ``cp.async``. Otherwise
+  ``_dynamic_conv2d_igemm`` on NCHW (:func:`_nchw_tile`: pixels innermost, lanes along a row of the
+  image; K walks ``k = ci*kH*kW + tap``, the weight's own order). fp32 inputs use IEEE fp32 products by
+  default; TF32 tensor-core products when torch allows them (``torch.backends.cuda.matmul.allow_tf32``)
+  or when asked (``allow_tf32=True``). fp16 and bf16 load as they are. Under ``TRITON_INTERPRET=1`` one
+  small tile shape is tried, so the CPU tests stay fast.
 - ``_dynamic_conv2d_fwd`` with :func:`dynamic_conv2d_cuda_fixed`: the fixed-tile kernel of the
   TensorRT plugin (``plugins/dynamic_conv/trt_plugin.py`` compiles it ahead of time; both launch it
-  with the plan of ``plan.py``, and its parameters are that plugin's contract). Loops over the taps
-  and, per tap, over chunks of ``BLOCK_CI`` input channels. fp32 uses IEEE products there (``DOT_PRECISION="ieee"``).
+  with the plan of ``plan.py``, and its parameters are that plugin's contract): the NCHW tile of
+  :func:`_nchw_tile` with the plan's small blocks. fp32 uses IEEE products there (``DOT_PRECISION="ieee"``).
 
 The op's own CUDA kernel (``op.py``) does not use either: there the batch-folded cuDNN convolution is
 the fastest correct path (on an H200, B32 C256 28x28 k3: 0.27 ms against 4.2 ms for a Triton
@@ -36,6 +41,78 @@ from torch import Tensor
 from attn_export.plugins._cuda_common import NUM_WARPS, contiguous_pair, program_tile
 from attn_export.plugins.dynamic_conv.op import Ints
 from attn_export.plugins.dynamic_conv.plan import blocks, check_attributes, launch_plan, output_shape
+
+
+@triton.jit
+def _nchw_tile(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    CIN,
+    H,
+    W,
+    COUT,
+    HO,
+    WO,
+    CIN_G,
+    COUT_G,
+    b,
+    g,
+    tile_n,
+    tile_m,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One output tile of the implicit GEMM on NCHW operands, pixels innermost:
+    ``out[co, p] = sum_k Wt[co, k] X[k, p]`` with ``k = ci*KH*KW + r*KW + s`` (the weight's own order).
+    The x tile is ``[BLOCK_K, BLOCK_M]`` (pixels last: a warp's lanes run along a row of the image), the
+    weight tile ``[BLOCK_N, BLOCK_K]`` (K last: contiguous in the weight), the output tile
+    ``[BLOCK_N, BLOCK_M]`` (pixels last: contiguous in the output)."""
+    KHW: tl.constexpr = KH * KW
+    hw = H * W
+    howo = HO * WO
+    ktot = CIN_G * KHW
+    m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = m < howo
+    n_mask = n < COUT_G
+    ih0 = (m // WO) * SH - PH  # m >= 0: these are exact
+    iw0 = (m % WO) * SW - PW
+
+    x_base = x_ptr + (b * CIN + g * CIN_G) * hw
+    w_base = w_ptr + (b * COUT + g * COUT_G) * ktot
+    o_base = out_ptr + (b * COUT + g * COUT_G) * howo
+    w_rows = n.to(tl.int64)[:, None] * ktot
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, ktot, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < ktot
+        ci = k // KHW
+        tap = k % KHW
+        ih = ih0[None, :] + ((tap // KW) * DH)[:, None]
+        iw = iw0[None, :] + ((tap % KW) * DW)[:, None]
+        x_ok = k_mask[:, None] & m_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        xt = tl.load(x_base + ci.to(tl.int64)[:, None] * hw + (ih * W + iw), mask=x_ok, other=0.0)
+        wt = tl.load(w_base + w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        if UPCAST:  # the interpreter's tl.dot mishandles bf16 (stored as uint16 there): take fp32 products
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(wt, xt, acc, input_precision=DOT_PRECISION)
+
+    dst = o_base + n.to(tl.int64)[:, None] * howo + m[None, :]
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
 
 
 @triton.jit
@@ -63,56 +140,15 @@ def _dynamic_conv2d_fwd(
     KH: tl.constexpr,
     KW: tl.constexpr,
     BLOCK_CO: tl.constexpr,
-    BLOCK_CI: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    """The fixed-tile kernel (the TensorRT plugin's): one ``[BLOCK_CO, BLOCK_P]`` output tile per program,
+    the reduction in ``BLOCK_K`` steps of (input channel, tap)."""
     co_blk, p_blk, _, b, g = program_tile(n_coblk, n_pblk, GROUPS)
-
-    hw = H * W
-    howo = HO * WO
-    co = co_blk * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    p = p_blk * BLOCK_P + tl.arange(0, BLOCK_P)
-    ci = tl.arange(0, BLOCK_CI)
-    co_mask = co < COUT_G
-    p_mask = p < howo
-    oh = p // WO
-    ow = p % WO
-
-    # x: first input channel of this (sample, group); weight: its first output channel's kernel.
-    x_base = x_ptr + (b * CIN + g * CIN_G) * hw
-    w_base = w_ptr + (b * COUT + g * COUT_G) * (CIN_G * KH * KW)
-    o_base = out_ptr + (b * COUT + g * COUT_G) * howo
-    w_rows = co.to(tl.int64)[:, None] * (CIN_G * KH * KW)
-
-    acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=tl.float32)
-    for r in tl.static_range(KH):
-        ih = oh * SH + r * DH - PH
-        h_ok = (ih >= 0) & (ih < H)
-        for s in tl.static_range(KW):
-            iw = ow * SW + s * DW - PW
-            pix_ok = p_mask & h_ok & (iw >= 0) & (iw < W)
-            pix = (ih * W + iw)[None, :]
-            for ci0 in range(0, CIN_G, BLOCK_CI):
-                cin = ci0 + ci
-                ci_mask = cin < CIN_G
-                wt = tl.load(
-                    w_base + w_rows + (cin * (KH * KW) + (r * KW + s))[None, :],
-                    mask=co_mask[:, None] & ci_mask[None, :],
-                    other=0.0,
-                )
-                xt = tl.load(
-                    x_base + cin.to(tl.int64)[:, None] * hw + pix,
-                    mask=ci_mask[:, None] & pix_ok[None, :],
-                    other=0.0,
-                )
-                acc = tl.dot(wt, xt, acc, input_precision=DOT_PRECISION)
-
-    tl.store(
-        o_base + co.to(tl.int64)[:, None] * howo + p[None, :],
-        acc.to(out_ptr.dtype.element_ty),
-        mask=co_mask[:, None] & p_mask[None, :],
-    )
+    _nchw_tile(x_ptr, w_ptr, out_ptr, CIN, H, W, COUT, HO, WO, CIN_G, COUT_G, b, g, co_blk, p_blk,
+               SH, SW, PH, PW, DH, DW, KH, KW, BLOCK_CO, BLOCK_P, BLOCK_K, DOT_PRECISION, False)  # fmt: skip
 
 
 def _prepare(name: str, x: Tensor, weight: Tensor, stride: Ints, padding: Ints, dilation: Ints):
@@ -205,47 +241,14 @@ def _dynamic_conv2d_igemm(
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    howo = HO * WO
-    n_m = tl.cdiv(howo, BLOCK_M)
+    """The implicit GEMM on NCHW operands (:func:`_nchw_tile`): where a group's channels are not a multiple
+    of :data:`CL_CHANNELS_MULTIPLE`."""
+    n_m = tl.cdiv(HO * WO, BLOCK_M)
     n_n = tl.cdiv(COUT_G, BLOCK_N)
     # output-channel tiles fastest: neighbouring programs share one gathered input tile (L2 reuse)
     tile_n, tile_m, _, b, g = program_tile(n_n, n_m, GROUPS)
-
-    KHW: tl.constexpr = KH * KW
-    hw = H * W
-    ktot = CIN_G * KHW
-    m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = m < howo
-    n_mask = n < COUT_G
-    ih0 = (m // WO) * SH - PH  # m >= 0: these are exact
-    iw0 = (m % WO) * SW - PW
-
-    x_base = x_ptr + (b * CIN + g * CIN_G) * hw
-    w_base = w_ptr + (b * COUT + g * COUT_G) * ktot
-    o_base = out_ptr + (b * COUT + g * COUT_G) * howo
-    w_cols = n.to(tl.int64)[None, :] * ktot
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, ktot, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)  # k = ci*KH*KW + r*KW + s, the weight's own order
-        k_mask = k < ktot
-        ci = k // KHW
-        tap = k % KHW
-        r = tap // KW
-        s = tap % KW
-        ih = ih0[:, None] + (r * DH)[None, :]
-        iw = iw0[:, None] + (s * DW)[None, :]
-        a_ok = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(x_base + ci.to(tl.int64)[None, :] * hw + (ih * W + iw), mask=a_ok, other=0.0)
-        wt = tl.load(w_base + w_cols + k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if UPCAST:  # the interpreter's tl.dot mishandles bf16 (stored as uint16 there): take fp32 products
-            a = a.to(tl.float32)
-            wt = wt.to(tl.float32)
-        acc = tl.dot(a, wt, acc, input_precision=DOT_PRECISION)
-
-    dst = o_base + n.to(tl.int64)[None, :] * howo + m[:, None]
-    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    _nchw_tile(x_ptr, w_ptr, out_ptr, CIN, H, W, COUT, HO, WO, CIN_G, COUT_G, b, g, tile_n, tile_m,
+               SH, SW, PH, PW, DH, DW, KH, KW, BLOCK_N, BLOCK_M, BLOCK_K, DOT_PRECISION, UPCAST)  # fmt: skip
 
 
 @triton.jit
@@ -322,6 +325,13 @@ def _dynamic_conv2d_igemm_cl(
 #: The channels-last GEMM runs where every tile shape's BLOCK_K divides the channels of a group.
 CL_CHANNELS_MULTIPLE = 32
 
+
+def channels_last(cin_g: int) -> bool:
+    """Whether :func:`dynamic_conv2d_cuda` runs the channels-last kernel for ``cin_g`` input channels per
+    group (any dtype): x tiles along the channels, 16-byte ``cp.async`` (``attn-export kernels``)."""
+    return cin_g % CL_CHANNELS_MULTIPLE == 0
+
+
 _igemm_kernel = None
 _igemm_cl_kernel = None
 
@@ -389,9 +399,9 @@ def dynamic_conv2d_cuda(
         return (b * groups * triton.cdiv(ho * wo, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]),)
 
     kernel = _igemm()
-    if x.dtype != torch.float32 and cin_g % CL_CHANNELS_MULTIPLE == 0:
-        # fp16/bf16: channels-last operands, so the x tiles are contiguous and copied asynchronously (one
-        # transposing pass over x and the weight first)
+    if channels_last(cin_g):
+        # channels-last operands, so the x tiles are contiguous and copied asynchronously (one transposing
+        # pass over x and the weight first)
         kernel = _igemm_cl()
         x = x.permute(0, 2, 3, 1).contiguous()
         weight = weight.permute(0, 1, 3, 4, 2).contiguous()

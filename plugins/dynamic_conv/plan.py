@@ -46,10 +46,12 @@ def _block(n: int | None, lo: int, hi: int) -> int:
 
 
 def blocks(cout_g: int | None, cin_g: int | None, howo: int | None) -> tuple[int, int, int]:
-    """``(BLOCK_CO, BLOCK_CI, BLOCK_P)`` (``tl.dot`` tiles >= 16); None (a dynamic size) takes the largest.
-    Tiles of 64 x 16 x 32 at most: with 32 input channels or 64 pixels, fp32's IEEE products (FMA, not
-    tensor cores) need 255 registers and spill (``attn-export kernels``: 168 registers, no spill, now)."""
-    return _block(cout_g, 16, 64), _block(cin_g, 16, 16), _block(howo, 16, 32)
+    """``(BLOCK_CO, BLOCK_K, BLOCK_P)`` (``tl.dot`` tiles >= 16); None (a dynamic size) takes the largest.
+    ``BLOCK_K`` steps the reduction over (input channel, tap) in the weight's order: 16 (a group has
+    ``cin_g * kH * kW`` of them; the tile stays 16 for any ``cin_g``). Tiles of 64 x 16 x 32 at most:
+    larger ones make fp32's IEEE products (FMA, not tensor cores) spill (``attn-export kernels``)."""
+    del cin_g  # the K tile is 16 whatever the channels; kept for the callers' (and the plan's) symmetry
+    return _block(cout_g, 16, 64), 16, _block(howo, 16, 32)
 
 
 def dot_precision(dtype: str) -> str | None:
@@ -57,7 +59,7 @@ def dot_precision(dtype: str) -> str | None:
     return "ieee" if dtype == "fp32" else None
 
 
-def constexprs(stride, padding, dilation, kernel_hw, block_co: int, block_ci: int, block_p: int, precision) -> dict:
+def constexprs(stride, padding, dilation, kernel_hw, block_co: int, block_k: int, block_p: int, precision) -> dict:
     """The kernel's constexpr arguments (``stride``, ``padding``, ``dilation``, ``kernel_hw``: int pairs)."""
     (sh, sw), (ph, pw), (dh, dw), (kh, kw) = stride, padding, dilation, kernel_hw
     return {
@@ -70,7 +72,7 @@ def constexprs(stride, padding, dilation, kernel_hw, block_co: int, block_ci: in
         "KH": kh,
         "KW": kw,
         "BLOCK_CO": block_co,
-        "BLOCK_CI": block_ci,
+        "BLOCK_K": block_k,
         "BLOCK_P": block_p,
         "DOT_PRECISION": precision,
     }
@@ -85,7 +87,7 @@ def launch_plan(
     groups: int,
     kernel_hw: tuple[int, int],
     block_co: int,
-    block_ci: int,
+    block_k: int,
     block_p: int,
     dot_precision: str | None,
 ):
@@ -103,4 +105,4 @@ def launch_plan(
     n_coblk = cdiv(cout_g, block_co)
     grid = b * groups * n_pblk * n_coblk
     scalars = (cin, h, w, cout, ho, wo, groups, cin_g, cout_g, n_pblk, n_coblk)
-    return grid, scalars, constexprs(*pairs, (kh, kw), block_co, block_ci, block_p, dot_precision)
+    return grid, scalars, constexprs(*pairs, (kh, kw), block_co, block_k, block_p, dot_precision)

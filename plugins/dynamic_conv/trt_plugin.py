@@ -70,12 +70,12 @@ def aot_entry():
         KH: tl.constexpr,
         KW: tl.constexpr,
         BLOCK_CO: tl.constexpr,
-        BLOCK_CI: tl.constexpr,
+        BLOCK_K: tl.constexpr,
         BLOCK_P: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
         _body(x_ptr, w_ptr, out_ptr, CIN, H, W, COUT, HO, WO, GROUPS, CIN_G, COUT_G, n_pblk, n_coblk,
-              SH, SW, PH, PW, DH, DW, KH, KW, BLOCK_CO, BLOCK_CI, BLOCK_P, DOT_PRECISION)  # fmt: skip
+              SH, SW, PH, PW, DH, DW, KH, KW, BLOCK_CO, BLOCK_K, BLOCK_P, DOT_PRECISION)  # fmt: skip
 
     return triton.jit(dynamic_conv2d_aot)
 
@@ -88,7 +88,7 @@ def aot_kernel(
     dilation: tuple[int, int],
     kernel_hw: tuple[int, int],
     block_co: int,
-    block_ci: int,
+    block_k: int,
     block_p: int,
     target=None,
 ) -> _trt.AOTKernel:
@@ -102,7 +102,7 @@ def aot_kernel(
             "precision_graph does) or use the JIT plugins (plugins='jit')"
         )
     precision = plan.dot_precision(dtypes[0])
-    entry_constexprs = plan.constexprs(stride, padding, dilation, kernel_hw, block_co, block_ci, block_p, precision)
+    entry_constexprs = plan.constexprs(stride, padding, dilation, kernel_hw, block_co, block_k, block_p, precision)
     return _trt.compile_entry(
         aot_entry(), ("x_ptr", "w_ptr", "out_ptr"), dtypes, plan.SCALARS, entry_constexprs, target
     )
@@ -183,9 +183,9 @@ def _define_aot(trt, trtp) -> None:
             howo = conv_out(xs[2], ws[3], strides[0], pads[0], dils[0]) * conv_out(
                 xs[3], ws[4], strides[1], pads[1], dils[1]
             )
-        block_co, block_ci, block_p = plan.blocks(cout_g, ws[2], howo)
+        block_co, block_k, block_p = plan.blocks(cout_g, ws[2], howo)
         dtypes = _trt.io_dtypes(trt, (x, weight), outputs)
-        kernel = aot_kernel(dtypes, strides, pads, dils, kernel_hw, block_co, block_ci, block_p)
+        kernel = aot_kernel(dtypes, strides, pads, dils, kernel_hw, block_co, block_k, block_p)
         grid, scalars, _ = plan.launch_plan(
             x.shape_expr,
             weight.shape_expr,
@@ -195,7 +195,7 @@ def _define_aot(trt, trtp) -> None:
             groups,
             kernel_hw,
             block_co,
-            block_ci,
+            block_k,
             block_p,
             plan.dot_precision(dtypes[0]),
         )

@@ -286,27 +286,51 @@ def test_dynamic_conv2d_matches_per_sample_convolutions(case):
     _check(out, naive_dynamic_conv(x, weight, s, p, d, groups), torch.float32)
 
 
-@needs_device
-@pytest.mark.parametrize("dtype", HALF, ids=str)
-@pytest.mark.parametrize(
-    "case",
-    [
-        (2, 32, 20, 1, 7, 9, 3, 3, (1, 1), (1, 1), (1, 1)),
-        (1, 64, 8, 2, 9, 7, 3, 3, (2, 1), (1, 2), (1, 2)),
-        (3, 32, 17, 1, 5, 6, 1, 1, (1, 1), (0, 0), (1, 1)),
-    ],
-    ids=["k3", "g2_s21_d12", "k1"],
-)
-def test_dynamic_conv2d_channels_last_half(case, dtype):
-    """fp16/bf16 with channels of a group in multiples of 32 take the channels-last implicit GEMM."""
-    from attn_export.plugins.dynamic_conv.cuda_kernel import CL_CHANNELS_MULTIPLE
+#: Cases with a group's input channels a multiple of 32: the channels-last implicit GEMM's.
+DCONV_CL_CASES = [
+    (2, 32, 20, 1, 7, 9, 3, 3, (1, 1), (1, 1), (1, 1)),
+    (1, 64, 8, 2, 9, 7, 3, 3, (2, 1), (1, 2), (1, 2)),
+    (3, 32, 17, 1, 5, 6, 1, 1, (1, 1), (0, 0), (1, 1)),
+    (2, 96, 15, 3, 11, 5, 3, 2, (2, 1), (2, 1), (2, 1)),  # 3 groups, odd sizes, stride (2, 1), dilation
+]
 
-    assert (case[1] // case[3]) % CL_CHANNELS_MULTIPLE == 0
+
+@needs_device
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF], ids=str)
+@pytest.mark.parametrize("case", DCONV_CL_CASES, ids=["k3", "g2_s21_d12", "k1", "g3_s21_d21_k3x2"])
+def test_dynamic_conv2d_channels_last(case, dtype):
+    """Channels of a group in multiples of 32 take the channels-last implicit GEMM, in every dtype (fp32 with
+    IEEE products: torch's TF32 switch is off by default)."""
+    assert dconv_tk.channels_last(case[1] // case[3])
     s, p, d, groups = case[8], case[9], case[10], case[3]
-    x, weight = _dconv_inputs(21, *case[:8])
+    x, weight = _dconv_inputs(21 + case[1], *case[:8])
     x, weight = x.to(dtype), weight.to(dtype)
-    expected = dconv_op.reference(x.double(), weight.double(), s, p, d, groups)
+    expected = naive_dynamic_conv(x.double(), weight.double(), s, p, d, groups)
     _check(dynamic_conv2d_cuda(x.to(DEVICE), weight.to(DEVICE), s, p, d, groups), expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("cin", "groups", "expected"), [(64, 2, "cl"), (32, 1, "cl"), (40, 1, "nchw"), (8, 4, "nchw")])
+def test_dynamic_conv2d_picks_channels_last_by_the_channels_of_a_group(monkeypatch, dtype, cin, groups, expected):
+    """The channels-last kernel runs where a group's channels are a multiple of 32, whatever the dtype, and is
+    given channels-last operands: x (B, H, W, Cin), the weight (B, Cout, kH, kW, Cin/groups)."""
+    calls = []
+
+    def recorder(name):
+        class Recorder:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: calls.append((name, args[0].shape, args[1].shape))
+
+        return lambda: Recorder()
+
+    monkeypatch.setattr(dconv_tk, "_igemm", recorder("nchw"))
+    monkeypatch.setattr(dconv_tk, "_igemm_cl", recorder("cl"))
+    x, weight = torch.randn(2, cin, 5, 7).to(dtype), torch.randn(2, 6, cin // groups, 3, 1).to(dtype)
+    dynamic_conv2d_cuda(x, weight, (1, 1), (1, 0), (1, 1), groups)
+    if expected == "cl":
+        assert calls == [("cl", (2, 5, 7, cin), (2, 6, 3, 1, cin // groups))]
+    else:
+        assert calls == [("nchw", tuple(x.shape), tuple(weight.shape))]
 
 
 @needs_device
@@ -373,9 +397,10 @@ def test_tf32_allowed_reads_torchs_switch():
 
 @needs_device
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("case", [DCONV_CASES[1], DCONV_CASES[5], DCONV_CASES[7]], ids=_dconv_id)
+@pytest.mark.parametrize("case", DCONV_CASES, ids=_dconv_id)
 def test_dynamic_conv2d_fixed_tile_kernel(case, dtype):
-    """The TensorRT plugin's kernel (its own launch plan), fp32 and fp16 as the plugin declares."""
+    """The TensorRT plugin's kernel (its own launch plan), fp32 and fp16 as the plugin declares; every case:
+    strides, dilation, groups, depthwise, a reduction of several K tiles (40 channels x 9 taps)."""
     b, cin, cout, groups, h, w, kh, kw, s, p, d = case
     x, weight = _dconv_inputs(16, b, cin, cout, groups, h, w, kh, kw)
     x, weight = x.to(dtype), weight.to(dtype)

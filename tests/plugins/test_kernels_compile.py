@@ -1,10 +1,10 @@
-"""The Triton kernels compile for Hopper (sm_90) in bf16, and the implicit GEMM in TF32/fp16/bf16, with no GPU.
+"""The Triton kernels compile for Hopper (sm_90) in bf16, and the implicit GEMMs in TF32/fp16/bf16, with no GPU.
 
 The interpreter runs kernel bodies as numpy and never sees what only the compiler does (type rules of
 loop-carried values, layouts, ``tl.dot`` lowering), so compiling is a check of its own. Triton's own
 toolchain (``ptxas`` ships in its wheel) compiles for a named target without a driver; this runs in a
 subprocess because the test process has ``TRITON_INTERPRET=1``. The implicit GEMM must reach the
-tensor cores: ``wgmma`` on sm_90 for TF32, fp16 and bf16.
+tensor cores: ``wgmma`` on sm_90 for TF32, fp16 and bf16, on NCHW and on channels-last operands.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ _SCRIPT = textwrap.dedent(
     import json
     import triton
     from triton.backends.compiler import GPUTarget
-    from attn_export.plugins.dynamic_conv.cuda_kernel import _dynamic_conv2d_igemm
+    from attn_export.plugins.dynamic_conv.cuda_kernel import _dynamic_conv2d_igemm, _dynamic_conv2d_igemm_cl
     from attn_export.plugins.involution.cuda_kernel import _involution2d_fwd, _involution2d_rows
     from attn_export.plugins.outlook.cuda_kernel import _outlook_aggregate_fwd
 
@@ -56,9 +56,10 @@ _SCRIPT = textwrap.dedent(
     geom = dict(SH=2, SW=1, PH=1, PW=1, DH=1, DW=2, KH=3, KW=3)
     for dt in ("fp32", "fp16", "bf16"):
         precision = "tf32" if dt == "fp32" else None
-        out[f"igemm/{dt}"] = build(
-            _dynamic_conv2d_igemm, ("x_ptr", "w_ptr", "out_ptr"), conv_ints, dt,
-            dict(geom, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, DOT_PRECISION=precision, UPCAST=False))
+        for name, fn in (("igemm", _dynamic_conv2d_igemm), ("igemm_cl", _dynamic_conv2d_igemm_cl)):
+            out[f"{name}/{dt}"] = build(
+                fn, ("x_ptr", "w_ptr", "out_ptr"), conv_ints, dt,
+                dict(geom, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, DOT_PRECISION=precision, UPCAST=False))
     print("RESULT" + json.dumps(out))
     """
 )
@@ -75,6 +76,6 @@ def test_every_kernel_compiles_for_sm90_and_the_gemm_uses_tensor_cores():
             pytest.skip("Triton's ptxas is not available here")
         pytest.fail(f"compilation failed:\n{proc.stderr[-4000:]}")
     result = json.loads(lines[0][len("RESULT") :])
-    assert len(result) == 6 and all(info["entry"] for info in result.values())
+    assert len(result) == 9 and all(info["entry"] for info in result.values())
     assert result["involution-rows/bf16/k7"]["shfl"], "the row gather should stay inside a warp (shuffles)"
-    assert all(result[f"igemm/{dt}"]["wgmma"] for dt in ("fp32", "fp16", "bf16")), result
+    assert all(result[f"{k}/{dt}"]["wgmma"] for k in ("igemm", "igemm_cl") for dt in ("fp32", "fp16", "bf16")), result
