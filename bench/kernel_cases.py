@@ -114,64 +114,70 @@ def _involution_cases(dtype: str) -> list[Case]:
 
 
 def _outlook_cases(dtype: str) -> list[Case]:
+    """The window-row kernel (the op's and the TensorRT AOT entry's for k <= 3) at k3 s1 and s2, and the
+    tile kernel that k > 3 falls back to, at k5 s1 (role ``fallback``: no realistic shape runs it)."""
     from attn_export.plugins.outlook import cuda_kernel as ck
     from attn_export.plugins.outlook import plan
 
-    b, c, h, w, k, heads, p = 1, 384, 28, 28, 3, 12, 1
+    b, c, h, w, heads = 1, 384, 28, 28, 12
     out = []
     ptrs = ("v_ptr", "attn_ptr", "out_ptr")
     args = (("tensor", 0), ("tensor", 1), ("tensor", 2))
-    for s in (1, 2):
+    rows_fn = f"{ck.__name__}:_outlook_rows"
+    for k, p, s in ((3, 1, 1), (3, 1, 2)):
         v = (b, c, h, w)
         gh, gw = plan.window_grid(v, k, p, s)
         attn = (b, heads, gh * gw, k * k, k * k)
         tensors = (("v", v, "in"), ("attn", attn, "in"), ("out", v, "out"))
-        label = f"B32 C384 28x28 m12 k3 s{s}"
-        for role, blk in (("op", plan.blocks(c // heads, h * w)), ("aot", None)):
-            variants = (
-                [("", blk)]
-                if role == "op"
-                else [("static", plan.blocks(c // heads, h * w)), ("dynamic", plan.blocks(None, None))]
+        label = f"B32 C384 28x28 m12 k{k} s{s}"
+        variants = (
+            ("outlook_aggregate_rows", "op", plan.rows_blocks(c // heads, w, k, s)),
+            ("outlook_aggregate_aot[static]", "aot", plan.rows_blocks(c // heads, w, k, s)),
+            ("outlook_aggregate_aot[dynamic]", "aot", plan.rows_blocks(None, None, k, s)),
+        )
+        for name, role, blk in variants:
+            grid, scalars, ce = plan.rows_launch_plan(v, attn, k, p, s, *blk)
+            aot = role == "aot"
+            out.append(
+                Case(
+                    name,
+                    "outlook",
+                    role,
+                    label,
+                    dtype,
+                    "attn_export.plugins.outlook.trt_plugin:aot_rows_entry()" if aot else rows_fn,
+                    (_aot_sig if aot else _sig)(ptrs, dtype, plan.ROWS_SCALARS),
+                    tuple(ce.items()),
+                    rows_fn,
+                    args + tuple(("int", x) for x in scalars),
+                    tuple(ce.items()),
+                    tensors,
+                    grid,
+                    num_warps=plan.ROWS_NUM_WARPS,
+                )
             )
-            for tag, (bc, bp) in variants:
-                grid, scalars, ce = plan.launch_plan(v, attn, k, p, s, bc, bp)
-                trace = args + tuple(("int", x) for x in scalars)
-                if role == "op":
-                    out.append(
-                        Case(
-                            "outlook_aggregate_fwd",
-                            "outlook",
-                            "op",
-                            label,
-                            dtype,
-                            f"{ck.__name__}:_outlook_aggregate_fwd",
-                            _sig(ptrs, dtype, plan.SCALARS),
-                            tuple(ce.items()),
-                            f"{ck.__name__}:_outlook_aggregate_fwd",
-                            trace,
-                            tuple(ce.items()),
-                            tensors,
-                            grid,
-                        )
-                    )
-                else:
-                    out.append(
-                        Case(
-                            f"outlook_aggregate_aot[{tag}]",
-                            "outlook",
-                            "aot",
-                            label,
-                            dtype,
-                            "attn_export.plugins.outlook.trt_plugin:aot_entry()",
-                            _aot_sig(ptrs, dtype, plan.SCALARS),
-                            tuple(ce.items()),
-                            f"{ck.__name__}:_outlook_aggregate_fwd",
-                            trace,
-                            tuple(ce.items()),
-                            tensors,
-                            grid,
-                        )
-                    )
+    k, p, s = 5, 2, 1
+    v = (b, c, h, w)
+    gh, gw = plan.window_grid(v, k, p, s)
+    attn = (b, heads, gh * gw, k * k, k * k)
+    grid, scalars, ce = plan.launch_plan(v, attn, k, p, s, *plan.blocks(c // heads, h * w))
+    out.append(
+        Case(
+            "outlook_aggregate_fwd",
+            "outlook",
+            "fallback",
+            f"B32 C384 28x28 m12 k{k} s{s}",
+            dtype,
+            f"{ck.__name__}:_outlook_aggregate_fwd",
+            _sig(ptrs, dtype, plan.SCALARS),
+            tuple(ce.items()),
+            f"{ck.__name__}:_outlook_aggregate_fwd",
+            args + tuple(("int", x) for x in scalars),
+            tuple(ce.items()),
+            (("v", v, "in"), ("attn", attn, "in"), ("out", v, "out")),
+            grid,
+        )
+    )
     return out
 
 
@@ -187,15 +193,15 @@ def _conv_cases(dtype: str) -> list[Case]:
     args = (("tensor", 0), ("tensor", 1), ("tensor", 2))
     geom = dict(SH=1, SW=1, PH=1, PW=1, DH=1, DW=1, KH=k, KW=k)
     bm, bn, bk, warps, stages = ck.REPORT_CONFIG
-    precision = "tf32" if dtype == "fp32" else None
+    precision = "ieee" if dtype == "fp32" else None  # the op's default (TF32 only where torch allows it)
     ce = dict(geom, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION=precision, UPCAST=False)
     ints = (cin, h, w, cout, h, w, 1, cin, cout)
     conv_ints = ("CIN", "H", "W", "COUT", "HO", "WO", "GROUPS", "CIN_G", "COUT_G")
     grid = b * (-(-h * w // bm)) * (-(-cout // bn))
     trace_ce = dict(ce, UPCAST=dtype == "bf16", DOT_PRECISION="ieee" if dtype != "fp16" else None)
-    # fp16/bf16 with channels in multiples of 32: the launcher's channels-last kernel (x and weight
-    # transposed first: channels innermost)
-    cl = dtype != "fp32" and cin % ck.CL_CHANNELS_MULTIPLE == 0
+    # the launcher's kernel: channels-last (x and weight transposed first: channels innermost) where a
+    # group's channels are a multiple of 32, in every dtype
+    cl = ck.channels_last(cin)
     fn = "_dynamic_conv2d_igemm_cl" if cl else "_dynamic_conv2d_igemm"
     gemm_tensors = (("x", (b, h, w, cin), "in"), ("weight", (b, cout, k, k, cin), "in"), tensors[2]) if cl else tensors
     out = [

@@ -354,22 +354,23 @@ def compile_entry(
     scalars: tuple[str, ...],
     constexprs: Mapping[str, object],
     target=None,
+    num_warps: int = NUM_WARPS,
 ) -> AOTKernel:
     """Compile an op's AOT entry: ``pointers`` are its inputs then its output (typed by ``dtypes``), with the
     int32 ``scalars`` between them (TensorRT's order); see :func:`compile_aot`."""
     signature = pointer_signature(pointers[:-1], dtypes, scalars, pointers[-1])
-    return compile_aot(entry, signature, constexprs, len(pointers) + len(scalars), target=target)
+    return compile_aot(entry, signature, constexprs, len(pointers) + len(scalars), num_warps=num_warps, target=target)
 
 
-def aot_compiler(entry, pointers: tuple[str, ...], scalars: tuple[str, ...], constexprs):
+def aot_compiler(entry, pointers: tuple[str, ...], scalars: tuple[str, ...], constexprs, num_warps: int = NUM_WARPS):
     """An op's cached ``aot_kernel(dtype, *args, target=None)``: its AOT entry (``entry()``) compiled by
-    :func:`compile_entry` for ``dtype`` (one Triton type name, or one per pointer) and the constexprs
-    ``constexprs(*args)``."""
+    :func:`compile_entry` for ``dtype`` (one Triton type name, or one per pointer), the constexprs
+    ``constexprs(*args)`` and ``num_warps``."""
 
     @functools.lru_cache(maxsize=64)
     def aot_kernel(dtype: str | tuple[str, ...], *args, target=None) -> AOTKernel:
         dtypes = expand_dtypes(dtype, len(pointers))
-        return compile_entry(entry(), pointers, dtypes, scalars, constexprs(*args), target)
+        return compile_entry(entry(), pointers, dtypes, scalars, constexprs(*args), target, num_warps)
 
     return aot_kernel
 

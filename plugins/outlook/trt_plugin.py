@@ -64,10 +64,56 @@ def aot_entry():
     return triton.jit(outlook_aggregate_aot)
 
 
+@functools.cache
+def aot_rows_entry():
+    """``_outlook_rows`` (the window-row kernel, ``kernel_size <= plan.ROWS_MAX_K``) with TensorRT's parameter
+    order ``(v, attn, <10 scalars>, out, <constexprs>)``."""
+    global tl, _rows_body
+    import triton
+    import triton.language as tl
+
+    from attn_export.plugins.outlook.cuda_kernel import _outlook_rows as _rows_body
+
+    def outlook_rows_aot(
+        v_ptr,
+        attn_ptr,
+        C,
+        H,
+        W,
+        GH,
+        GW,
+        HEADS,
+        CH,
+        n_tile,
+        n_xblk,
+        n_cblk,
+        out_ptr,
+        K: tl.constexpr,
+        PAD: tl.constexpr,
+        STRIDE: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_J: tl.constexpr,
+        ROWS: tl.constexpr,
+        KP: tl.constexpr,
+        KK2P: tl.constexpr,
+    ):
+        _rows_body(
+            v_ptr, attn_ptr, out_ptr, C, H, W, GH, GW, HEADS, CH, n_tile, n_xblk, n_cblk,
+            K, PAD, STRIDE, BLOCK_C, BLOCK_V, BLOCK_J, ROWS, KP, KK2P,
+        )  # fmt: skip
+
+    return triton.jit(outlook_rows_aot)
+
+
 #: ``aot_kernel(dtype, *args, target=None)``: the AOT entry compiled (cached) for ``dtype`` (``"fp32"``,
 #: ``"fp16"``, ``"bf16"``, or one per v, attn and output) and ``plan.constexprs(*args)``. The kernel
 #: reads every load as fp32, so mixed types work.
 aot_kernel = _trt.aot_compiler(aot_entry, ("v_ptr", "attn_ptr", "out_ptr"), plan.SCALARS, plan.constexprs)
+#: The same for the window-row kernel and ``plan.rows_constexprs(*args)`` (``kernel_size <= 3``).
+aot_rows_kernel = _trt.aot_compiler(
+    aot_rows_entry, ("v_ptr", "attn_ptr", "out_ptr"), plan.ROWS_SCALARS, plan.rows_constexprs, plan.ROWS_NUM_WARPS
+)
 
 
 # ------------------------------------------------------------------------------------------ registration
@@ -117,9 +163,15 @@ def _define_aot(trt, trtp) -> None:
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         vs, a = static_dims(v.shape), static_dims(attn.shape)
         ch = vs[1] // a[1] if vs[1] is not None and a[1] is not None else None
+        dtypes = _trt.io_dtypes(trt, (v, attn), outputs)
+        if plan.uses_rows(kernel_size):
+            blk = plan.rows_blocks(ch, vs[3], kernel_size, stride)
+            kernel = aot_rows_kernel(dtypes, kernel_size, padding, stride, *blk)
+            grid, scalars, _ = plan.rows_launch_plan(v.shape_expr, attn.shape_expr, kernel_size, padding, stride, *blk)
+            return _trt.aot_launch(trtp, kernel, grid, scalars)
         hw = vs[2] * vs[3] if vs[2] is not None and vs[3] is not None else None
         block_c, block_p = plan.blocks(ch, hw)
-        kernel = aot_kernel(_trt.io_dtypes(trt, (v, attn), outputs), kernel_size, padding, stride, block_c, block_p)
+        kernel = aot_kernel(dtypes, kernel_size, padding, stride, block_c, block_p)
         grid, scalars, _ = plan.launch_plan(
             v.shape_expr, attn.shape_expr, kernel_size, padding, stride, block_c, block_p
         )

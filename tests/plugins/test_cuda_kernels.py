@@ -431,6 +431,11 @@ OUTLOOK_CASES = [
     (1, 64, 1, 9, 9, 3, 1, 1),  # 64 channels per head, 81 pixels: several blocks of each
     (1, 8, 2, 9, 9, 3, 1, 2),  # 4 phase blocks on a grid of 2: the grid-stride walk
     (1, 2, 1, 8, 7, 5, 2, 2),  # k=5 at stride 2 (k=7: the index-math replay, and it compiles)
+    # the window-row kernel (k <= 3): three column blocks and a last partial block of rows; odd stride 2;
+    # k=2 (an even window)
+    (1, 4, 1, 11, 61, 3, 1, 1),
+    (2, 4, 2, 13, 37, 3, 1, 2),
+    (1, 4, 1, 6, 5, 2, 1, 1),
 ]
 
 

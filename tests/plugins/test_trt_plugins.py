@@ -162,6 +162,21 @@ def outlook_shapes(case):
     return (b, c, h, w), (b, heads, gh * gw, k * k, k * k), (k, p, s)
 
 
+def outlook_kernel_plan(vs, attn_s, attrs, dynamic: bool = False):
+    """What the op and the plugin launch for these shapes: ``(kernel name, entry, blocks, (grid, scalars,
+    constexprs), scalar names, warps)``; the window-row kernel up to k=3, the pixel-block one above. With
+    ``dynamic``, the blocks of a dynamic height and width; shapes may be symbolic."""
+    k, p, s = attrs
+    ch = vs[1] // attn_s[1]
+    if outlook_plan.uses_rows(k):
+        blocks = outlook_plan.rows_blocks(ch, None if dynamic else vs[3], k, s)
+        lp = outlook_plan.rows_launch_plan(vs, attn_s, k, p, s, *blocks)
+        return "_outlook_rows", outlook_trt.aot_rows_entry, blocks, lp, outlook_plan.ROWS_SCALARS, 8
+    blocks = outlook_plan.blocks(ch, None if dynamic else vs[2] * vs[3])
+    lp = outlook_plan.launch_plan(vs, attn_s, k, p, s, *blocks)
+    return "_outlook_aggregate_fwd", outlook_trt.aot_entry, blocks, lp, outlook_plan.SCALARS, trt_plugins.NUM_WARPS
+
+
 # ------------------------------------------------------------------------------------------ output shapes
 @pytest.mark.parametrize("case", INVOLUTION_CASES)
 def test_involution_output_shape_matches_fake_kernel(case):
@@ -297,18 +312,19 @@ def test_outlook_launch_plan_is_the_cuda_kernels_launchers(monkeypatch, case):
     pytest.importorskip("triton")
     vs, attn_s, attrs = outlook_shapes(case)
     v, a = torch.zeros(vs), torch.zeros(attn_s)
+    name, _, blocks, (plan_grid, scalars, constexprs), names, warps = outlook_kernel_plan(vs, attn_s, attrs)
     grid, args, kwargs = _record_launch(
         monkeypatch,
         "attn_export.plugins.outlook.cuda_kernel",
-        "_outlook_aggregate_fwd",
+        name,
         lambda m: m.outlook_aggregate_cuda(v, a, *attrs),
     )
-    block_c, block_p = outlook_plan.blocks(vs[1] // attn_s[1], vs[2] * vs[3])
-    plan_grid, scalars, constexprs = outlook_plan.launch_plan(vs, attn_s, *attrs, block_c, block_p)
     assert grid == (plan_grid,)
-    assert tuple(args[3:]) == scalars and len(scalars) == len(outlook_plan.SCALARS)
+    assert tuple(args[3:]) == scalars and len(scalars) == len(names)
     assert {k: v for k, v in kwargs.items() if k != "num_warps"} == constexprs
-    sym = outlook_plan.launch_plan(sym_shape(vs), sym_shape(attn_s), *attrs, block_c, block_p)
+    assert kwargs["num_warps"] == warps
+    planner = outlook_plan.rows_launch_plan if name == "_outlook_rows" else outlook_plan.launch_plan
+    sym = planner(sym_shape(vs), sym_shape(attn_s), *attrs, *blocks)
     assert (sym[0].value, evaluate(sym[1])) == (plan_grid, scalars)
 
 
@@ -316,6 +332,8 @@ def test_dynamic_sizes_take_the_largest_blocks():
     assert inv_plan.blocks(None, None) == (32, 128)
     assert dconv_plan.blocks(None, None, None) == (64, 16, 32)
     assert outlook_plan.blocks(None, None) == (32, 64)
+    assert outlook_plan.rows_blocks(None, None, 3, 1) == (32, 32, 32, 8)
+    assert outlook_plan.rows_blocks(None, None, 3, 2) == (32, 32, 16, 8)
 
 
 # ------------------------------------------------------------------------------------------ kernels, run
@@ -388,10 +406,9 @@ def test_outlook_aot_entry_and_jit_launch_match_reference(case):
     out = torch.full(expected.shape, float("nan"), device=device)
     outlook_trt.launch(v, a, out, *attrs)
     torch.testing.assert_close(out.cpu().double(), expected, atol=1e-4, rtol=1e-4)
-    block_c, block_p = outlook_plan.blocks(vs[1] // attn_s[1], vs[2] * vs[3])
-    grid, scalars, constexprs = outlook_plan.launch_plan(vs, attn_s, *attrs, block_c, block_p)
+    _, entry, _, (grid, scalars, constexprs), _, warps = outlook_kernel_plan(vs, attn_s, attrs)
     out2 = torch.full(expected.shape, float("nan"), device=device)
-    outlook_trt.aot_entry()[(grid,)](v, a, *scalars, out2, **constexprs, num_warps=trt_plugins.NUM_WARPS)
+    entry()[(grid,)](v, a, *scalars, out2, **constexprs, num_warps=warps)
     torch.testing.assert_close(out2.cpu().double(), expected, atol=1e-4, rtol=1e-4)
 
 
@@ -467,9 +484,11 @@ _COMPILE_SCRIPT = textwrap.dedent(
             dtype, (2, 1), (1, 0), (1, 2), (3, 2), 16, 16, 64, target=target
         )
         kernels["outlook_aggregate", dtype] = outl.aot_kernel(dtype, 3, 1, 2, 32, 64, target=target)
+        kernels["outlook_rows", dtype] = outl.aot_rows_kernel(dtype, 3, 1, 2, 32, 32, 16, 8, target=target)
     mixed = ("fp16", "fp32", "fp16")  # x fp16, weight fp32 (a strongly typed graph may declare it)
     kernels["involution2d", "mixed"] = inv.aot_kernel(mixed, 3, 2, 1, 1, 32, 128, target=target)
     kernels["outlook_aggregate", "mixed"] = outl.aot_kernel(mixed, 3, 1, 2, 32, 64, target=target)
+    kernels["outlook_rows", "mixed"] = outl.aot_rows_kernel(mixed, 3, 1, 2, 32, 32, 16, 8, target=target)
     out = {}
     for (op, dtype), k in kernels.items():
         ptx = k.ptx.decode()
@@ -504,7 +523,9 @@ def test_aot_kernels_compile_with_exactly_the_parameters_tensorrt_passes():
         "involution2d": inv_trt.N_PARAMS,
         "dynamic_conv2d": dconv_trt.N_PARAMS,
         "outlook_aggregate": outlook_trt.N_PARAMS,
+        "outlook_rows": outlook_trt.N_PARAMS + 1,  # one more int32 scalar (column blocks)
     }
+    warps = {"outlook_rows": 8}
     # with the switch, Triton's entry as it is: our parameters first, then any hidden ones (Triton >= 3.3)
     kept = result.pop("kept")["params"]
     assert kept[: inv_trt.N_PARAMS] == result["involution2d/fp32"]["params"]
@@ -512,7 +533,7 @@ def test_aot_kernels_compile_with_exactly_the_parameters_tensorrt_passes():
         op = key.split("/")[0]
         assert info["entry"], key
         assert info["name"] == f"{op}_aot", key
-        assert info["block_x"] == 32 * trt_plugins.NUM_WARPS, key
+        assert info["block_x"] == 32 * warps.get(op, trt_plugins.NUM_WARPS), key
         assert len(info["params"]) == info["expected"] == expected_params[op], (key, info["params"])
         kinds = [".u64" in p for p in info["params"]]  # pointers: inputs first, the output last
         assert kinds == [True, True] + [False] * (expected_params[op] - 3) + [True], (key, info["params"])
@@ -783,6 +804,8 @@ def test_aot_launch_parameters_through_tensorrt_plugin(real_trtp, monkeypatch, k
         return _trt_kit.AOTKernel(f"{kind}_aot", b"// ptx", 128, 1024, module.N_PARAMS)
 
     monkeypatch.setattr(module, "aot_kernel", fake_aot_kernel)
+    if module is outlook_trt:
+        monkeypatch.setattr(module, "aot_rows_kernel", fake_aot_kernel)
     plugin = _create(trt, trtp, module, attrs)
     dtypes = [getattr(trt.DataType, t) for t in types]
     _, out_shape = _shape_and_types(trt, plugin, shapes, dtypes[:2])
@@ -810,12 +833,11 @@ def test_aot_launch_parameters_through_tensorrt_plugin(real_trtp, monkeypatch, k
         blocks = dconv_plan.blocks(b[1] // g, b[2], ho * wo)
         grid, scalars, _ = dconv_plan.launch_plan(a, b, s, p, d, g, b[3:], *blocks, None)
     else:
-        blocks = outlook_plan.blocks(a[1] // b[1], a[2] * a[3])
-        grid, scalars, _ = outlook_plan.launch_plan(a, b, *attrs.values(), *blocks)
+        _, _, blocks, (grid, scalars, _), names, _ = outlook_kernel_plan(a, b, tuple(attrs.values()))
     assert compiled[0][1][-len(blocks) :] == blocks
     assert launch.grid_x.expr.value == grid and launch.block_x.expr.value == 128
     assert launch.shared_mem.expr.value == 1024
-    n_scalars = len({inv_trt: inv_plan, dconv_trt: dconv_plan, outlook_trt: outlook_plan}[module].SCALARS)
+    n_scalars = len(names if module is outlook_trt else {inv_trt: inv_plan, dconv_trt: dconv_plan}[module].SCALARS)
     assert setter.nbSymExprs == n_scalars
     assert [setter.items[i].expr.value for i in range(n_scalars)] == list(scalars)
     assert all(setter.items[i].dtype == trt.PluginArgDataType.INT32 for i in range(n_scalars))
@@ -873,6 +895,8 @@ def test_symbolic_height_and_width_through_tensorrt_plugin(real_trtp, monkeypatc
         return _trt_kit.AOTKernel(f"{kind}_aot", b"// ptx", 128, 1024, module.N_PARAMS)
 
     monkeypatch.setattr(module, "aot_kernel", fake_aot_kernel)
+    if module is outlook_trt:
+        monkeypatch.setattr(module, "aot_rows_kernel", fake_aot_kernel)
     plugin = _create(trt, trtp, module, attrs)
     exprs, dims = _symbolic_dims(kind, case)
     assert any(-1 in d[2:] for d in dims)  # H and W really are dynamic here
@@ -890,10 +914,10 @@ def test_symbolic_height_and_width_through_tensorrt_plugin(real_trtp, monkeypatc
     elif module is dconv_trt:
         blocks = dconv_plan.blocks(b0[1] // attrs["groups"], b0[2], None)
     else:
-        blocks = outlook_plan.blocks(a0[1] // b0[1], None)
+        _, _, blocks, _, names, _ = outlook_kernel_plan(a0, b0, tuple(attrs.values()), dynamic=True)
     assert compiled[0][-len(blocks) :] == blocks  # the blocks of a dynamic size: one kernel for every size
     assert not launch.grid_x.expr.is_constant() and not out_exprs[2].is_constant()
-    n_scalars = len(plan.SCALARS)
+    n_scalars = len(names if module is outlook_trt else plan.SCALARS)
     for b, h, w in RUNTIME_SIZES:
         sizes = {"B": b, "H": h, "W": w}
         _, (xs, ws), _ = _plugin_attrs(kind, _at(case, b, h, w))
@@ -902,6 +926,8 @@ def test_symbolic_height_and_width_through_tensorrt_plugin(real_trtp, monkeypatc
         if module is dconv_trt:
             s, p, d, g = args
             grid, scalars, _ = dconv_plan.launch_plan(xs, ws, s, p, d, g, ws[3:], *blocks, None)
+        elif module is outlook_trt:
+            _, _, _, (grid, scalars, _), _, _ = outlook_kernel_plan(xs, ws, args, dynamic=True)
         else:
             grid, scalars, _ = plan.launch_plan(xs, ws, *args, *blocks)
         assert launch.grid_x.expr.evaluate(sizes) == grid, (b, h, w)
@@ -924,10 +950,11 @@ def test_aot_entries_with_dynamic_size_blocks_at_odd_sizes(kind, case):
         s, p, d, g = (tuple(int(v) for v in x) if isinstance(x, np.ndarray) else x for x in args)
         blocks = dconv_plan.blocks(ws[1] // g, ws[2], None)
         grid, scalars, constexprs = dconv_plan.launch_plan(xs, ws, s, p, d, g, ws[3:], *blocks, "ieee")
-    else:
-        grid, scalars, constexprs = outlook_plan.launch_plan(xs, ws, *args, *outlook_plan.blocks(xs[1] // ws[1], None))
+    entry, warps = module.aot_entry, trt_plugins.NUM_WARPS
+    if module is outlook_trt:
+        _, entry, _, (grid, scalars, constexprs), _, warps = outlook_kernel_plan(xs, ws, args, dynamic=True)
     out = torch.full(expected.shape, float("nan"), device=device)
-    module.aot_entry()[(grid,)](a, b, *scalars, out, **constexprs, num_warps=trt_plugins.NUM_WARPS)
+    entry()[(grid,)](a, b, *scalars, out, **constexprs, num_warps=warps)
     torch.testing.assert_close(out.cpu().double(), expected, atol=1e-4, rtol=1e-4)
 
 
