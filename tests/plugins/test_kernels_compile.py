@@ -24,7 +24,7 @@ _SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from attn_export.plugins.dynamic_conv.cuda_kernel import _dynamic_conv2d_igemm, _dynamic_conv2d_igemm_cl
     from attn_export.plugins.involution.cuda_kernel import _involution2d_fwd, _involution2d_rows
-    from attn_export.plugins.outlook.cuda_kernel import _outlook_aggregate_fwd
+    from attn_export.plugins.outlook.cuda_kernel import _outlook_aggregate_fwd, _outlook_rows
 
     target = GPUTarget("cuda", 90, 32)
 
@@ -43,6 +43,11 @@ _SCRIPT = textwrap.dedent(
         _outlook_aggregate_fwd, ("v_ptr", "attn_ptr", "out_ptr"),
         ("C", "H", "W", "GH", "GW", "HEADS", "CH", "n_pblk", "n_cblk"), "bf16",
         {"K": 3, "PAD": 1, "STRIDE": 2, "BLOCK_C": 32, "BLOCK_P": 64})
+    out["outlook-rows/bf16/s2"] = build(
+        _outlook_rows, ("v_ptr", "attn_ptr", "out_ptr"),
+        ("C", "H", "W", "GH", "GW", "HEADS", "CH", "n_tile", "n_xblk", "n_cblk"), "bf16",
+        {"K": 3, "PAD": 1, "STRIDE": 2, "BLOCK_C": 32, "BLOCK_V": 32, "BLOCK_J": 16, "ROWS": 8, "KP": 4,
+         "KK2P": 128}, warps=8)
     out["involution/bf16/k7"] = build(
         _involution2d_fwd, ("x_ptr", "w_ptr", "out_ptr"),
         ("C", "H", "W", "Ho", "Wo", "G", "CG", "n_pblk", "n_cblk"), "bf16",
@@ -76,6 +81,7 @@ def test_every_kernel_compiles_for_sm90_and_the_gemm_uses_tensor_cores():
             pytest.skip("Triton's ptxas is not available here")
         pytest.fail(f"compilation failed:\n{proc.stderr[-4000:]}")
     result = json.loads(lines[0][len("RESULT") :])
-    assert len(result) == 9 and all(info["entry"] for info in result.values())
+    assert len(result) == 10 and all(info["entry"] for info in result.values())
     assert result["involution-rows/bf16/k7"]["shfl"], "the row gather should stay inside a warp (shuffles)"
+    assert result["outlook-rows/bf16/s2"]["shfl"], "the window-row gathers should stay inside a warp (shuffles)"
     assert all(result[f"{k}/{dt}"]["wgmma"] for k in ("igemm", "igemm_cl") for dt in ("fp32", "fp16", "bf16")), result
