@@ -22,8 +22,9 @@ So, per head:
 Exact for every kernel size, padding and stride (no approximation; only the summation order
 changes); for k=3 it is 25 taps over the C channels instead of 9 unfold taps, a 9x9 MatMul per window
 and channel, and a 9-tap fold. With ``stride > 1`` the windows are s^2 times fewer while the
-aggregation stays at full resolution, and the direct form (:func:`unfold_matmul_fold`, the previous
-lowering) is as fast or faster, so it is kept there.
+aggregation stays at full resolution, and the direct form (:func:`unfold_matmul_fold`) is faster, so
+it is used there. (The table below is that of the direct form's previous version, before it lost its
+5-D Transposes; see :func:`unfold_matmul_fold`.)
 
 Measured on onnxruntime 1.31 CPU (AMD EPYC, AVX2), the op alone at B=4, C=64, 40x40, heads=2, k=3,
 p=1: one interleaved run per stride, minimum over 20 rounds, 1 intra-op thread, shared machine:
@@ -50,7 +51,7 @@ import numpy as np
 import onnx
 from onnxscript import opset18 as op
 
-from attn_export.plugins._onnx import ints, is_static, maximum, minimum, pad_hw, same, spatial, static_dim, tap, vec
+from attn_export.plugins._onnx import ints, is_static, maximum, minimum, same, spatial, static_dim, vec
 from attn_export.plugins._taps import out_size
 from attn_export.plugins.involution.onnx_lowering import aggregate, crop, phase_planes, split_taps
 
@@ -114,10 +115,24 @@ def one_hot_taps(channels: int, kernel_size: int, dtype: np.dtype) -> np.ndarray
 
 
 def unfold_matmul_fold(v, attn, kernel_size: int, padding: int, stride: int):
-    """The direct form, used for ``stride > 1``: unfold by ``k*k`` strided Slices and a Concat, one
-    batched ``(k*k, k*k) @ (k*k, C/heads)`` MatMul per window in the official layout, and the fold as
-    a ``ConvTranspose`` with a fixed one-hot kernel (``group = C``, never the batch), which places
-    each tap's values at its offset and sums the overlaps: exactly ``F.fold``.
+    """The direct form, used for ``stride > 1``: the unfold as a depthwise ``Conv`` with a fixed one-hot
+    kernel (output channel ``c*k*k + t`` copies tap ``t`` of channel ``c``; ``group = C``), one batched
+    MatMul per window and head, and the fold as a ``ConvTranspose`` with the same one-hot kernel
+    (``group = C``, never the batch), which places each tap's values at its offset and sums the
+    overlaps: exactly ``F.fold``. The products with 1 and 0 of the one-hot kernels are exact.
+
+    The MatMul is the transposed product, ``(C/heads, k*k) @ attn^T`` per window, in the layout
+    ``(B, L, heads, ...)`` that VOLO computes attn in: the windows need one plain batched 2-D Transpose
+    ``(B, C*k*k, L) -> (B, L, C*k*k)`` and the result one back, both of which onnxruntime runs as block
+    copies, and the Transpose of attn cancels against the model's own permute (onnxruntime's transpose
+    optimizer; what is left is the swap of the last two axes, which it fuses into the MatMul). The
+    previous form (k*k strided Slices and a Concat, attn @ windows with two 5-D Transposes
+    ``[0, 1, 4, 3, 2]`` of the windows) spent ~20% of VOLO-D1's whole onnxruntime time at batch 8 in
+    those two Transposes (onnxruntime's generic element-wise path). The op alone at VOLO-D1's first
+    stage (B=8, C=192, 28x28, 6 heads, k=3, p=1, s=2, attn from a permute as in VOLO), onnxruntime
+    1.32, 2 threads, Intel Xeon (2 vCPUs, shared: load 3-3.5), fastest of 25 interleaved calls:
+    previous form 76 ms, the transposed product with the Slice unfold 50 ms, this form 25 ms
+    (torch eager's unfold/matmul/fold: 56 ms).
 
     With static sizes the ConvTranspose crops the padding and adds the rows the windows do not reach
     with its ``pads``/``output_padding`` attributes. Those are attributes, fixed in the graph, so with
@@ -129,13 +144,17 @@ def unfold_matmul_fold(v, attn, kernel_size: int, padding: int, stride: int):
     k, p, s = kernel_size, padding, stride
     kk = k * k
     h, w = out_size(hh, k, s, p, 1), out_size(ww, k, s, p, 1)
-    vp = pad_hw(v, p, p)
-    taps = [op.Unsqueeze(tap(vp, (2, 3), a, b, (h, w), (s, s)), ints([2])) for a in range(k) for b in range(k)]
-    cols = taps[0] if kk == 1 else op.Concat(*taps, axis=2)  # B, C, kk, h, w
-    windows = op.Transpose(op.Reshape(cols, vec([0, heads, c // heads, kk, h * w])), perm=[0, 1, 4, 3, 2])
-    mixed = op.Transpose(op.MatMul(attn, windows), perm=[0, 1, 4, 3, 2])  # B, heads, C/heads, kk, L
-    mixed = op.Reshape(mixed, vec([0, c * kk, h, w]))
     onehot = op.Constant(value=onnx.numpy_helper.from_array(one_hot_taps(c, k, v.dtype.numpy())))
+    # unfold: a depthwise Conv whose output channel c*kk + t copies tap t of channel c (pads, stride: as F.unfold)
+    cols = op.Conv(v, onehot, group=c, kernel_shape=[k, k], strides=[s, s], pads=[p, p, p, p])  # B, C*kk, h, w
+    # (B, C*kk, L) -> (B, L, C*kk): one plain batched 2-D transpose, viewed as (B, L, heads, C/heads, kk)
+    windows = op.Transpose(op.Reshape(cols, vec([0, c * kk, h * w])), perm=[0, 2, 1])
+    windows = op.Reshape(windows, vec([0, h * w, heads, c // heads, kk]))
+    # per window and head, (C/heads, kk) @ attn^T: the transposed product in VOLO's own (B, L, heads, ...)
+    # layout, so that onnxruntime cancels this Transpose of attn against the model's permute before it
+    mixed = op.MatMul(windows, op.Transpose(attn, perm=[0, 2, 1, 4, 3]))  # B, L, heads, C/heads, kk
+    mixed = op.Transpose(op.Reshape(mixed, vec([0, h * w, c * kk])), perm=[0, 2, 1])  # B, C*kk, L
+    mixed = op.Reshape(mixed, vec([0, c * kk, h, w]))
     if is_static(hh, ww):
         extra = [hh + 2 * p - k - (h - 1) * s, ww + 2 * p - k - (w - 1) * s]
         return op.ConvTranspose(

@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.ops.op_conv_transpose import ConvTranspose as _ReferenceConvTranspose
 from onnx_helpers import quiet_export, session
 from torch import nn
 
@@ -225,6 +227,87 @@ def test_outlook_per_pixel_kernel_form_at_any_stride(c, h, w, heads, k, p, s):
 
     table = {**onnx_translation_table("ort"), torch.ops.attn_export.outlook_aggregate.default: lowering}
     run_cases(Outlook(k, p, s), make_inputs, lambda v, a: outlook_ref(v, a, k, p, s), table=table)
+
+
+class VoloOutlook(nn.Module):
+    """attn arrives as VOLO computes it: (B, h*w, heads, k*k, k*k), softmaxed, then permuted to
+    (B, heads, h*w, ...); the direct form's Transpose of attn cancels against that permute."""
+
+    def __init__(self, k: int, p: int, s: int) -> None:
+        super().__init__()
+        self.geometry = (k, p, s)
+
+    def forward(self, v, logits):
+        attn = (logits * 0.5).softmax(-1).permute(0, 2, 1, 3, 4)
+        return torch.ops.attn_export.outlook_aggregate(v, attn, *self.geometry)
+
+
+class ConvTranspose(_ReferenceConvTranspose):
+    """``onnx.reference``'s ConvTranspose (named as the op it replaces), one group at a time: its own
+    ``group > 1`` branch slices the weight by output instead of input channels (onnx 1.x), so this runs
+    each group with ``group=1``."""
+
+    def _run(self, X, W, B=None, group=None, **kwargs):
+        if not group or group == 1:
+            return super()._run(X, W, B, group=1, **kwargs)
+        cin, cout = X.shape[1] // group, W.shape[1]
+        parts = [
+            super(ConvTranspose, self)._run(
+                X[:, g * cin : (g + 1) * cin],
+                W[g * cin : (g + 1) * cin],
+                None if B is None else B[g * cout : (g + 1) * cout],
+                group=1,
+                **kwargs,
+            )[0]
+            for g in range(group)
+        ]
+        return (np.concatenate(parts, axis=1),)
+
+
+def direct_form_table() -> dict:
+    def lowering(v, attn, kernel_size=3, padding=1, stride=1):
+        return outlook_lowering.unfold_matmul_fold(v, attn, kernel_size, padding, stride)
+
+    return {**onnx_translation_table("ort"), torch.ops.attn_export.outlook_aggregate.default: lowering}
+
+
+@pytest.mark.parametrize(
+    ("c", "h", "w", "heads", "k", "p", "s"),
+    [
+        pytest.param(6, 9, 7, 3, 3, 1, 1, id="c6-9x7-h3-k3-p1-s1"),
+        pytest.param(6, 9, 7, 3, 3, 1, 2, id="c6-9x7-h3-k3-p1-s2"),
+        pytest.param(4, 11, 13, 2, 3, 1, 3, id="c4-11x13-h2-k3-p1-s3"),
+        pytest.param(4, 7, 9, 2, 5, 2, 3, id="c4-7x9-h2-k5-p2-s3"),
+        pytest.param(4, 10, 9, 1, 2, 0, 2, id="c4-10x9-k2-p0-s2"),
+    ],
+)
+def test_outlook_direct_form_float64(c, h, w, heads, k, p, s):
+    """The direct form (unfold Conv, transposed batched MatMul, ConvTranspose fold) in float64 matches the
+    float64 reference to 1e-10 at strides 1 to 3 and odd sizes, with attn as an input and as VOLO makes it.
+    Its Transposes are plain batched 2-D ones, and one of attn: none reverses the innermost axes.
+    onnxruntime's CPU Conv is float32 only, so the float64 graph runs on ``onnx.reference`` (the float32
+    graph runs on onnxruntime in the tests above)"""
+    gh, gw = out_size(h, k, s, p, 1), out_size(w, k, s, p, 1)
+    for module, attn_of in (
+        (Outlook(k, p, s), lambda a: a.softmax(-1)),
+        (VoloOutlook(k, p, s), lambda a: (a * 0.5).softmax(-1).permute(0, 2, 1, 3, 4)),
+    ):
+        shape = (2, heads, gh * gw, k * k, k * k) if isinstance(module, Outlook) else (2, gh * gw, heads, k * k, k * k)
+        logits = randn(*shape, seed=7)
+        v = randn(2, c, h, w, seed=8)
+        attn_in = attn_of(logits) if isinstance(module, Outlook) else logits
+        model = export(module, (v, attn_in), direct_form_table())
+        perms = {tuple(a.ints) for n in model.graph.node if n.op_type == "Transpose" for a in n.attribute}
+        assert perms <= {(0, 2, 1), (0, 2, 1, 4, 3), (0, 1, 2, 4, 3)}, perms  # after VOLO's permute: the latter
+        evaluator = ReferenceEvaluator(model, new_ops=[ConvTranspose])
+        for b in (1, 3):
+            logits, v = randn(b, *shape[1:], seed=10 + b), randn(b, c, h, w, seed=20 + b)
+            attn_in = attn_of(logits) if isinstance(module, Outlook) else logits
+            feeds = {n: t.numpy() for n, t in zip(evaluator.input_names, (v, attn_in), strict=True)}
+            (got,) = evaluator.run(None, feeds)
+            assert got.dtype == np.float64
+            want = outlook_ref(v, attn_of(logits), k, p, s).numpy()
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
 
 
 # --------------------------------------------------------------------------------------------------
