@@ -25,7 +25,10 @@ def clean_graph(proto, output_names: list[str], keep: int, target: str = "ort"):
     graph.outputs = graph.outputs[:keep]
     for t, name in zip(graph.outputs, output_names, strict=True):
         t.name = name
-    graph.fold_constants().cleanup(remove_unused_graph_inputs=False).toposort()
+    graph.fold_constants()
+    if target == "ort":
+        fusable_gelu(graph)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
     for t in [*graph.inputs, *graph.outputs]:
         if t.shape:
             t.shape = ["batch", *t.shape[1:]]
@@ -44,6 +47,47 @@ def clean_graph(proto, output_names: list[str], keep: int, target: str = "ort"):
     if target == "trt":
         check_plugin_nodes(model)
     return model
+
+
+def _scalar(tensor, value: float) -> bool:
+    """``tensor`` is a constant holding the single number ``value``."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    return isinstance(tensor, gs.Constant) and tensor.values.size == 1 and bool(np.isclose(tensor.values, value))
+
+
+def fusable_gelu(graph) -> int:
+    """Reorder the exact GELU of ``torch.onnx`` so that onnxruntime fuses it; the number rewritten.
+
+    torch writes ``x * ((erf(x / sqrt2) + 1) * 0.5)``, a form onnxruntime's GeluFusion does not match
+    (five element-wise passes over the MLP's widest tensor, and the Linear's bias Add before them).
+    ``(x * (erf(x / sqrt2) + 1)) * 0.5`` is the same number (a product with 0.5 is exact) and fuses into
+    one ``Gelu``, and with the bias Add before it into one ``BiasGelu``."""
+    outputs = {t.name for t in graph.outputs}
+    done = 0
+    for erf in [n for n in graph.nodes if n.op == "Erf"]:
+        div = erf.inputs[0].inputs[0] if erf.inputs[0].inputs else None
+        if div is None or div.op != "Div" or not _scalar(div.inputs[1], 2**0.5):
+            continue
+        x = div.inputs[0]
+        add = erf.outputs[0].outputs[0] if len(erf.outputs[0].outputs) == 1 else None
+        if add is None or add.op != "Add" or not any(_scalar(t, 1.0) for t in add.inputs):
+            continue
+        half = add.outputs[0].outputs[0] if len(add.outputs[0].outputs) == 1 else None
+        if half is None or half.op != "Mul" or half.outputs[0].name in outputs:
+            continue
+        c = [t for t in half.inputs if t is not add.outputs[0]]
+        if len(c) != 1 or not _scalar(c[0], 0.5) or len(half.outputs[0].outputs) != 1:
+            continue
+        last = half.outputs[0].outputs[0]
+        if last.op != "Mul" or [t.name for t in last.inputs if t is not half.outputs[0]] != [x.name]:
+            continue
+        # half: x * (erf + 1); last: that * 0.5 (same output tensor as before)
+        half.inputs = [x, add.outputs[0]]
+        last.inputs = [half.outputs[0], c[0]]
+        done += 1
+    return done
 
 
 def _order_plugin_attributes(model) -> None:
