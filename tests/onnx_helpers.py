@@ -10,8 +10,10 @@ import io
 import logging
 import warnings
 
+import numpy as np
 import onnxruntime as ort
 import torch
+from onnx.reference.ops.op_conv_transpose import ConvTranspose as _ReferenceConvTranspose
 from torch import nn
 
 
@@ -44,3 +46,25 @@ def session(model) -> ort.InferenceSession:
     options.log_severity_level = 3
     options.intra_op_num_threads = 1
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+class ConvTranspose(_ReferenceConvTranspose):
+    """``onnx.reference``'s ConvTranspose (named as the op it replaces), one group at a time: its own
+    ``group > 1`` branch slices the weight by output instead of input channels (onnx 1.x), so this runs
+    each group with ``group=1``."""
+
+    def _run(self, X, W, B=None, group=None, **kwargs):
+        if not group or group == 1:
+            return super()._run(X, W, B, group=1, **kwargs)
+        cin, cout = X.shape[1] // group, W.shape[1]
+        parts = [
+            super(ConvTranspose, self)._run(
+                X[:, g * cin : (g + 1) * cin],
+                W[g * cin : (g + 1) * cin],
+                None if B is None else B[g * cout : (g + 1) * cout],
+                group=1,
+                **kwargs,
+            )[0]
+            for g in range(group)
+        ]
+        return (np.concatenate(parts, axis=1),)

@@ -13,8 +13,7 @@ import onnx
 import pytest
 import torch
 from onnx.reference import ReferenceEvaluator
-from onnx.reference.ops.op_conv_transpose import ConvTranspose as _ReferenceConvTranspose
-from onnx_helpers import quiet_export, session
+from onnx_helpers import ConvTranspose, quiet_export, session
 from torch import nn
 
 from attn_export.plugins import onnx_translation_table
@@ -240,28 +239,6 @@ class VoloOutlook(nn.Module):
     def forward(self, v, logits):
         attn = (logits * 0.5).softmax(-1).permute(0, 2, 1, 3, 4)
         return torch.ops.attn_export.outlook_aggregate(v, attn, *self.geometry)
-
-
-class ConvTranspose(_ReferenceConvTranspose):
-    """``onnx.reference``'s ConvTranspose (named as the op it replaces), one group at a time: its own
-    ``group > 1`` branch slices the weight by output instead of input channels (onnx 1.x), so this runs
-    each group with ``group=1``."""
-
-    def _run(self, X, W, B=None, group=None, **kwargs):
-        if not group or group == 1:
-            return super()._run(X, W, B, group=1, **kwargs)
-        cin, cout = X.shape[1] // group, W.shape[1]
-        parts = [
-            super(ConvTranspose, self)._run(
-                X[:, g * cin : (g + 1) * cin],
-                W[g * cin : (g + 1) * cin],
-                None if B is None else B[g * cout : (g + 1) * cout],
-                group=1,
-                **kwargs,
-            )[0]
-            for g in range(group)
-        ]
-        return (np.concatenate(parts, axis=1),)
 
 
 def direct_form_table() -> dict:

@@ -24,12 +24,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from onnx.reference import ReferenceEvaluator
-from onnx_helpers import quiet_export, session
+from onnx_helpers import ConvTranspose, quiet_export, session
 from torch import nn
 
 from attn_export.plugins import onnx_translation_table, reference_ops
 from attn_export.plugins.dynamic_conv.op import reference as dynamic_conv_ref
 from attn_export.plugins.involution.op import reference as involution_ref
+from attn_export.plugins.outlook import onnx_lowering as outlook_lowering
 from attn_export.plugins.outlook.op import reference as outlook_ref
 
 ATOL = 1e-4
@@ -295,6 +296,31 @@ def test_plugin_graph_with_symbolic_height_and_width(op, values):
     plugins = [n for n in model.graph.node if n.op_type.startswith("AttnExport")]
     assert len(plugins) == 1
     run_sizes(reference_runner(model), make_inputs, reference)
+
+
+@pytest.mark.parametrize("values", [c.values for c in OUTLOOK], ids=[c.id for c in OUTLOOK])
+def test_outlook_direct_form_float64_with_symbolic_height_and_width(values):
+    """The outlook direct form (unfold Conv, transposed MatMul, ConvTranspose fold, and its Pad/Slice
+    for a computed size) at every stride, exported once in float64 with symbolic B, H, W, matches the
+    float64 reference to 1e-10 at odd, non-square sizes. onnxruntime's Conv is float32 only, so
+    ``onnx.reference`` runs it (its grouped ConvTranspose replaced, see onnx_helpers)."""
+
+    def lowering(v, attn, kernel_size=3, padding=1, stride=1):
+        return outlook_lowering.unfold_matmul_fold(v, attn, kernel_size, padding, stride)
+
+    module, make_inputs, reference, spatial = outlook_case(*values)
+    table = {**onnx_translation_table("ort"), torch.ops.attn_export.outlook_aggregate.default: lowering}
+    model = export(module, make_inputs(*TRACED, seed=0), table, spatial)
+    check_symbolic(model)
+    ev = ReferenceEvaluator(model, new_ops=[ConvTranspose])
+    names = list(ev.input_names)
+
+    def run(inputs):
+        (got,) = ev.run(None, {n: t.numpy() for n, t in zip(names, inputs, strict=True)})
+        assert got.dtype == np.float64
+        return got
+
+    run_sizes(run, make_inputs, reference, atol=1e-10)
 
 
 # ------------------------------------------------------------------------------------------ F.fold / F.unfold
