@@ -330,7 +330,7 @@ def test_outlook_launch_plan_is_the_cuda_kernels_launchers(monkeypatch, case):
 
 def test_dynamic_sizes_take_the_largest_blocks():
     assert inv_plan.blocks(None, None) == (32, 128)
-    assert dconv_plan.blocks(None, None, None) == (64, 16, 32)
+    assert dconv_plan.blocks(None, None, None) == (64, 16, 64)
     assert outlook_plan.blocks(None, None) == (32, 64)
     assert outlook_plan.rows_blocks(None, None, 3, 1) == (32, 32, 32, 8)
     assert outlook_plan.rows_blocks(None, None, 3, 2) == (32, 32, 16, 8)
