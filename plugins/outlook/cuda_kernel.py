@@ -250,7 +250,6 @@ def _outlook_rows(
     BLOCK_V: tl.constexpr,
     BLOCK_J: tl.constexpr,
     ROWS: tl.constexpr,
-    KP: tl.constexpr,
     KK2P: tl.constexpr,
 ):
     """``ROWS`` output rows x ``BLOCK_V - 2(k-1)`` output columns x ``BLOCK_C`` channels of one (sample,
@@ -260,7 +259,7 @@ def _outlook_rows(
 
     - the attention weights of the row's windows ``[BLOCK_J, k^4]``: the windows of one row are
       consecutive, so the tile is one contiguous run (lanes along the ``k^4`` axis);
-    - the ``k`` rows of v the windows read, ``[k x BLOCK_V, BLOCK_C]``, pixels first (lanes along a row).
+    - the ``k`` rows of v the windows read, each ``[BLOCK_V, BLOCK_C]``, pixels first (lanes along a row).
 
     Everything else happens in registers: ``tl.gather`` takes each ``(t, t2)`` weight column of the tile
     and each window's ``t2`` tap of v (``unfold``), ``z_t = sum_t2 attn[., t, t2] v_t2`` is the per-window

@@ -99,8 +99,7 @@ def rows_constexprs(kernel_size: int, padding: int, stride: int, block_c: int, b
                     rows: int) -> dict:  # fmt: skip
     """The window-row kernel's constexpr arguments."""
     return {"K": kernel_size, "PAD": padding, "STRIDE": stride, "BLOCK_C": block_c, "BLOCK_V": block_v,
-            "BLOCK_J": block_j, "ROWS": rows, "KP": next_pow2(kernel_size),
-            "KK2P": next_pow2(kernel_size**4)}  # fmt: skip
+            "BLOCK_J": block_j, "ROWS": rows, "KK2P": next_pow2(kernel_size**4)}  # fmt: skip
 
 
 def rows_launch_plan(v, attn, kernel_size: int, padding: int, stride: int, block_c: int, block_v: int,

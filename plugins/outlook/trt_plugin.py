@@ -95,12 +95,11 @@ def aot_rows_entry():
         BLOCK_V: tl.constexpr,
         BLOCK_J: tl.constexpr,
         ROWS: tl.constexpr,
-        KP: tl.constexpr,
         KK2P: tl.constexpr,
     ):
         _rows_body(
             v_ptr, attn_ptr, out_ptr, C, H, W, GH, GW, HEADS, CH, n_tile, n_xblk, n_cblk,
-            K, PAD, STRIDE, BLOCK_C, BLOCK_V, BLOCK_J, ROWS, KP, KK2P,
+            K, PAD, STRIDE, BLOCK_C, BLOCK_V, BLOCK_J, ROWS, KK2P,
         )  # fmt: skip
 
     return triton.jit(outlook_rows_aot)

@@ -46,7 +46,7 @@ _SCRIPT = textwrap.dedent(
     out["outlook-rows/bf16/s2"] = build(
         _outlook_rows, ("v_ptr", "attn_ptr", "out_ptr"),
         ("C", "H", "W", "GH", "GW", "HEADS", "CH", "n_tile", "n_xblk", "n_cblk"), "bf16",
-        {"K": 3, "PAD": 1, "STRIDE": 2, "BLOCK_C": 32, "BLOCK_V": 32, "BLOCK_J": 16, "ROWS": 8, "KP": 4,
+        {"K": 3, "PAD": 1, "STRIDE": 2, "BLOCK_C": 32, "BLOCK_V": 32, "BLOCK_J": 16, "ROWS": 8,
          "KK2P": 128}, warps=8)
     out["involution/bf16/k7"] = build(
         _involution2d_fwd, ("x_ptr", "w_ptr", "out_ptr"),
