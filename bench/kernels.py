@@ -602,9 +602,13 @@ def report(
     t_jobs = [{"id": str(i), "case": dataclasses.asdict(c), "arch": ""} for i, c in enumerate(t_cases)]
     box: dict = {}
 
+    # The interpreter traces run beside the compiles: one process on a small machine, and on a large one
+    # (a lent GPU's 16 cores) half as many as compile, so that tracing is not the one slow lane.
+    n_trace = max(1, n // 2)
+
     def run_trace():
         try:
-            box["t"] = _run_workers("trace", t_jobs, 1, dict(env, TRITON_INTERPRET="1"), timeout_s)
+            box["t"] = _run_workers("trace", t_jobs, n_trace, dict(env, TRITON_INTERPRET="1"), timeout_s)
         except Exception as e:  # reported per row below
             box["t_error"] = f"{type(e).__name__}: {e}"
 
