@@ -48,7 +48,6 @@ import triton.language as tl
 
 from attn_export.plugins._cuda_common import NUM_WARPS, contiguous_pair, program_tile
 from attn_export.plugins.outlook.plan import (
-    ROWS_MAX_K,
     ROWS_NUM_WARPS,
     blocks,
     launch_plan,
@@ -197,28 +196,6 @@ def _outlook_aggregate_fwd(
         _phase_block(v_base, a_base, o_base, c_offs, c_mask, H, W, GH, GW, sel, local, K, PAD, STRIDE, BLOCK_C, BLOCK_P)
 
 
-def outlook_aggregate_cuda(
-    v: torch.Tensor, attn: torch.Tensor, kernel_size: int, padding: int, stride: int
-) -> torch.Tensor:
-    """Outlook aggregation with the Triton kernel; same arguments and result as ``op.reference``. Kernels
-    up to 3x3 (VOLO's) run the window-row kernel :func:`outlook_aggregate_cuda_rows`, larger ones the
-    pixel-block kernel ``_outlook_aggregate_fwd``."""
-    if uses_rows(kernel_size):
-        return outlook_aggregate_cuda_rows(v, attn, kernel_size, padding, stride)
-    v, attn = contiguous_pair("outlook_aggregate_cuda", ("v", "attn"), v, attn)
-    out = torch.empty_like(v, memory_format=torch.contiguous_format)
-    if out.numel() == 0:
-        return out
-    gh, gw = window_grid(v.shape, kernel_size, padding, stride)
-    if gh <= 0 or gw <= 0:  # no windows: nothing is folded back
-        return out.zero_()
-    _, c, h, w = v.shape
-    block_c, block_p = blocks(c // attn.shape[1], h * w)
-    grid, scalars, constexprs = launch_plan(v.shape, attn.shape, kernel_size, padding, stride, block_c, block_p)
-    _outlook_aggregate_fwd[(grid,)](v, attn, out, *scalars, **constexprs, num_warps=NUM_WARPS)
-    return out
-
-
 # ------------------------------------------------------------------------------ window rows (k <= 3)
 @triton.jit
 def _v_row(v_base, c_col, cm, vcol, vcol_ok, row, H, W):
@@ -348,21 +325,26 @@ def _outlook_rows(
     tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=o_ok)
 
 
-def outlook_aggregate_cuda_rows(
+def outlook_aggregate_cuda(
     v: torch.Tensor, attn: torch.Tensor, kernel_size: int, padding: int, stride: int
 ) -> torch.Tensor:
-    """Outlook aggregation with the window-row kernel (``kernel_size <= plan.ROWS_MAX_K``)."""
+    """Outlook aggregation with the Triton kernels; same arguments and result as ``op.reference``. Kernels
+    up to 3x3 (VOLO's; ``plan.uses_rows``) run the window-row kernel ``_outlook_rows``, larger ones the
+    pixel-block kernel ``_outlook_aggregate_fwd``."""
     v, attn = contiguous_pair("outlook_aggregate_cuda", ("v", "attn"), v, attn)
-    if not uses_rows(kernel_size):
-        raise ValueError(f"outlook_aggregate_cuda_rows: kernel_size {kernel_size} > {ROWS_MAX_K}")
     out = torch.empty_like(v, memory_format=torch.contiguous_format)
     if out.numel() == 0:
         return out
     gh, gw = window_grid(v.shape, kernel_size, padding, stride)
-    if gh <= 0 or gw <= 0:
+    if gh <= 0 or gw <= 0:  # no windows: nothing is folded back
         return out.zero_()
-    c, w = v.shape[1], v.shape[3]
-    blk = rows_blocks(c // attn.shape[1], w, kernel_size, stride)
-    grid, scalars, constexprs = rows_launch_plan(v.shape, attn.shape, kernel_size, padding, stride, *blk)
-    _outlook_rows[(grid,)](v, attn, out, *scalars, **constexprs, num_warps=ROWS_NUM_WARPS)
+    _, c, h, w = v.shape
+    ch = c // attn.shape[1]
+    if uses_rows(kernel_size):
+        blk = rows_blocks(ch, w, kernel_size, stride)
+        grid, scalars, constexprs = rows_launch_plan(v.shape, attn.shape, kernel_size, padding, stride, *blk)
+        _outlook_rows[(grid,)](v, attn, out, *scalars, **constexprs, num_warps=ROWS_NUM_WARPS)
+        return out
+    grid, scalars, constexprs = launch_plan(v.shape, attn.shape, kernel_size, padding, stride, *blocks(ch, h * w))
+    _outlook_aggregate_fwd[(grid,)](v, attn, out, *scalars, **constexprs, num_warps=NUM_WARPS)
     return out

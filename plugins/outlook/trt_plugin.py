@@ -165,13 +165,11 @@ def _define_aot(trt, trtp) -> None:
         dtypes = _trt.io_dtypes(trt, (v, attn), outputs)
         if plan.uses_rows(kernel_size):
             blk = plan.rows_blocks(ch, vs[3], kernel_size, stride)
-            kernel = aot_rows_kernel(dtypes, kernel_size, padding, stride, *blk)
-            grid, scalars, _ = plan.rows_launch_plan(v.shape_expr, attn.shape_expr, kernel_size, padding, stride, *blk)
-            return _trt.aot_launch(trtp, kernel, grid, scalars)
-        hw = vs[2] * vs[3] if vs[2] is not None and vs[3] is not None else None
-        block_c, block_p = plan.blocks(ch, hw)
-        kernel = aot_kernel(dtypes, kernel_size, padding, stride, block_c, block_p)
-        grid, scalars, _ = plan.launch_plan(
-            v.shape_expr, attn.shape_expr, kernel_size, padding, stride, block_c, block_p
-        )
+            compile_kernel, planner = aot_rows_kernel, plan.rows_launch_plan
+        else:
+            hw = vs[2] * vs[3] if vs[2] is not None and vs[3] is not None else None
+            blk = plan.blocks(ch, hw)
+            compile_kernel, planner = aot_kernel, plan.launch_plan
+        kernel = compile_kernel(dtypes, kernel_size, padding, stride, *blk)
+        grid, scalars, _ = planner(v.shape_expr, attn.shape_expr, kernel_size, padding, stride, *blk)
         return _trt.aot_launch(trtp, kernel, grid, scalars)
